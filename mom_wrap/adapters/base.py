@@ -1,0 +1,110 @@
+"""The adapter protocol: the single seam between the MoM core and a host layer.
+
+An adapter splits its host into
+
+* a **write side**, copied per memory: the projections (and the short convs after them) that produce
+  what the recurrence writes into its state. The adapter names them with :class:`WriteProjection`; the
+  core stacks their weights into ``[E, out, in]`` parameters, runs them as one grouped GEMM on the sorted
+  slots and the convs per segment, and hands the results back keyed by name.
+* a **read side**, computed once per token in token order: the query, output gate, output norm, output
+  projection and host constants. ``read`` runs before the memories, ``finish`` after the combine.
+* the **recurrence**: the host's varlen kernel (backend ``triton``) and a PyTorch reference of it
+  (backend ``torch``) over all (memory, sequence) segments at once, with per-segment initial and final
+  states.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+import torch.nn as nn
+
+if TYPE_CHECKING:
+    from mom_wrap.dispatch import Dispatch
+    from mom_wrap.layout import TokenLayout
+
+
+@dataclass
+class WriteProjection:
+    """One per-memory projection of the host: ``conv(linear(x))`` where conv (the host's short conv,
+    activation included) may be absent."""
+
+    name: str
+    linear: nn.Linear
+    conv: nn.Conv1d | None = None
+
+
+class HostAdapter:
+    """Base class of the per-host adapters. Subclasses set ``host_class`` and implement the methods."""
+
+    host_class: ClassVar[str]  # dotted path, imported lazily so that optional hosts stay optional
+
+    def __init__(self, host: nn.Module):
+        self.host = host
+
+    @classmethod
+    def load_host_class(cls) -> type | None:
+        module, _, name = cls.host_class.rpartition('.')
+        try:
+            return getattr(__import__(module, fromlist=[name]), name)
+        except ImportError:
+            return None
+
+    @classmethod
+    def matches(cls, host: nn.Module) -> bool:
+        host_cls = cls.load_host_class()
+        return host_cls is not None and isinstance(host, host_cls)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.host.hidden_size
+
+    def write_projections(self) -> list[WriteProjection]:
+        """The host's per-memory projections, in the order the core stacks them."""
+        raise NotImplementedError
+
+    def detach_write_side(self) -> None:
+        """Remove the write-side modules from the host once the core has copied them: they would
+        otherwise sit unused in the wrapper's parameters (and break DDP without find_unused_parameters)."""
+        raise NotImplementedError
+
+    def read(self, x: torch.Tensor, layout: TokenLayout, backend: str) -> dict[str, torch.Tensor]:
+        """x [N, hidden] -> per-token read-side tensors (query, output gate, ...)."""
+        raise NotImplementedError
+
+    def recurrence(self, read: dict[str, torch.Tensor], write: dict[str, torch.Tensor], dispatch: Dispatch,
+                   backend: str, initial_state: torch.Tensor | None = None,
+                   output_final_state: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run the host recurrence over every segment of ``dispatch``.
+
+        write: name -> [S, out] per sorted slot. Returns the per-slot output [S, ...] and, when asked,
+        the final state of every segment [G, ...] in the host's own state layout.
+        """
+        raise NotImplementedError
+
+    def finish(self, o: torch.Tensor, read: dict[str, torch.Tensor], backend: str) -> torch.Tensor:
+        """Combined per-token memory output -> [N, hidden] (output norm, gate, output projection)."""
+        raise NotImplementedError
+
+
+_REGISTRY: list[type[HostAdapter]] = []
+
+
+def register_adapter(cls: type[HostAdapter]) -> type[HostAdapter]:
+    _REGISTRY.append(cls)
+    return cls
+
+
+def supported_hosts() -> list[str]:
+    return [cls.host_class for cls in _REGISTRY]
+
+
+def adapter_for(host: nn.Module) -> HostAdapter:
+    if not isinstance(host, nn.Module):
+        raise TypeError(f"host: expected an nn.Module layer, got {type(host).__name__}")
+    for cls in _REGISTRY:
+        if cls.matches(host):
+            return cls(host)
+    raise ValueError(f"host: no adapter for {type(host).__module__}.{type(host).__name__}; "
+                     f"supported hosts: {', '.join(supported_hosts())}")

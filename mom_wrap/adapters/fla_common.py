@@ -1,0 +1,37 @@
+"""PyTorch versions of the fla building blocks that several fla hosts share (the ``torch`` backend)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """fla's in-kernel q/k normalisation: x / sqrt(sum x^2 + eps)."""
+    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight.float()
+    if bias is not None:
+        y = y + bias.float()
+    return y
+
+
+def rms_norm_gated(x: torch.Tensor, g: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                   eps: float, activation: str) -> torch.Tensor:
+    """fla's FusedRMSNormGated: rms_norm(x) * weight (+ bias), times swish(g) or sigmoid(g)."""
+    y = rms_norm(x, weight, bias, eps)
+    gf = g.float()
+    gate = F.silu(gf) if activation in ('swish', 'silu') else torch.sigmoid(gf)
+    return (y * gate).to(x.dtype)
+
+
+def pad_segments(x: torch.Tensor, segment: torch.Tensor, position: torch.Tensor, num_segments: int,
+                 max_len: int) -> torch.Tensor:
+    """x [S, ...] (sorted slots) -> [G, L, ...] zero-padded per segment; only the reference path pads."""
+    out = x.new_zeros(num_segments, max_len, *x.shape[1:])
+    out[segment, position] = x
+    return out

@@ -1,0 +1,122 @@
+"""Adapter for fla's ``GatedDeltaNet``.
+
+Write side per memory: k_proj, v_proj, a_proj (gate input), b_proj (beta logits) and the k/v short convs.
+Read side once per token: q_proj + q short conv, g_proj (output gate), o_norm, o_proj; host constants
+A_log and dt_bias (the in-kernel gate -exp(A_log) * softplus(a + dt_bias) is shared by all memories).
+State per segment: [HV, V, K] (fla's ``state_v_first=True`` layout, as the host caches it).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+from mom_wrap.adapters.base import HostAdapter, WriteProjection, register_adapter
+from mom_wrap.adapters.fla_common import l2norm, pad_segments, rms_norm, rms_norm_gated
+
+
+def gated_delta_rule_reference(q, k, v, a, b, A_log, dt_bias, cu_seqlens, position, allow_neg_eigval=False,
+                               scale=None, initial_state=None, output_final_state=False):
+    """The gated delta rule over packed segments, step by step in fp32: the oracle for fla's kernels.
+
+    q, k [S, H, K]; v [S, HV, V]; a, b [S, HV] raw gate input and beta logits (gate and beta activations,
+    and q/k L2 normalisation, applied here as fla applies them in-kernel); cu_seqlens [G+1]; position [S];
+    initial_state [G, HV, V, K] or None. Per segment and head, with state S [V, K]:
+        S <- exp(g_t) S;  S <- S + beta_t (v_t - S k_t) k_t^T;  o_t = S (scale q_t)
+    Returns o [S, HV, V] (dtype of v) and the final states [G, HV, V, K] fp32 (or None).
+    """
+    S, H, K = q.shape
+    HV, V = v.shape[1:]
+    dtype = v.dtype
+    G = cu_seqlens.numel() - 1
+    scale = K ** -0.5 if scale is None else scale
+    q = l2norm(q.float()) * scale
+    k = l2norm(k.float())
+    if HV != H:  # grouped value heads: each q/k head serves HV // H value heads
+        q, k = q.repeat_interleave(HV // H, dim=1), k.repeat_interleave(HV // H, dim=1)
+    g = -A_log.float().exp() * F.softplus(a.float() + dt_bias.float())
+    beta = b.float().sigmoid() * (2.0 if allow_neg_eigval else 1.0)
+
+    segment = torch.searchsorted(cu_seqlens[1:], torch.arange(S, device=q.device), right=True)
+    L = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if G else 0
+    # padded steps have g = 0 and beta = 0: they leave the state unchanged, so the final state is exact
+    q, k, v, g, beta = (pad_segments(t, segment, position, G, L) for t in (q, k, v.float(), g, beta))
+    state = q.new_zeros(G, HV, V, K) if initial_state is None else initial_state.float().clone()
+    out = q.new_zeros(G, L, HV, V)
+    for t in range(L):
+        state = state * g[:, t].exp()[..., None, None]
+        k_t = k[:, t]
+        delta = (v[:, t] - torch.einsum('ghvk,ghk->ghv', state, k_t)) * beta[:, t, :, None]
+        state = state + delta[..., None] * k_t[:, :, None, :]
+        out[:, t] = torch.einsum('ghvk,ghk->ghv', state, q[:, t])
+    o = out[segment, position].to(dtype)
+    return o, (state if output_final_state else None)
+
+
+@register_adapter
+class GatedDeltaNetAdapter(HostAdapter):
+    host_class = 'fla.layers.gated_deltanet.GatedDeltaNet'
+
+    def write_projections(self) -> list[WriteProjection]:
+        h = self.host
+        conv = h.use_short_conv
+        return [WriteProjection('k', h.k_proj, h.k_conv1d if conv else None),
+                WriteProjection('v', h.v_proj, h.v_conv1d if conv else None),
+                WriteProjection('a', h.a_proj),
+                WriteProjection('b', h.b_proj)]
+
+    def detach_write_side(self) -> None:
+        for name in ('k_proj', 'v_proj', 'a_proj', 'b_proj', 'k_conv1d', 'v_conv1d'):
+            if hasattr(self.host, name):
+                delattr(self.host, name)
+
+    def read(self, x, layout, backend):
+        h = self.host
+        q = h.q_proj(x)
+        if h.use_short_conv:
+            q = layout.conv(q, h.q_conv1d.weight, h.q_conv1d.bias, h.q_conv1d.activation)
+        else:
+            q = F.silu(q)
+        read = {'q': rearrange(q, 'n (h d) -> n h d', d=h.head_k_dim)}
+        if h.use_gate:
+            read['gate'] = rearrange(h.g_proj(x), 'n (h d) -> n h d', d=h.head_v_dim)
+        return read
+
+    def recurrence(self, read, write, dispatch, backend, initial_state=None, output_final_state=False):
+        h = self.host
+        q = read['q'][dispatch.token]
+        k, v = write['k'], write['v']
+        if not h.use_short_conv:
+            k, v = F.silu(k), F.silu(v)
+        k = rearrange(k, 's (h d) -> s h d', d=h.head_k_dim)
+        v = rearrange(v, 's (h d) -> s h d', d=h.head_v_dim)
+        a, b = write['a'], write['b']
+        if backend == 'torch':
+            return gated_delta_rule_reference(q, k, v, a, b, h.A_log, h.dt_bias, dispatch.cu_seqlens,
+                                              dispatch.position, h.allow_neg_eigval, initial_state=initial_state,
+                                              output_final_state=output_final_state)
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+        kwargs = dict(initial_state=initial_state, output_final_state=output_final_state,
+                      use_qk_l2norm_in_kernel=True, use_beta_sigmoid_in_kernel=True,
+                      allow_neg_eigval=h.allow_neg_eigval, state_v_first=True, use_gate_in_kernel=True,
+                      A_log=h.A_log, dt_bias=h.dt_bias, cu_seqlens=dispatch.cu_seqlens)
+        # the host's own mode rule: chunk whenever gradients flow, fused_recurrent for short eval inputs
+        if torch.is_grad_enabled() or h.training or (dispatch.max_seqlen > 64 and h.mode == 'chunk'):
+            o, state = chunk_gated_delta_rule(q[None], k[None], v[None], g=a[None], beta=b[None],
+                                              cu_seqlens_cpu=dispatch.cu_seqlens_cpu, **kwargs)
+        else:
+            o, state = fused_recurrent_gated_delta_rule(q[None], k[None], v[None], g=a[None], beta=b[None], **kwargs)
+        return o[0], state
+
+    def finish(self, o, read, backend):
+        h = self.host
+        norm = h.o_norm
+        if h.use_gate:
+            if backend == 'torch':
+                o = rms_norm_gated(o, read['gate'], norm.weight, norm.bias, norm.eps, norm.activation)
+            else:
+                o = norm(o, read['gate'])
+        else:
+            o = rms_norm(o, norm.weight, getattr(norm, 'bias', None), norm.eps).to(o.dtype) \
+                if backend == 'torch' else norm(o)
+        return h.o_proj(rearrange(o, 'n h d -> n (h d)'))

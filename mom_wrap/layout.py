@@ -1,0 +1,66 @@
+"""Where each flat token sits: which sequence, which position, and whether it is padding.
+
+Three input forms, as fla layers accept them: a dense batch ``[B, T]``; a batch with a 0/1
+``attention_mask`` ``[B, >=T]`` (padding tokens are excluded from every memory and read as zeros); packed
+variable-length input ``[1, T]`` with ``cu_seqlens`` ``[N+1]``. Everything is computed on the device
+without a host sync.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mom_wrap.dispatch import inverse_permutation
+from mom_wrap.ops import segment_conv
+
+
+@dataclass
+class TokenLayout:
+    batch_size: int
+    seq_len: int
+    num_sequences: int
+    sequence: torch.Tensor          # [N] sequence of each flat token
+    position: torch.Tensor          # [N] position among the valid tokens of its sequence
+    valid: torch.Tensor | None      # [N] bool, None when nothing is padding
+    order: torch.Tensor | None      # [N] valid tokens first, grouped by sequence in time order (mask only)
+    rank: torch.Tensor | None       # [N] inverse of ``order``
+
+    @classmethod
+    def build(cls, batch_size: int, seq_len: int, device: torch.device,
+              attention_mask: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None) -> TokenLayout:
+        N = batch_size * seq_len
+        if cu_seqlens is not None:
+            if batch_size != 1:
+                raise ValueError(f"cu_seqlens: packed input needs batch size 1, got hidden_states batch {batch_size}")
+            if attention_mask is not None:
+                raise ValueError("attention_mask and cu_seqlens cannot both be given")
+            if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+                raise ValueError(f"cu_seqlens: expected shape [N+1] with N >= 1, got {tuple(cu_seqlens.shape)}")
+            cu = cu_seqlens.to(device=device, dtype=torch.long)
+            idx = torch.arange(N, device=device)
+            sequence = torch.searchsorted(cu[1:], idx, right=True)
+            return cls(batch_size, seq_len, cu.numel() - 1, sequence, idx - cu[sequence], None, None, None)
+        sequence = torch.arange(batch_size, device=device).repeat_interleave(seq_len)
+        if attention_mask is None:
+            position = torch.arange(seq_len, device=device).repeat(batch_size)
+            return cls(batch_size, seq_len, batch_size, sequence, position, None, None, None)
+        if attention_mask.dim() != 2 or attention_mask.shape[0] != batch_size or attention_mask.shape[1] < seq_len:
+            raise ValueError(f"attention_mask: expected a 0/1 padding mask of shape [{batch_size}, >={seq_len}], "
+                             f"got {tuple(attention_mask.shape)}")
+        mask = attention_mask[:, -seq_len:].to(device=device).bool()
+        position = (mask.long().cumsum(1) - 1).reshape(N)
+        valid = mask.reshape(N)
+        # stable: valid tokens first, each sequence's in time order, so that segment_conv sees them contiguous
+        order = torch.argsort((~valid).long() * batch_size + sequence, stable=True)
+        return cls(batch_size, seq_len, batch_size, sequence, position, valid, order, inverse_permutation(order))
+
+    def conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+             activation: str | None) -> torch.Tensor:
+        """The host's short conv over each sequence's valid tokens. x [N, D], weight [D, 1, W], bias [D]."""
+        w = weight.transpose(0, 1)  # [1, D, W]: one 'memory'
+        b = bias[None] if bias is not None else None
+        if self.order is None:
+            return segment_conv(x, w, b, None, self.position, activation)
+        y = segment_conv(x[self.order], w, b, None, self.position[self.order], activation)
+        return y[self.rank]

@@ -1,0 +1,30 @@
+"""Token router: a bias-free linear layer, softmax over fp32 logits, top-k, renormalised weights."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Router(nn.Linear):
+    """``nn.Linear(hidden, num_memories, bias=False)`` that also picks each token's top-k memories.
+
+    The routing itself runs in fp32 whatever the input dtype: softmax and top-k over bf16 logits would tie
+    and flip between memories on small differences.
+    """
+
+    def __init__(self, hidden_size: int, num_memories: int, topk: int, device=None, dtype=None):
+        super().__init__(hidden_size, num_memories, bias=False, device=device, dtype=dtype)
+        self.num_memories = num_memories
+        self.topk = topk
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: [N, hidden] -> logits [N, M] fp32, probs [N, M] fp32, weights [N, k] fp32, indices [N, k] int64.
+
+        ``weights`` are the top-k probabilities renormalised to sum to 1 per token.
+        """
+        logits = F.linear(x.float(), self.weight.float())
+        probs = logits.softmax(dim=-1)
+        top_p, indices = probs.topk(self.topk, dim=-1)
+        weights = top_p / top_p.sum(dim=-1, keepdim=True)
+        return logits, probs, weights, indices

@@ -1,0 +1,141 @@
+"""``MixtureOfMemories``: any supported linear-attention / state-space layer, with M routed memories.
+
+Data flow of one forward (x: [B, T, hidden]):
+    router (fp32 softmax, top-k, renormalised)  ->  dispatch (sort slots by memory, sequence, time)
+    -> read side once per token (adapter.read: query, output gate)
+    -> write side per memory on its segments (MemoryBank: grouped GEMM + per-segment short convs)
+    -> the host's varlen recurrence over all segments in one call (adapter.recurrence)
+    -> weighted combine back to tokens (+ shared memory, weight 1)  ->  adapter.finish (norm, gate, o_proj)
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn as nn
+
+from mom_wrap.adapters import adapter_for
+from mom_wrap.dispatch import combine, plan_dispatch
+from mom_wrap.layout import TokenLayout
+from mom_wrap.memories import MemoryBank
+from mom_wrap.router import Router
+
+BACKENDS = ('auto', 'triton', 'torch')
+INITS = ('copy', 'random')
+
+
+def _check_count(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name}: must be >= {minimum}, got {value}")
+
+
+class MixtureOfMemories(nn.Module):
+    """Wrap ``host`` (a layer of a supported host, see ``mom_wrap.supported_hosts()``) as a MoM layer.
+
+    Args:
+        host: the layer. The wrapper takes it over: its write-side modules (for GatedDeltaNet: k/v/a/b
+            projections and k/v convs) move into ``self.memories`` as stacked per-memory parameters and are
+            removed from the host; its read side stays and is used once per token.
+        num_memories: routed memories M.
+        topk: memories each token is written to and read from.
+        shared_memory: add one more memory that sees every token, read with weight 1.
+        init: ``"copy"``: every memory starts as a copy of the host's write side; ``"random"``: fresh
+            initialisation the way the host's modules initialise themselves.
+        backend: ``"triton"`` (the host's kernels), ``"torch"`` (pure PyTorch reference) or ``"auto"``
+            (triton on CUDA tensors, torch otherwise).
+
+    ``forward`` takes and returns what the host does: ``(o, None, past_key_values)``.
+    After a forward, ``router_logits`` holds the fp32 router logits [B, T, M].
+    """
+
+    def __init__(self, host: nn.Module, num_memories: int, topk: int, shared_memory: bool = True,
+                 init: str = 'copy', backend: str = 'auto'):
+        super().__init__()
+        _check_count('num_memories', num_memories, 1)
+        _check_count('topk', topk, 1)
+        if topk > num_memories:
+            raise ValueError(f"topk: must be <= num_memories ({num_memories}), got {topk}")
+        if init not in INITS:
+            raise ValueError(f"init: expected one of {INITS}, got {init!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+        adapter = adapter_for(host)
+        self.num_memories = num_memories
+        self.topk = topk
+        self.shared_memory = bool(shared_memory)
+        self.backend = backend
+        self.layer_idx = getattr(host, 'layer_idx', None)
+        self.hidden_size = adapter.hidden_size
+        ref = next(host.parameters())
+        self.router = Router(self.hidden_size, num_memories, topk, device=ref.device, dtype=ref.dtype)
+        self.memories = MemoryBank(adapter.write_projections(), self.num_slots_memories, init)
+        adapter.detach_write_side()
+        self.host = host
+        self._adapter = adapter
+        self.router_logits: torch.Tensor | None = None
+        self.balance_loss: torch.Tensor | None = None
+
+    @property
+    def num_slots_memories(self) -> int:
+        """E: routed memories plus the shared one."""
+        return self.num_memories + int(self.shared_memory)
+
+    def extra_repr(self) -> str:
+        return (f"num_memories={self.num_memories}, topk={self.topk}, shared_memory={self.shared_memory}, "
+                f"backend={self.backend!r}")
+
+    def _resolve_backend(self, x: torch.Tensor) -> str:
+        if self.backend == 'auto':
+            return 'triton' if x.is_cuda else 'torch'
+        if self.backend == 'triton' and not x.is_cuda and os.environ.get('TRITON_INTERPRET') != '1':
+            raise ValueError("backend: 'triton' runs the host's Triton kernels and needs CUDA tensors "
+                             "(or TRITON_INTERPRET=1); use backend='torch' on the CPU")
+        return self.backend
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                past_key_values=None, use_cache: bool | None = False, output_attentions: bool | None = False,
+                **kwargs):
+        if not isinstance(hidden_states, torch.Tensor):
+            raise TypeError(f"hidden_states: expected a torch.Tensor, got {type(hidden_states).__name__}")
+        if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.hidden_size:
+            raise ValueError(f"hidden_states: expected shape [batch, seq_len, {self.hidden_size}] (the host's "
+                             f"hidden size), got {tuple(hidden_states.shape)}")
+        if use_cache or past_key_values is not None:
+            raise NotImplementedError("use_cache / past_key_values: cached generation is not supported yet")
+        backend = self._resolve_backend(hidden_states)
+        B, T, D = hidden_states.shape
+        layout = TokenLayout.build(B, T, hidden_states.device, attention_mask, kwargs.get('cu_seqlens'))
+        x = hidden_states.reshape(B * T, D)
+
+        logits, probs, weights, indices = self.router.route(x)
+        self.router_logits = logits.view(B, T, self.num_memories)
+        if self.shared_memory:  # the shared memory is memory E-1, in every token's slots with weight 1
+            indices = torch.cat([indices, indices.new_full((B * T, 1), self.num_memories)], dim=1)
+            weights = torch.cat([weights, weights.new_ones(B * T, 1)], dim=1)
+        dispatch = plan_dispatch(indices, weights, layout.sequence, layout.valid, layout.num_sequences,
+                                 self.num_slots_memories)
+        self.balance_loss = self._balance(probs, dispatch.memory_counts, layout.valid)
+
+        if dispatch.num_segments == 0:  # every token is padding
+            return torch.zeros_like(hidden_states), None, past_key_values
+        read = self._adapter.read(x, layout, backend)
+        write = self.memories(x, dispatch)
+        o, _ = self._adapter.recurrence(read, write, dispatch, backend)
+        o = self._adapter.finish(combine(o, dispatch), read, backend)
+        if layout.valid is not None:
+            o = torch.where(layout.valid[:, None], o, 0)
+        return o.view(B, T, D), None, past_key_values
+
+    def _balance(self, probs: torch.Tensor, memory_counts: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        """Switch/Mixtral load-balancing term M * sum_e f_e P_e over this forward's non-padding tokens."""
+        if valid is None:
+            n = probs.new_tensor(float(probs.shape[0]))
+            mean_prob = probs.mean(0)
+        else:
+            vf = valid.float()
+            n = vf.sum().clamp(min=1)
+            mean_prob = (probs * vf[:, None]).sum(0) / n
+        share = memory_counts[:self.num_memories].float() / (n * self.topk)
+        return self.num_memories * (share * mean_prob).sum()
