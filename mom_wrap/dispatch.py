@@ -53,6 +53,7 @@ class Dispatch:
     """The routing plan of one layer forward. S: routed slots, G: non-empty segments, E: memories."""
 
     token: torch.Tensor           # [S] flat token index of each sorted slot
+    slot: torch.Tensor            # [S] flat slot index (token * s + j) of each sorted slot
     memory: torch.Tensor          # [S] memory index of each sorted slot
     position: torch.Tensor        # [S] position of the slot inside its segment (0 = segment start)
     restore: torch.Tensor         # [N, s] row in the sorted order of each token's slot (S: none)
@@ -110,6 +111,7 @@ def plan_dispatch(memory: torch.Tensor, weight: torch.Tensor, sequence: torch.Te
     token_weight = weight if valid is None else weight * valid[:, None]
     return Dispatch(
         token=perm // s,
+        slot=perm,
         memory=key_sorted // Q,
         position=position,
         restore=restore,
@@ -124,18 +126,65 @@ def plan_dispatch(memory: torch.Tensor, weight: torch.Tensor, sequence: torch.Te
     )
 
 
+def _sum_slots(y: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """sum_j weight[n, j] * y[idx[n, j]] -> [N, ...], accumulated in fp32. A loop over the s slots of a
+    token (top-k + 1), not over memories; each step is one row gather."""
+    shape = (-1,) + (1,) * (y.dim() - 1)
+    acc = y[idx[:, 0]].float() * weight[:, 0].view(shape)
+    for j in range(1, idx.shape[1]):
+        acc += y[idx[:, j]].float() * weight[:, j].view(shape)
+    return acc.to(y.dtype)
+
+
+class _Gather(torch.autograd.Function):
+    """x[token] whose backward sums each token's slots with row gathers (no atomic index_put)."""
+
+    @staticmethod
+    def forward(ctx, x, token, restore):
+        S = token.numel()
+        ctx.save_for_backward(restore.clamp(max=max(S - 1, 0)), (restore < S).float())
+        return x[token]
+
+    @staticmethod
+    def backward(ctx, grad):
+        idx, present = ctx.saved_tensors
+        return _sum_slots(grad, idx, present), None, None
+
+
+class _Combine(torch.autograd.Function):
+    """sum over a token's slots of weight * y[slot]; backward is a gather (dy) and a row dot (dweight)."""
+
+    @staticmethod
+    def forward(ctx, y, weight, restore, token, slot):
+        S = y.shape[0]
+        idx = restore.clamp(max=S - 1)
+        ctx.save_for_backward(y, weight, idx, (restore < S).float(), token, slot)
+        return _sum_slots(y, idx, weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        y, weight, idx, present, token, slot = ctx.saved_tensors
+        shape = (-1,) + (1,) * (y.dim() - 1)
+        dy = (grad[token].float() * weight.reshape(-1)[slot].view(shape)).to(y.dtype)
+        dweight = None
+        if ctx.needs_input_grad[1]:
+            g = grad.float().flatten(1)
+            dweight = torch.stack([(g * y[idx[:, j]].float().flatten(1)).sum(1) for j in range(idx.shape[1])], 1)
+            dweight = dweight * present
+        return dy, dweight, None, None, None
+
+
 def gather(x: torch.Tensor, dispatch: Dispatch) -> torch.Tensor:
     """x [N, ...] per flat token -> [S, ...] per sorted slot."""
-    return x[dispatch.token]
+    return _Gather.apply(x, dispatch.token, dispatch.restore)
 
 
 def combine(y: torch.Tensor, dispatch: Dispatch) -> torch.Tensor:
     """y [S, ...] per sorted slot -> [N, ...] per token: sum over the token's slots of weight * y.
 
-    A gather through the inverse permutation (not an atomic scatter-add), so the sum is deterministic;
-    it accumulates in fp32. Tokens without slots (padding) get zeros.
+    Row gathers through the inverse permutation (not an atomic scatter-add), so the sum is deterministic
+    and accumulates in fp32; the backward is gathers too. Tokens without slots (padding) get zeros.
     """
-    y_ext = torch.cat([y, y.new_zeros(1, *y.shape[1:])])
-    idx = dispatch.restore.clamp(max=y.shape[0])
-    w = dispatch.token_weight.view(*idx.shape, *([1] * (y.dim() - 1)))
-    return (y_ext[idx].float() * w).sum(1).to(y.dtype)
+    if y.shape[0] == 0:
+        return y.new_zeros(dispatch.restore.shape[0], *y.shape[1:])
+    return _Combine.apply(y, dispatch.token_weight, dispatch.restore, dispatch.token, dispatch.slot)

@@ -56,11 +56,11 @@ class TokenLayout:
         return cls(batch_size, seq_len, batch_size, sequence, position, valid, order, inverse_permutation(order))
 
     def conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-             activation: str | None) -> torch.Tensor:
+             activation: str | None, backend: str = 'torch') -> torch.Tensor:
         """The host's short conv over each sequence's valid tokens. x [N, D], weight [D, 1, W], bias [D]."""
         w = weight.transpose(0, 1)  # [1, D, W]: one 'memory'
         b = bias[None] if bias is not None else None
         if self.order is None:
-            return segment_conv(x, w, b, None, self.position, activation)
-        y = segment_conv(x[self.order], w, b, None, self.position[self.order], activation)
+            return segment_conv(x, w, b, None, self.position, activation, backend)
+        y = segment_conv(x[self.order], w, b, None, self.position[self.order], activation, backend)
         return y[self.rank]

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from mom_wrap.adapters.base import WriteProjection
-from mom_wrap.dispatch import Dispatch
+from mom_wrap.dispatch import Dispatch, gather
 from mom_wrap.ops import grouped_linear, segment_conv
 
 
@@ -53,9 +53,9 @@ class MemoryBank(nn.Module):
                     self.conv_bias[p.name] = nn.Parameter(_stack(p.conv, 'bias', num_memories, init))
                 self.conv_activation[p.name] = getattr(p.conv, 'activation', None)
 
-    def forward(self, x: torch.Tensor, dispatch: Dispatch) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor, dispatch: Dispatch, backend: str = 'torch') -> dict[str, torch.Tensor]:
         """x [N, in] per flat token -> name -> [S, out] per sorted slot (projection, then segment conv)."""
-        xs = x[dispatch.token]
+        xs = gather(x, dispatch)
         weight = torch.cat([self.proj[n] for n in self.names], dim=1)
         y = grouped_linear(xs, weight, dispatch.memory, dispatch.memory_offsets)
         if len(self.proj_bias):
@@ -67,6 +67,6 @@ class MemoryBank(nn.Module):
         for name, part in zip(self.names, y.split(self.out_features, dim=1)):  # a handful of named parts
             if name in self.conv:
                 part = segment_conv(part, self.conv[name], self.conv_bias[name] if name in self.conv_bias else None,
-                                    dispatch.memory, dispatch.position, self.conv_activation[name])
+                                    dispatch.memory, dispatch.position, self.conv_activation[name], backend)
             out[name] = part
         return out

@@ -31,6 +31,19 @@ def _grouped_mm_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return _GROUPED_MM_WORKS[key]
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous: torch's grouped GEMM backward
+    rejects expanded (stride-0) gradients such as the one ``.sum().backward()`` sends."""
+
+    @staticmethod
+    def forward(ctx, y):
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, memory: torch.Tensor,
                    offsets: torch.Tensor) -> torch.Tensor:
     """Row r of x goes through the weight of memory[r].
@@ -42,32 +55,80 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, memory: torch.Tensor,
     and dtypes the grouped kernels lack.
     """
     if _grouped_mm_ok(x, weight):
-        return _grouped_mm(x, weight.transpose(1, 2), offs=offsets)
+        return _ContiguousGrad.apply(_grouped_mm(x, weight.transpose(1, 2), offs=offsets))
     E, out, _ = weight.shape
     y = (x @ weight.reshape(E * out, -1).t()).view(-1, E, out)
     return y.gather(1, memory.view(-1, 1, 1).expand(-1, 1, out)).squeeze(1)
 
 
+def _tap(weight: torch.Tensor, memory: torch.Tensor | None, j: int, start: int = 0) -> torch.Tensor:
+    """fp32 tap j (0: the current token, j: j tokens back) for rows start: -> [S - start, D], or [1, D]
+    (broadcast) when there is one memory."""
+    tap = weight[:, :, weight.shape[-1] - 1 - j].float()  # [E, D]
+    return tap[memory[start:]] if memory is not None else tap
+
+
+def _conv_pre(x, weight, bias, memory, position):
+    """The convolution before its activation, accumulated in fp32: [S, D] fp32."""
+    y = x.float() * _tap(weight, memory, 0)
+    for j in range(1, weight.shape[-1]):  # the kernel width (4), not memories
+        # row r reads row r-j only inside its segment; rows r < j have position < j and read nothing
+        y[j:] += torch.where((position[j:] >= j)[:, None], x[:-j].float(), 0.0) * _tap(weight, memory, j, j)
+    if bias is not None:
+        y += (bias[memory] if memory is not None else bias).float()
+    return y
+
+
+class _SegmentConv(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, memory, position, activation):
+        y = _conv_pre(x, weight, bias, memory, position)
+        ctx.save_for_backward(x, weight, bias, memory, position)
+        ctx.activation = activation
+        return (F.silu(y) if activation else y).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, bias, memory, position = ctx.saved_tensors
+        dy = grad.float()
+        if ctx.activation:  # recompute the pre-activation rather than keep it: one more conv, S x D less memory
+            y = _conv_pre(x, weight, bias, memory, position)
+            sig = torch.sigmoid(y)
+            dy = dy * sig * (1 + y * (1 - sig))
+            del y, sig
+        E, D, W = weight.shape
+        # weight grads reduce rows per memory: a one-hot GEMM in fp32 (rows are sorted memory-major)
+        onehot = F.one_hot(memory, E).float().t() if memory is not None else None
+
+        def per_memory_sum(t):
+            return onehot @ t if onehot is not None else t.sum(0, keepdim=True)
+
+        dx = dy * _tap(weight, memory, 0)
+        dweight = torch.zeros(E, D, W, device=x.device, dtype=torch.float32)
+        dweight[:, :, W - 1] = per_memory_sum(dy * x.float())
+        for j in range(1, W):
+            t = torch.where((position[j:] >= j)[:, None], dy[j:], 0.0)  # rows r >= j reading row r - j
+            dx[:-j] += t * _tap(weight, memory, j, j)
+            dweight[:, :, W - 1 - j] = per_memory_sum(F.pad(t * x[:-j].float(), (0, 0, j, 0)))
+        dbias = per_memory_sum(dy).view_as(bias) if bias is not None and ctx.needs_input_grad[2] else None
+        return dx.to(x.dtype), dweight.to(weight.dtype), None if dbias is None else dbias.to(bias.dtype), \
+            None, None, None
+
+
 def segment_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, memory: torch.Tensor | None,
-                 position: torch.Tensor, activation: str | None) -> torch.Tensor:
+                 position: torch.Tensor, activation: str | None, backend: str = 'torch') -> torch.Tensor:
     """Depthwise causal short convolution that restarts at every segment, with a weight per memory.
 
     x [S, D]: rows of each segment contiguous and in time order; weight [E, D, W] (the host's
     ShortConvolution weight [D, 1, W] per memory, tap W-1 on the current token); bias [E, D] or None;
     memory [S] or None (None: E == 1); position [S]: row's position in its segment. Taps that would reach
     before the segment's start read zeros, so nothing leaks from one segment into the next.
+    Accumulates in fp32. ``backend="torch"``: PyTorch ops (the reference; weight gradients reduced per
+    memory by a one-hot GEMM); ``"triton"``: ``mom_wrap.kernels.segment_conv``.
     """
-    W = weight.shape[-1]
-    taps = weight.permute(2, 0, 1)  # [W, E, D]
-    taps = taps[:, memory] if memory is not None else taps  # [W, S, D] or [W, 1, D]
-    y = x * taps[W - 1]
-    for j in range(1, W):  # the kernel width (4), not memories
-        shifted = F.pad(x[:-j], (0, 0, j, 0)) if x.shape[0] > j else torch.zeros_like(x)
-        y = y + torch.where((position >= j)[:, None], shifted, 0) * taps[W - 1 - j]
-    if bias is not None:
-        y = y + (bias[memory] if memory is not None else bias)
-    if activation in ('silu', 'swish'):
-        y = F.silu(y)
-    elif activation is not None:
+    if activation not in (None, 'silu', 'swish'):
         raise ValueError(f"activation: unsupported short-conv activation {activation!r}")
-    return y
+    if backend == 'triton':
+        from mom_wrap.kernels.segment_conv import segment_conv_triton
+        return segment_conv_triton(x, weight, bias, memory, position, activation is not None)
+    return _SegmentConv.apply(x, weight, bias, memory, position, activation is not None)

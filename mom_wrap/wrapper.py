@@ -121,7 +121,7 @@ class MixtureOfMemories(nn.Module):
         if dispatch.num_segments == 0:  # every token is padding
             return torch.zeros_like(hidden_states), None, past_key_values
         read = self._adapter.read(x, layout, backend)
-        write = self.memories(x, dispatch)
+        write = self.memories(x, dispatch, backend)
         o, _ = self._adapter.recurrence(read, write, dispatch, backend)
         o = self._adapter.finish(combine(o, dispatch), read, backend)
         if layout.valid is not None:

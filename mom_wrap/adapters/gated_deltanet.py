@@ -13,6 +13,7 @@ from einops import rearrange
 
 from mom_wrap.adapters.base import HostAdapter, WriteProjection, register_adapter
 from mom_wrap.adapters.fla_common import l2norm, pad_segments, rms_norm, rms_norm_gated
+from mom_wrap.dispatch import gather
 
 
 def gated_delta_rule_reference(q, k, v, a, b, A_log, dt_bias, cu_seqlens, position, allow_neg_eigval=False,
@@ -74,7 +75,7 @@ class GatedDeltaNetAdapter(HostAdapter):
         h = self.host
         q = h.q_proj(x)
         if h.use_short_conv:
-            q = layout.conv(q, h.q_conv1d.weight, h.q_conv1d.bias, h.q_conv1d.activation)
+            q = layout.conv(q, h.q_conv1d.weight, h.q_conv1d.bias, h.q_conv1d.activation, backend)
         else:
             q = F.silu(q)
         read = {'q': rearrange(q, 'n (h d) -> n h d', d=h.head_k_dim)}
@@ -84,7 +85,7 @@ class GatedDeltaNetAdapter(HostAdapter):
 
     def recurrence(self, read, write, dispatch, backend, initial_state=None, output_final_state=False):
         h = self.host
-        q = read['q'][dispatch.token]
+        q = gather(read['q'], dispatch)
         k, v = write['k'], write['v']
         if not h.use_short_conv:
             k, v = F.silu(k), F.silu(v)

@@ -1,0 +1,96 @@
+"""Forward+backward time and peak memory: MixtureOfMemories(GatedDeltaNet) vs GatedDeltaNet vs fla MomAttention.
+
+The paper's 340M layer (hidden 1024, 4 heads x 256, expand_v 1), M=4, top-2, shared memory, bf16, all three
+layers measured in one run on one GPU; ratios are against the plain host layer.
+
+    python benchmarks/bench_layer.py [--batch 8 --seq-len 2048 --iters 20] [--profile]
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+from fla.layers import GatedDeltaNet
+from fla.layers.mom import MomAttention
+
+from mom_wrap import MixtureOfMemories
+
+
+def layers(hidden, heads, head_dim, memories, topk, dtype):
+    host_kw = dict(hidden_size=hidden, head_dim=head_dim, num_heads=heads, expand_v=1, layer_idx=0)
+    made = {
+        'GatedDeltaNet (host)': GatedDeltaNet(**host_kw),
+        'mom_wrap MoM(GDN)': MixtureOfMemories(GatedDeltaNet(**host_kw), num_memories=memories, topk=topk,
+                                               shared_memory=True),
+        'fla MomAttention': MomAttention(**host_kw, num_memories=memories, topk=topk, shared_mem=True),
+    }
+    return {name: m.to('cuda', dtype).train() for name, m in made.items()}
+
+
+def measure(layer, x, dy, iters):
+    """Mean fwd+bwd milliseconds over ``iters`` (after warm-up) and peak memory above the inputs (MiB)."""
+    def step():
+        x.grad = None
+        layer(x)[0].backward(dy)
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        step()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters, (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def profile(layer, x, dy, rows=25):
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            layer(x)[0].backward(dy)
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by='cuda_time_total', row_limit=rows))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--batch', type=int, default=8)
+    p.add_argument('--seq-len', type=int, default=2048)
+    p.add_argument('--hidden', type=int, default=1024)
+    p.add_argument('--heads', type=int, default=4)
+    p.add_argument('--head-dim', type=int, default=256)
+    p.add_argument('--memories', type=int, default=4)
+    p.add_argument('--topk', type=int, default=2)
+    p.add_argument('--iters', type=int, default=20)
+    p.add_argument('--profile', action='store_true', help='print the CUDA kernel table of the MoM layer')
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit('bench_layer.py needs a CUDA GPU')
+
+    torch.manual_seed(0)
+    dtype = torch.bfloat16
+    x = torch.randn(args.batch, args.seq_len, args.hidden, device='cuda', dtype=dtype, requires_grad=True)
+    dy = torch.randn_like(x)
+    results = {}
+    for name, layer in layers(args.hidden, args.heads, args.head_dim, args.memories, args.topk, dtype).items():
+        results[name] = measure(layer, x, dy, args.iters)
+        if args.profile and name.startswith('mom_wrap'):
+            profile(layer, x, dy)
+        del layer
+        torch.cuda.empty_cache()
+
+    host_ms, host_mem = results['GatedDeltaNet (host)']
+    print(f"\n{torch.cuda.get_device_name()}  bf16  B x T = {args.batch} x {args.seq_len}  hidden {args.hidden}  "
+          f"{args.heads} heads x {args.head_dim}  M={args.memories} top-{args.topk} + shared")
+    print(f"{'layer':<24}{'fwd+bwd ms':>12}{'x host':>9}{'peak MiB':>11}{'x host':>9}")
+    for name, (ms, mem) in results.items():
+        print(f"{name:<24}{ms:>12.2f}{ms / host_ms:>9.2f}{mem:>11.0f}{mem / host_mem:>9.2f}")
+    ours, fla_mom = results['mom_wrap MoM(GDN)'][0], results['fla MomAttention'][0]
+    print(f"mom_wrap vs fla MomAttention: {fla_mom / ours:.2f}x faster")
+
+
+if __name__ == '__main__':
+    main()

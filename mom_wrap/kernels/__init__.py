@@ -1,0 +1,1 @@
+"""Our own Triton kernels (they run under TRITON_INTERPRET=1 too)."""
