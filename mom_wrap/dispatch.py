@@ -33,8 +33,10 @@ def segment_keys(memory: torch.Tensor, sequence: torch.Tensor, valid: torch.Tens
 
 
 def histogram(key: torch.Tensor, num_bins: int) -> torch.Tensor:
-    """key [S] -> counts [num_bins] (int64, on the key's device)."""
-    return torch.bincount(key, minlength=num_bins)
+    """key [S] -> counts [num_bins] (int64, on the key's device).
+
+    Not ``torch.bincount``: on CUDA it reads the largest key back to the host, a second sync."""
+    return torch.zeros(num_bins, dtype=torch.long, device=key.device).index_add_(0, key, torch.ones_like(key))
 
 
 def sort_slots(key: torch.Tensor) -> torch.Tensor:

@@ -79,3 +79,21 @@ def test_one_memory_matches_real_host_in_training(dtype):
         errs[ours] = rel_err(got[2][ours].reshape(want[2][theirs].shape), want[2][theirs])
     print(f"\n{dtype} M=1 vs host (training, T=2048) relative errors:", {k: f"{v:.1e}" for k, v in errs.items()})
     assert max(errs.values()) < TOL[dtype], errs
+
+
+def test_one_host_device_sync_per_forward():
+    """The segment lengths are the only value a layer forward reads back to the host."""
+    mom = MixtureOfMemories(host(torch.bfloat16), num_memories=4, topk=2, shared_memory=True).train()
+    x = torch.randn(2, 256, 1024, device='cuda', dtype=torch.bfloat16)
+    mom(x)  # warm-up: first-call probes and autotuning may sync
+    torch.cuda.synchronize()
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        torch.cuda.set_sync_debug_mode('warn')
+        try:
+            mom(x)
+        finally:
+            torch.cuda.set_sync_debug_mode('default')
+    syncs = [str(w.message) for w in caught if 'synchroniz' in str(w.message)]
+    assert len(syncs) == 1, syncs
