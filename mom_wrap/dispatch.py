@@ -61,11 +61,11 @@ class Dispatch:
     restore: torch.Tensor         # [N, s] row in the sorted order of each token's slot (S: none)
     token_weight: torch.Tensor    # [N, s] fp32 combine weight of each token's slot (0 for padding)
     memory_counts: torch.Tensor   # [E] slots per memory (device)
-    memory_offsets: torch.Tensor  # [E] int32 end of each memory's block in the sorted order
+    memory_offsets: torch.Tensor | None  # [E] int32 end of each memory's block; None: not memory-major
     cu_seqlens: torch.Tensor      # [G+1] int64 on the device
     cu_seqlens_cpu: torch.Tensor  # [G+1] int64 on the host
-    segment_memory: torch.Tensor  # [G] memory of each segment (host)
-    segment_sequence: torch.Tensor  # [G] sequence of each segment (host)
+    segment_memory: torch.Tensor  # [G] memory of each segment (device)
+    segment_sequence: torch.Tensor  # [G] sequence of each segment (device)
     max_seqlen: int
 
     @property
@@ -74,7 +74,7 @@ class Dispatch:
 
     @property
     def num_segments(self) -> int:
-        return self.segment_memory.numel()
+        return self.cu_seqlens_cpu.numel() - 1
 
 
 def plan_dispatch(memory: torch.Tensor, weight: torch.Tensor, sequence: torch.Tensor,
@@ -104,10 +104,10 @@ def plan_dispatch(memory: torch.Tensor, weight: torch.Tensor, sequence: torch.Te
     lengths = seg_counts_cpu[nonempty]
     cu_seqlens_cpu = torch.zeros(nonempty.numel() + 1, dtype=torch.long)
     torch.cumsum(lengths, 0, out=cu_seqlens_cpu[1:])
-    if key.device.type == 'cuda':
-        cu_seqlens = cu_seqlens_cpu.pin_memory().to(key.device, non_blocking=True)
-    else:
-        cu_seqlens = cu_seqlens_cpu.clone()
+    # to the device in one pinned, asynchronous copy: no second sync
+    host = torch.cat([cu_seqlens_cpu, nonempty])
+    host = host.pin_memory().to(key.device, non_blocking=True) if key.device.type == 'cuda' else host
+    cu_seqlens, nonempty_dev = host[:cu_seqlens_cpu.numel()], host[cu_seqlens_cpu.numel():]
 
     memory_counts = counts[:-1].view(E, Q).sum(1)
     token_weight = weight if valid is None else weight * valid[:, None]
@@ -122,10 +122,32 @@ def plan_dispatch(memory: torch.Tensor, weight: torch.Tensor, sequence: torch.Te
         memory_offsets=memory_counts.cumsum(0).to(torch.int32),
         cu_seqlens=cu_seqlens,
         cu_seqlens_cpu=cu_seqlens_cpu,
-        segment_memory=nonempty // Q,
-        segment_sequence=nonempty % Q,
+        segment_memory=nonempty_dev // Q,
+        segment_sequence=nonempty_dev % Q,
         max_seqlen=int(lengths.max()) if lengths.numel() else 0,
     )
+
+
+def plan_decode(memory: torch.Tensor, weight: torch.Tensor, valid: torch.Tensor | None,
+                num_memories: int) -> Dispatch:
+    """The plan of a one-token-per-sequence step, without sorting and without any host sync.
+
+    memory, weight [N, s]: every slot is its own segment of length 1 (G = S = N*s, token-major), so the
+    segment layout is known on the host in advance and the step can be captured in a CUDA graph.
+    Padding tokens keep their slots (weight 0); the caller keeps their states unchanged.
+    """
+    N, s = memory.shape
+    dev = memory.device
+    slots = torch.arange(N * s, device=dev)
+    counted = memory if valid is None else torch.where(valid[:, None], memory, num_memories)
+    counts = histogram(counted.reshape(-1), num_memories + 1)[:-1]
+    token = slots // s
+    return Dispatch(
+        token=token, slot=slots, memory=memory.reshape(-1), position=torch.zeros_like(slots),
+        restore=slots.view(N, s), token_weight=weight if valid is None else weight * valid[:, None],
+        memory_counts=counts, memory_offsets=None,
+        cu_seqlens=torch.arange(N * s + 1, device=dev), cu_seqlens_cpu=torch.arange(N * s + 1),
+        segment_memory=memory.reshape(-1), segment_sequence=token, max_seqlen=1)
 
 
 def _sum_slots(y: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

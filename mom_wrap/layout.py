@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from mom_wrap.dispatch import inverse_permutation
-from mom_wrap.ops import segment_conv
+from mom_wrap.ops import segment_conv, segment_conv_with_state
 
 
 @dataclass
@@ -25,6 +25,7 @@ class TokenLayout:
     valid: torch.Tensor | None      # [N] bool, None when nothing is padding
     order: torch.Tensor | None      # [N] valid tokens first, grouped by sequence in time order (mask only)
     rank: torch.Tensor | None       # [N] inverse of ``order``
+    cu_seqlens: torch.Tensor        # [num_sequences+1] sequence bounds in ``order`` (padding after the last)
 
     @classmethod
     def build(cls, batch_size: int, seq_len: int, device: torch.device,
@@ -40,11 +41,12 @@ class TokenLayout:
             cu = cu_seqlens.to(device=device, dtype=torch.long)
             idx = torch.arange(N, device=device)
             sequence = torch.searchsorted(cu[1:], idx, right=True)
-            return cls(batch_size, seq_len, cu.numel() - 1, sequence, idx - cu[sequence], None, None, None)
+            return cls(batch_size, seq_len, cu.numel() - 1, sequence, idx - cu[sequence], None, None, None, cu)
         sequence = torch.arange(batch_size, device=device).repeat_interleave(seq_len)
         if attention_mask is None:
             position = torch.arange(seq_len, device=device).repeat(batch_size)
-            return cls(batch_size, seq_len, batch_size, sequence, position, None, None, None)
+            cu = torch.arange(batch_size + 1, device=device) * seq_len
+            return cls(batch_size, seq_len, batch_size, sequence, position, None, None, None, cu)
         if attention_mask.dim() != 2 or attention_mask.shape[0] != batch_size or attention_mask.shape[1] < seq_len:
             raise ValueError(f"attention_mask: expected a 0/1 padding mask of shape [{batch_size}, >={seq_len}], "
                              f"got {tuple(attention_mask.shape)}")
@@ -53,14 +55,26 @@ class TokenLayout:
         valid = mask.reshape(N)
         # stable: valid tokens first, each sequence's in time order, so that segment_conv sees them contiguous
         order = torch.argsort((~valid).long() * batch_size + sequence, stable=True)
-        return cls(batch_size, seq_len, batch_size, sequence, position, valid, order, inverse_permutation(order))
+        cu = torch.cat([mask.new_zeros(1, dtype=torch.long), mask.long().sum(1).cumsum(0)])
+        return cls(batch_size, seq_len, batch_size, sequence, position, valid, order, inverse_permutation(order), cu)
 
-    def conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-             activation: str | None, backend: str = 'torch') -> torch.Tensor:
-        """The host's short conv over each sequence's valid tokens. x [N, D], weight [D, 1, W], bias [D]."""
+    def conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str | None,
+             backend: str = 'torch', state: torch.Tensor | None = None):
+        """The host's short conv over each sequence's valid tokens. x [N, D], weight [D, 1, W], bias [D].
+
+        With ``state`` [num_sequences, D, W] (the host's conv cache) each sequence starts from it; returns
+        (y, new state) then, else y.
+        """
         w = weight.transpose(0, 1)  # [1, D, W]: one 'memory'
         b = bias[None] if bias is not None else None
-        if self.order is None:
-            return segment_conv(x, w, b, None, self.position, activation, backend)
-        y = segment_conv(x[self.order], w, b, None, self.position[self.order], activation, backend)
-        return y[self.rank]
+        xs = x if self.order is None else x[self.order]
+        if state is None:
+            y = segment_conv(xs, w, b, None, self.position if self.order is None else self.position[self.order],
+                             activation, backend)
+            return y if self.order is None else y[self.rank]
+        cu, st = self.cu_seqlens, state
+        if self.order is not None:  # the padding rows form one more segment, from and to nowhere
+            cu = torch.cat([cu, cu.new_full((1,), x.shape[0])])
+            st = torch.cat([state, state.new_zeros(1, *state.shape[1:])])
+        y, new_state = segment_conv_with_state(xs, w, b, None, cu, st, activation, backend)
+        return (y if self.order is None else y[self.rank]), new_state[:self.num_sequences]

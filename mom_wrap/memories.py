@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from mom_wrap.adapters.base import WriteProjection
 from mom_wrap.dispatch import Dispatch, gather
-from mom_wrap.ops import grouped_linear, segment_conv
+from mom_wrap.ops import grouped_linear, segment_conv, segment_conv_with_state
 
 
 def _stack(module: nn.Module, attr: str, num: int, init: str) -> torch.Tensor:
@@ -53,8 +53,17 @@ class MemoryBank(nn.Module):
                     self.conv_bias[p.name] = nn.Parameter(_stack(p.conv, 'bias', num_memories, init))
                 self.conv_activation[p.name] = getattr(p.conv, 'activation', None)
 
-    def forward(self, x: torch.Tensor, dispatch: Dispatch, backend: str = 'torch') -> dict[str, torch.Tensor]:
-        """x [N, in] per flat token -> name -> [S, out] per sorted slot (projection, then segment conv)."""
+    def conv_shapes(self) -> dict[str, tuple[int, int]]:
+        """name -> (channels, width) of every per-memory short conv."""
+        return {name: tuple(w.shape[1:]) for name, w in self.conv.items()}
+
+    def forward(self, x: torch.Tensor, dispatch: Dispatch, backend: str = 'torch',
+                conv_state: dict[str, torch.Tensor] | None = None):
+        """x [N, in] per flat token -> name -> [S, out] per sorted slot (projection, then segment conv).
+
+        With ``conv_state`` (name -> [G, D, W], one per segment of ``dispatch``) every segment's conv starts
+        from it, and the new per-segment conv states come back as a second dict (else None).
+        """
         xs = gather(x, dispatch)
         weight = torch.cat([self.proj[n] for n in self.names], dim=1)
         y = grouped_linear(xs, weight, dispatch.memory, dispatch.memory_offsets)
@@ -63,10 +72,15 @@ class MemoryBank(nn.Module):
             bias = torch.cat([self.proj_bias[n] if n in self.proj_bias else weight.new_zeros(E, f)
                               for n, f in zip(self.names, self.out_features)], dim=1)
             y = y + bias[dispatch.memory]
-        out = {}
+        out, new_state = {}, ({} if conv_state is not None else None)
         for name, part in zip(self.names, y.split(self.out_features, dim=1)):  # a handful of named parts
             if name in self.conv:
-                part = segment_conv(part, self.conv[name], self.conv_bias[name] if name in self.conv_bias else None,
-                                    dispatch.memory, dispatch.position, self.conv_activation[name], backend)
+                w, b, act = self.conv[name], self.conv_bias[name] if name in self.conv_bias else None, \
+                    self.conv_activation[name]
+                if conv_state is None:
+                    part = segment_conv(part, w, b, dispatch.memory, dispatch.position, act, backend)
+                else:
+                    part, new_state[name] = segment_conv_with_state(
+                        part, w, b, dispatch.segment_memory, dispatch.cu_seqlens, conv_state[name], act, backend)
             out[name] = part
-        return out
+        return out, new_state

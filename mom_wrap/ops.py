@@ -45,16 +45,16 @@ class _ContiguousGrad(torch.autograd.Function):
 
 
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, memory: torch.Tensor,
-                   offsets: torch.Tensor) -> torch.Tensor:
+                   offsets: torch.Tensor | None) -> torch.Tensor:
     """Row r of x goes through the weight of memory[r].
 
     x [S, in] sorted by memory (memory-major), weight [E, out, in], memory [S], offsets [E] int32 (end of
-    each memory's block) -> [S, out].
+    each memory's block; None when rows are not memory-major) -> [S, out].
     One grouped GEMM where torch has one for this device and dtype; otherwise all memories' products for
-    every row and a select: E times the FLOPs, still one kernel and exact, used for small test shapes
-    and dtypes the grouped kernels lack.
+    every row and a select: E times the FLOPs but each weight read once, which is what a decode step
+    (a few rows, any order) wants, and exact for dtypes the grouped kernels lack.
     """
-    if _grouped_mm_ok(x, weight):
+    if offsets is not None and _grouped_mm_ok(x, weight):
         return _ContiguousGrad.apply(_grouped_mm(x, weight.transpose(1, 2), offs=offsets))
     E, out, _ = weight.shape
     y = (x @ weight.reshape(E * out, -1).t()).view(-1, E, out)
@@ -132,3 +132,43 @@ def segment_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         from mom_wrap.kernels.segment_conv import segment_conv_triton
         return segment_conv_triton(x, weight, bias, memory, position, activation is not None)
     return _SegmentConv.apply(x, weight, bias, memory, position, activation is not None)
+
+
+def segment_conv_with_state(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                            segment_memory: torch.Tensor | None, cu_seqlens: torch.Tensor, state: torch.Tensor,
+                            activation: str | None, backend: str = 'torch') -> tuple[torch.Tensor, torch.Tensor]:
+    """``segment_conv`` that starts every segment from a carried conv state and returns the next one.
+
+    x [S, D] (G segments, contiguous, time-ordered; a segment may be empty), cu_seqlens [G+1] on x's
+    device, state [G, D, W]: the last W inputs before each segment, newest last (fla's conv-cache layout),
+    segment_memory [G] or None. Returns y [S, D] and the new state [G, D, W].
+
+    Each segment is extended in front by its W state rows and convolved by ``segment_conv``; sizes are
+    static (S + G*W rows), so nothing is read back to the host and the step can be graph-captured.
+    """
+    S, (G, D, W) = x.shape[0], state.shape
+    dev = x.device
+    rows = torch.arange(S, device=dev)
+    seg = torch.searchsorted(cu_seqlens[1:], rows, right=True)
+    start = cu_seqlens[:-1] + W * torch.arange(G, device=dev)  # extended start of each segment
+    hist_rows = (start[:, None] + torch.arange(W, device=dev)).reshape(-1)  # [G*W]
+    x_rows = rows + W * (seg + 1)  # [S]
+    # one gather builds the extended input: source rows are x, then the state rows
+    source = torch.cat([x, state.transpose(1, 2).reshape(G * W, D).to(x.dtype)])
+    src_of_ext = torch.empty(S + G * W, dtype=torch.long, device=dev)
+    src_of_ext[x_rows] = rows
+    src_of_ext[hist_rows] = S + torch.arange(G * W, device=dev)
+    x_ext = source[src_of_ext]
+    pos_ext = torch.empty_like(src_of_ext)
+    pos_ext[x_rows] = rows - cu_seqlens[seg] + W
+    pos_ext[hist_rows] = torch.arange(W, device=dev).repeat(G)
+    mem_ext = None
+    if segment_memory is not None:
+        seg_ext = torch.empty_like(src_of_ext)
+        seg_ext[x_rows] = seg
+        seg_ext[hist_rows] = torch.arange(G, device=dev).repeat_interleave(W)
+        mem_ext = segment_memory[seg_ext]
+    y = segment_conv(x_ext, weight, bias, mem_ext, pos_ext, activation, backend)[x_rows]
+    end = cu_seqlens[1:] + W * torch.arange(1, G + 1, device=dev)
+    new_state = x_ext[(end[:, None] - W + torch.arange(W, device=dev)).reshape(-1)].view(G, W, D).transpose(1, 2)
+    return y, new_state

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from mom_wrap.adapters import adapter_for
-from mom_wrap.dispatch import combine, plan_dispatch
+from mom_wrap.dispatch import combine, plan_decode, plan_dispatch
 from mom_wrap.layout import TokenLayout
 from mom_wrap.memories import MemoryBank
 from mom_wrap.router import Router
@@ -102,31 +102,102 @@ class MixtureOfMemories(nn.Module):
         if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.hidden_size:
             raise ValueError(f"hidden_states: expected shape [batch, seq_len, {self.hidden_size}] (the host's "
                              f"hidden size), got {tuple(hidden_states.shape)}")
-        if use_cache or past_key_values is not None:
-            raise NotImplementedError("use_cache / past_key_values: cached generation is not supported yet")
         backend = self._resolve_backend(hidden_states)
         B, T, D = hidden_states.shape
-        layout = TokenLayout.build(B, T, hidden_states.device, attention_mask, kwargs.get('cu_seqlens'))
+        cu_seqlens = kwargs.get('cu_seqlens')
+        layout = TokenLayout.build(B, T, hidden_states.device, attention_mask, cu_seqlens)
         x = hidden_states.reshape(B * T, D)
+        cached = use_cache or past_key_values is not None
+        state = self._load_state(past_key_values, layout.num_sequences, x) if cached else None
 
         logits, probs, weights, indices = self.router.route(x)
         self.router_logits = logits.view(B, T, self.num_memories)
         if self.shared_memory:  # the shared memory is memory E-1, in every token's slots with weight 1
             indices = torch.cat([indices, indices.new_full((B * T, 1), self.num_memories)], dim=1)
             weights = torch.cat([weights, weights.new_ones(B * T, 1)], dim=1)
-        dispatch = plan_dispatch(indices, weights, layout.sequence, layout.valid, layout.num_sequences,
-                                 self.num_slots_memories)
+        if cached and T == 1 and cu_seqlens is None:  # a decode step: no sort, no host sync
+            dispatch = plan_decode(indices, weights, layout.valid, self.num_slots_memories)
+        else:
+            dispatch = plan_dispatch(indices, weights, layout.sequence, layout.valid, layout.num_sequences,
+                                     self.num_slots_memories)
         self.balance_loss = self._balance(probs, dispatch.memory_counts, layout.valid)
-
-        if dispatch.num_segments == 0:  # every token is padding
+        if dispatch.num_segments == 0:  # every token is padding: nothing is read or written
+            if cached:
+                self._save_state(past_key_values, state, T)
             return torch.zeros_like(hidden_states), None, past_key_values
-        read = self._adapter.read(x, layout, backend)
-        write = self.memories(x, dispatch, backend)
-        o, _ = self._adapter.recurrence(read, write, dispatch, backend)
+
+        read, read_conv = self._adapter.read(x, layout, backend, state['read_conv'] if cached else None)
+        if not cached:
+            write, _ = self.memories(x, dispatch, backend)
+            o, _ = self._adapter.recurrence(read, write, dispatch, backend)
+        else:
+            where = (dispatch.segment_sequence, dispatch.segment_memory)
+            write_conv0 = {n: c[where] for n, c in state['write_conv'].items()}
+            write, write_conv = self.memories(x, dispatch, backend, write_conv0)
+            h0 = state['recurrent'][where]
+            o, h = self._adapter.recurrence(read, write, dispatch, backend, initial_state=h0, output_final_state=True)
+            if layout.valid is not None and dispatch.memory_offsets is None:
+                # decode plans keep padding tokens' slots: their memories must not change
+                keep = ~layout.valid[dispatch.segment_sequence]
+                h = torch.where(keep.view(-1, *[1] * (h.dim() - 1)), h0, h)
+                write_conv = {n: torch.where(keep[:, None, None], write_conv0[n], c) for n, c in write_conv.items()}
+                read_conv = {n: torch.where(layout.valid.view(-1, 1, 1), c, state['read_conv'][n])
+                             for n, c in read_conv.items()}
+            self._save_state(past_key_values, self._updated(state, where, h, write_conv, read_conv), T)
         o = self._adapter.finish(combine(o, dispatch), read, backend)
         if layout.valid is not None:
             o = torch.where(layout.valid[:, None], o, 0)
         return o.view(B, T, D), None, past_key_values
+
+    # ------------------------------------------------------------------------------------------------ cache
+    # Kept in fla's Cache entry of the host's layer_idx, batch-first so that the cache's own reorder /
+    # repeat / select operations (beam search) apply unchanged:
+    #   recurrent_state: [N, E, *state_shape] (host layout) for every sequence and memory (shared last)
+    #   conv_state: {'read': name -> [N, D, W] (host conv-cache layout), 'write': name -> [N, E, D, W]}
+
+    def _load_state(self, past_key_values, num_sequences: int, x: torch.Tensor) -> dict:
+        if past_key_values is None:
+            raise ValueError("past_key_values: use_cache=True needs a cache object (fla.models.utils.Cache)")
+        if self.layer_idx is None:
+            raise ValueError("host: caching needs the host layer's layer_idx")
+        entry = past_key_values[self.layer_idx] if len(past_key_values) > self.layer_idx else None
+        if entry is not None and entry.get('recurrent_state') is not None:
+            pool, conv = entry['recurrent_state'], entry['conv_state']
+            if pool.shape[0] != num_sequences or pool.shape[1] != self.num_slots_memories:
+                raise ValueError(f"past_key_values: cached state holds {pool.shape[0]} sequences x {pool.shape[1]} "
+                                 f"memories, this input has {num_sequences} x {self.num_slots_memories}")
+            return {'recurrent': pool, 'read_conv': conv['read'], 'write_conv': conv['write']}
+        E, dev = self.num_slots_memories, x.device
+        return {
+            'recurrent': torch.zeros(num_sequences, E, *self._adapter.state_shape(), device=dev, dtype=torch.float32),
+            'read_conv': {n: torch.zeros(num_sequences, d, w, device=dev, dtype=x.dtype)
+                          for n, (d, w) in self._adapter.read_conv_shapes().items()},
+            'write_conv': {n: torch.zeros(num_sequences, E, d, w, device=dev, dtype=x.dtype)
+                           for n, (d, w) in self.memories.conv_shapes().items()},
+        }
+
+    @staticmethod
+    def _updated(state: dict, where, h, write_conv: dict, read_conv: dict) -> dict:
+        """Write the touched segments' states back into the pools. Without autograd the pools are updated in
+        place, so that the cache tensors keep their storage from step to step (a captured CUDA graph of a
+        decode step can then be replayed on the live cache); with autograd, out of place."""
+        if not torch.is_grad_enabled():
+            state['recurrent'].index_put_(where, h.to(state['recurrent'].dtype))
+            for n, c in state['write_conv'].items():
+                c.index_put_(where, write_conv[n].to(c.dtype))
+            for n, c in state['read_conv'].items():
+                c.copy_(read_conv[n])
+            return state
+        return {
+            'recurrent': state['recurrent'].index_put(where, h.to(state['recurrent'].dtype)),
+            'write_conv': {n: c.index_put(where, write_conv[n].to(c.dtype)) for n, c in state['write_conv'].items()},
+            'read_conv': {n: c.to(state['read_conv'][n].dtype) for n, c in read_conv.items()},
+        }
+
+    def _save_state(self, past_key_values, state: dict, num_tokens: int) -> None:
+        past_key_values.update(recurrent_state=state['recurrent'],
+                               conv_state={'read': state['read_conv'], 'write': state['write_conv']},
+                               layer_idx=self.layer_idx, offset=num_tokens)
 
     def _balance(self, probs: torch.Tensor, memory_counts: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
         """Switch/Mixtral load-balancing term M * sum_e f_e P_e over this forward's non-padding tokens."""

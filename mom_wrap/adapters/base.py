@@ -69,8 +69,21 @@ class HostAdapter:
         otherwise sit unused in the wrapper's parameters (and break DDP without find_unused_parameters)."""
         raise NotImplementedError
 
-    def read(self, x: torch.Tensor, layout: TokenLayout, backend: str) -> dict[str, torch.Tensor]:
-        """x [N, hidden] -> per-token read-side tensors (query, output gate, ...)."""
+    def state_shape(self) -> tuple[int, ...]:
+        """Shape of one memory's recurrent state for one sequence, in the host's own layout."""
+        raise NotImplementedError
+
+    def read_conv_shapes(self) -> dict[str, tuple[int, int]]:
+        """name -> (channels, width) of each read-side short conv whose state the cache carries."""
+        raise NotImplementedError
+
+    def read(self, x: torch.Tensor, layout: TokenLayout, backend: str,
+             conv_state: dict[str, torch.Tensor] | None = None):
+        """x [N, hidden] -> (per-token read-side tensors (query, output gate, ...), new read conv states).
+
+        With ``conv_state`` (name -> [num_sequences, D, W]) the read-side convs start from it and the new
+        states come back; without, the second value is None.
+        """
         raise NotImplementedError
 
     def recurrence(self, read: dict[str, torch.Tensor], write: dict[str, torch.Tensor], dispatch: Dispatch,

@@ -71,17 +71,31 @@ class GatedDeltaNetAdapter(HostAdapter):
             if hasattr(self.host, name):
                 delattr(self.host, name)
 
-    def read(self, x, layout, backend):
+    def state_shape(self):
         h = self.host
-        q = h.q_proj(x)
+        return (h.num_v_heads, h.head_v_dim, h.head_k_dim)
+
+    def read_conv_shapes(self):
+        h = self.host
+        return {'q': (h.key_dim, h.conv_size)} if h.use_short_conv else {}
+
+    def read(self, x, layout, backend, conv_state=None):
+        h = self.host
+        q, new_state = h.q_proj(x), None
         if h.use_short_conv:
-            q = layout.conv(q, h.q_conv1d.weight, h.q_conv1d.bias, h.q_conv1d.activation, backend)
+            conv = h.q_conv1d
+            if conv_state is None:
+                q = layout.conv(q, conv.weight, conv.bias, conv.activation, backend)
+            else:
+                q, q_state = layout.conv(q, conv.weight, conv.bias, conv.activation, backend, conv_state['q'])
+                new_state = {'q': q_state}
         else:
             q = F.silu(q)
+            new_state = {} if conv_state is not None else None
         read = {'q': rearrange(q, 'n (h d) -> n h d', d=h.head_k_dim)}
         if h.use_gate:
             read['gate'] = rearrange(h.g_proj(x), 'n (h d) -> n h d', d=h.head_v_dim)
-        return read
+        return read, new_state
 
     def recurrence(self, read, write, dispatch, backend, initial_state=None, output_final_state=False):
         h = self.host
