@@ -202,7 +202,7 @@ class MixtureOfMemories(nn.Module):
     def _balance(self, probs: torch.Tensor, memory_counts: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
         """Switch/Mixtral load-balancing term M * sum_e f_e P_e over this forward's non-padding tokens."""
         if valid is None:
-            n = probs.new_tensor(float(probs.shape[0]))
+            n = float(probs.shape[0])  # a Python number: no host-to-device copy (graph capture forbids one)
             mean_prob = probs.mean(0)
         else:
             vf = valid.float()

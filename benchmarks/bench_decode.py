@@ -1,0 +1,114 @@
+"""Decode ms/step after a 512-token prompt: MixtureOfMemories(GatedDeltaNet) vs GatedDeltaNet vs fla
+MomAttention, bf16, hidden 1024, 4 heads x 256, M=4, top-2 + shared, batch sizes 1 / 16 / 64, one run.
+
+Eager steps for all three layers; ours and the host's also as a replayed CUDA graph of one step.
+
+    python benchmarks/bench_decode.py [--prompt 512 --batch 1 16 64 --steps 50]
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+from fla.layers import GatedDeltaNet
+from fla.layers.mom import MomAttention
+from fla.models.utils import Cache
+
+from mom_wrap import MixtureOfMemories
+
+
+def make_layers(memories, topk):
+    host_kw = dict(hidden_size=1024, head_dim=256, num_heads=4, expand_v=1, layer_idx=0)
+    made = {
+        'GatedDeltaNet (host)': lambda: GatedDeltaNet(**host_kw),
+        'mom_wrap MoM(GDN)': lambda: MixtureOfMemories(GatedDeltaNet(**host_kw), num_memories=memories, topk=topk,
+                                                       shared_memory=True),
+        'fla MomAttention': lambda: MomAttention(**host_kw, num_memories=memories, topk=topk, shared_mem=True),
+    }
+    return {name: make().to('cuda', torch.bfloat16).eval() for name, make in made.items()}
+
+
+def prefill(layer, batch, prompt):
+    cache = Cache()
+    layer(torch.randn(batch, prompt, 1024, device='cuda', dtype=torch.bfloat16), past_key_values=cache, use_cache=True)
+    return cache
+
+
+def time_eager(layer, cache, x, steps):
+    for _ in range(5):
+        layer(x, past_key_values=cache, use_cache=True)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(steps):
+        layer(x, past_key_values=cache, use_cache=True)
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / steps
+
+
+def time_graph(layer, cache, x, steps):
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            layer(x, past_key_values=cache, use_cache=True)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        layer(x, past_key_values=cache, use_cache=True)
+    for _ in range(5):
+        graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(steps):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / steps
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--prompt', type=int, default=512)
+    p.add_argument('--batch', type=int, nargs='+', default=[1, 16, 64])
+    p.add_argument('--steps', type=int, default=50)
+    p.add_argument('--memories', type=int, default=4)
+    p.add_argument('--topk', type=int, default=2)
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit('bench_decode.py needs a CUDA GPU')
+    torch.manual_seed(0)
+    layers = make_layers(args.memories, args.topk)
+    rows = []
+    with torch.no_grad():
+        for batch in args.batch:
+            x = torch.randn(batch, 1, 1024, device='cuda', dtype=torch.bfloat16)
+            for name, layer in layers.items():
+                row = {'layer': name, 'B': batch}
+                for mode, timer in (('eager', time_eager), ('graph', time_graph)):
+                    if mode == 'graph' and name.startswith('fla MomAttention'):
+                        continue
+                    try:
+                        row[mode] = timer(layer, prefill(layer, batch, args.prompt), x, args.steps)
+                    except Exception as e:  # report, keep measuring the others
+                        row[mode] = f"failed: {type(e).__name__}: {str(e)[:80]}"
+                rows.append(row)
+    print(f"\n{torch.cuda.get_device_name()}  bf16  decode after a {args.prompt}-token prompt  hidden 1024  "
+          f"4 heads x 256  M={args.memories} top-{args.topk} + shared")
+    print(f"{'layer':<24}{'B':>4}{'eager ms':>10}{'x host':>8}{'graph ms':>10}{'x host':>8}")
+    host = {r['B']: r for r in rows if r['layer'].startswith('GatedDeltaNet')}
+    for r in rows:
+        cells = []
+        for mode in ('eager', 'graph'):
+            v, h = r.get(mode, '-'), host[r['B']].get(mode)
+            if isinstance(v, float):
+                cells.append(f"{v:>10.3f}" + (f"{v / h:>8.2f}" if isinstance(h, float) else f"{'-':>8}"))
+            else:
+                cells.append(f"{'-':>10}{'-':>8}" if v == '-' else f"  {v}")
+        print(f"{r['layer']:<24}{r['B']:>4}" + ''.join(cells))
+
+
+if __name__ == '__main__':
+    main()
