@@ -21,10 +21,12 @@ def _grouped_mm_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
     key = (x.device.type, x.dtype)
     if key not in _GROUPED_MM_WORKS:
         try:
-            a = torch.zeros(4, 8, device=x.device, dtype=x.dtype, requires_grad=True)
-            b = torch.zeros(2, 8, 8, device=x.device, dtype=x.dtype, requires_grad=True)
-            out = _grouped_mm(a, b.transpose(1, 2), offs=torch.tensor([2, 4], device=x.device, dtype=torch.int32))
-            out.backward(torch.ones_like(out))
+            with torch.enable_grad():  # the first call may come inside no_grad (generation)
+                a = torch.zeros(4, 8, device=x.device, dtype=x.dtype, requires_grad=True)
+                b = torch.zeros(2, 8, 8, device=x.device, dtype=x.dtype, requires_grad=True)
+                offs = torch.tensor([2, 4], device=x.device, dtype=torch.int32)
+                out = _grouped_mm(a, b.transpose(1, 2), offs=offs)
+                out.backward(torch.ones_like(out))
             _GROUPED_MM_WORKS[key] = True
         except (RuntimeError, NotImplementedError, TypeError):
             _GROUPED_MM_WORKS[key] = False
