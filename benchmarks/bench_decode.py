@@ -95,6 +95,7 @@ def main():
                     except Exception as e:  # report, keep measuring the others
                         row[mode] = f"failed: {type(e).__name__}: {str(e)[:80]}"
                 rows.append(row)
+                print(row, flush=True)  # partial results survive a time limit
     print(f"\n{torch.cuda.get_device_name()}  bf16  decode after a {args.prompt}-token prompt  hidden 1024  "
           f"4 heads x 256  M={args.memories} top-{args.topk} + shared")
     print(f"{'layer':<24}{'B':>4}{'eager ms':>10}{'x host':>8}{'graph ms':>10}{'x host':>8}")

@@ -50,6 +50,14 @@ def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
     return inv
 
 
+def upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor to ``device`` through pinned memory, asynchronously: a plain ``.to(device)`` of
+    pageable memory blocks the host until the stream drains, a sync of its own."""
+    if torch.device(device).type != 'cuda':
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 @dataclass
 class Dispatch:
     """The routing plan of one layer forward. S: routed slots, G: non-empty segments, E: memories."""
@@ -104,9 +112,7 @@ def plan_dispatch(memory: torch.Tensor, weight: torch.Tensor, sequence: torch.Te
     lengths = seg_counts_cpu[nonempty]
     cu_seqlens_cpu = torch.zeros(nonempty.numel() + 1, dtype=torch.long)
     torch.cumsum(lengths, 0, out=cu_seqlens_cpu[1:])
-    # to the device in one pinned, asynchronous copy: no second sync
-    host = torch.cat([cu_seqlens_cpu, nonempty])
-    host = host.pin_memory().to(key.device, non_blocking=True) if key.device.type == 'cuda' else host
+    host = upload(torch.cat([cu_seqlens_cpu, nonempty]), key.device)
     cu_seqlens, nonempty_dev = host[:cu_seqlens_cpu.numel()], host[cu_seqlens_cpu.numel():]
 
     memory_counts = counts[:-1].view(E, Q).sum(1)
