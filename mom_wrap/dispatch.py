@@ -75,6 +75,7 @@ class Dispatch:
     segment_memory: torch.Tensor  # [G] memory of each segment (device)
     segment_sequence: torch.Tensor  # [G] sequence of each segment (device)
     max_seqlen: int
+    segment_valid: torch.Tensor | None = None  # [G] False: a padding token's segment (decode plans only)
 
     @property
     def num_slots(self) -> int:
@@ -153,7 +154,8 @@ def plan_decode(memory: torch.Tensor, weight: torch.Tensor, valid: torch.Tensor 
         restore=slots.view(N, s), token_weight=weight if valid is None else weight * valid[:, None],
         memory_counts=counts, memory_offsets=None,
         cu_seqlens=torch.arange(N * s + 1, device=dev), cu_seqlens_cpu=torch.arange(N * s + 1),
-        segment_memory=memory.reshape(-1), segment_sequence=token, max_seqlen=1)
+        segment_memory=memory.reshape(-1), segment_sequence=token, max_seqlen=1,
+        segment_valid=None if valid is None else valid[token])
 
 
 def _sum_slots(y: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from mom_wrap.adapters import adapter_for
-from mom_wrap.dispatch import combine, plan_decode, plan_dispatch
+from mom_wrap.dispatch import Dispatch, combine, plan_decode, plan_dispatch
 from mom_wrap.layout import TokenLayout
 from mom_wrap.memories import MemoryBank
 from mom_wrap.router import Router
@@ -110,44 +110,57 @@ class MixtureOfMemories(nn.Module):
         cached = use_cache or past_key_values is not None
         state = self._load_state(past_key_values, layout.num_sequences, x) if cached else None
 
-        logits, probs, weights, indices = self.router.route(x)
-        self.router_logits = logits.view(B, T, self.num_memories)
-        if self.shared_memory:  # the shared memory is memory E-1, in every token's slots with weight 1
-            indices = torch.cat([indices, indices.new_full((B * T, 1), self.num_memories)], dim=1)
-            weights = torch.cat([weights, weights.new_ones(B * T, 1)], dim=1)
-        if cached and T == 1 and cu_seqlens is None:  # a decode step: no sort, no host sync
-            dispatch = plan_decode(indices, weights, layout.valid, self.num_slots_memories)
-        else:
-            dispatch = plan_dispatch(indices, weights, layout.sequence, layout.valid, layout.num_sequences,
-                                     self.num_slots_memories)
-        self.balance_loss = self._balance(probs, dispatch.memory_counts, layout.valid)
+        dispatch = self._route(x, layout, decode=cached and T == 1 and cu_seqlens is None)
         if dispatch.num_segments == 0:  # every token is padding: nothing is read or written
             if cached:
                 self._save_state(past_key_values, state, T)
             return torch.zeros_like(hidden_states), None, past_key_values
 
-        read, read_conv = self._adapter.read(x, layout, backend, state['read_conv'] if cached else None)
-        if not cached:
+        if cached:
+            read, o = self._memories_cached(x, layout, dispatch, backend, state)
+            self._save_state(past_key_values, state, T)
+        else:
+            read, _ = self._adapter.read(x, layout, backend)
             write, _ = self.memories(x, dispatch, backend)
             o, _ = self._adapter.recurrence(read, write, dispatch, backend)
-        else:
-            where = (dispatch.segment_sequence, dispatch.segment_memory)
-            write_conv0 = {n: c[where] for n, c in state['write_conv'].items()}
-            write, write_conv = self.memories(x, dispatch, backend, write_conv0)
-            h0 = state['recurrent'][where]
-            o, h = self._adapter.recurrence(read, write, dispatch, backend, initial_state=h0, output_final_state=True)
-            if layout.valid is not None and dispatch.memory_offsets is None:
-                # decode plans keep padding tokens' slots: their memories must not change
-                keep = ~layout.valid[dispatch.segment_sequence]
-                h = torch.where(keep.view(-1, *[1] * (h.dim() - 1)), h0, h)
-                write_conv = {n: torch.where(keep[:, None, None], write_conv0[n], c) for n, c in write_conv.items()}
-                read_conv = {n: torch.where(layout.valid.view(-1, 1, 1), c, state['read_conv'][n])
-                             for n, c in read_conv.items()}
-            self._save_state(past_key_values, self._updated(state, where, h, write_conv, read_conv), T)
         o = self._adapter.finish(combine(o, dispatch), read, backend)
         if layout.valid is not None:
             o = torch.where(layout.valid[:, None], o, 0)
         return o.view(B, T, D), None, past_key_values
+
+    def _route(self, x: torch.Tensor, layout: TokenLayout, decode: bool) -> Dispatch:
+        """Router, then the plan: sorted segments, or for a decode step the sync-free one-slot segments."""
+        logits, probs, weights, indices = self.router.route(x)
+        N = x.shape[0]
+        self.router_logits = logits.view(layout.batch_size, layout.seq_len, self.num_memories)
+        if self.shared_memory:  # the shared memory is memory E-1, in every token's slots with weight 1
+            indices = torch.cat([indices, indices.new_full((N, 1), self.num_memories)], dim=1)
+            weights = torch.cat([weights, weights.new_ones(N, 1)], dim=1)
+        if decode:
+            dispatch = plan_decode(indices, weights, layout.valid, self.num_slots_memories)
+        else:
+            dispatch = plan_dispatch(indices, weights, layout.sequence, layout.valid, layout.num_sequences,
+                                     self.num_slots_memories)
+        self.balance_loss = self._balance(probs, dispatch.memory_counts, layout.valid)
+        return dispatch
+
+    def _memories_cached(self, x, layout, dispatch, backend, state):
+        """Read side and memories starting from the cached states; writes the new states into ``state``.
+        Returns (read-side tensors, per-slot memory outputs)."""
+        read, read_conv = self._adapter.read(x, layout, backend, state['read_conv'])
+        where = (dispatch.segment_sequence, dispatch.segment_memory)
+        write_conv0 = {n: c[where] for n, c in state['write_conv'].items()}
+        write, write_conv = self.memories(x, dispatch, backend, write_conv0)
+        h0 = state['recurrent'][where]
+        o, h = self._adapter.recurrence(read, write, dispatch, backend, initial_state=h0, output_final_state=True)
+        if dispatch.segment_valid is not None:  # padding tokens of a decode step: their memories stay put
+            keep = ~dispatch.segment_valid
+            h = torch.where(keep.view(-1, *[1] * (h.dim() - 1)), h0, h)
+            write_conv = {n: torch.where(keep[:, None, None], write_conv0[n], c) for n, c in write_conv.items()}
+            read_conv = {n: torch.where(layout.valid.view(-1, 1, 1), c, state['read_conv'][n])
+                         for n, c in read_conv.items()}
+        state.update(self._updated(state, where, h, write_conv, read_conv))
+        return read, o
 
     # ------------------------------------------------------------------------------------------------ cache
     # Kept in fla's Cache entry of the host's layer_idx, batch-first so that the cache's own reorder /
