@@ -34,8 +34,12 @@ def _finish(host, o, gate):
 def gdn_write(host, x, weights):
     """The write side over one (sub)sequence x [T, hidden] with weights {k, v, a, b, k_conv, v_conv}."""
     H, HV, K, V = host.num_heads, host.num_v_heads, host.head_k_dim, host.head_v_dim
-    k = _conv(F.linear(x, weights['k']), weights['k_conv'], None).view(-1, H, K)
-    v = _conv(F.linear(x, weights['v']), weights['v_conv'], None).view(-1, HV, V)
+    if host.use_short_conv:
+        k = _conv(F.linear(x, weights['k']), weights['k_conv'], weights.get('k_conv_bias')).view(-1, H, K)
+        v = _conv(F.linear(x, weights['v']), weights['v_conv'], weights.get('v_conv_bias')).view(-1, HV, V)
+    else:
+        k = F.silu(F.linear(x, weights['k'])).view(-1, H, K)
+        v = F.silu(F.linear(x, weights['v'])).view(-1, HV, V)
     g = -host.A_log.float().exp() * F.softplus(F.linear(x, weights['a']).float() + host.dt_bias.float())
     beta = F.linear(x, weights['b']).float().sigmoid() * (2.0 if host.allow_neg_eigval else 1.0)
     return k, v, g, beta
@@ -43,7 +47,9 @@ def gdn_write(host, x, weights):
 
 def gdn_read(host, x):
     """Read side of one sequence x [T, hidden]: query (after its conv) [T, H, K] and output gate."""
-    q = _conv(F.linear(x, host.q_proj.weight), host.q_conv1d.weight, None).view(-1, host.num_heads, host.head_k_dim)
+    q = F.linear(x, host.q_proj.weight)
+    q = _conv(q, host.q_conv1d.weight, host.q_conv1d.bias) if host.use_short_conv else F.silu(q)
+    q = q.view(-1, host.num_heads, host.head_k_dim)
     gate = F.linear(x, host.g_proj.weight).view(-1, host.num_v_heads, host.head_v_dim) if host.use_gate else None
     return q, gate
 
@@ -57,8 +63,11 @@ def gdn_memory(host, q, k, v, g, beta):
 
 
 def host_weights(host):
-    return dict(k=host.k_proj.weight, v=host.v_proj.weight, a=host.a_proj.weight, b=host.b_proj.weight,
-                k_conv=host.k_conv1d.weight, v_conv=host.v_conv1d.weight)
+    w = dict(k=host.k_proj.weight, v=host.v_proj.weight, a=host.a_proj.weight, b=host.b_proj.weight)
+    if host.use_short_conv:
+        w.update(k_conv=host.k_conv1d.weight, v_conv=host.v_conv1d.weight,
+                 k_conv_bias=host.k_conv1d.bias, v_conv_bias=host.v_conv1d.bias)
+    return w
 
 
 def gdn_host_reference(host, x):
@@ -73,8 +82,12 @@ def gdn_host_reference(host, x):
 
 def memory_weights(mom, e):
     bank = mom.memories
-    return dict(k=bank.proj['k'][e], v=bank.proj['v'][e], a=bank.proj['a'][e], b=bank.proj['b'][e],
-                k_conv=bank.conv['k'][e][:, None], v_conv=bank.conv['v'][e][:, None])
+    w = dict(k=bank.proj['k'][e], v=bank.proj['v'][e], a=bank.proj['a'][e], b=bank.proj['b'][e])
+    for n in bank.conv:
+        w[f'{n}_conv'] = bank.conv[n][e][:, None]
+        if n in bank.conv_bias:
+            w[f'{n}_conv_bias'] = bank.conv_bias[n][e]
+    return w
 
 
 def naive_mom(mom, x):

@@ -6,11 +6,11 @@ import pytest
 import torch
 from fla.models.utils import Cache
 
-from tests.test_layer import HIDDEN, close, wrap
+from tests.test_layer import HIDDEN, HOST_VARIANTS, close, make_host, wrap
 
 
-def mom_layer(shared=True, **kw):
-    mom = wrap(init='random', shared_memory=shared, **kw).eval()
+def mom_layer(shared=True, host_kw=None, **kw):
+    mom = wrap(make_host(**(host_kw or {})), init='random', shared_memory=shared, **kw).eval()
     torch.nn.init.normal_(mom.router.weight, std=0.5)
     return mom
 
@@ -35,6 +35,16 @@ def test_cached_chunks_equal_full_forward(shared, sizes):
         got, cache = run_chunks(mom, x, sizes)
     close(got, full, tol=1e-5)
     assert cache.get_seq_length(0) == sum(sizes)
+
+
+@pytest.mark.parametrize('host_kw', HOST_VARIANTS[1:])
+def test_host_variants_cached_chunks_equal_full_forward(host_kw):
+    mom = mom_layer(host_kw=host_kw)
+    for b in mom.memories.conv_bias.values():
+        torch.nn.init.normal_(b.data)
+    x = torch.randn(2, 15, HIDDEN)
+    with torch.no_grad():
+        close(run_chunks(mom, x, [7, 1, 1, 6])[0], mom(x)[0], tol=1e-5)
 
 
 def test_cached_chunks_with_gradients_equal_full_forward():

@@ -28,18 +28,28 @@ def close(a, b, tol=2e-5):
     assert err <= tol * max(scale, 1.0), f"max abs err {err:.3e} (ref max {scale:.3e})"
 
 
-@pytest.mark.parametrize('host_kw', [{}, dict(num_v_heads=4), dict(use_gate=False), dict(allow_neg_eigval=True)])
+HOST_VARIANTS = [{}, dict(num_v_heads=4), dict(use_gate=False), dict(allow_neg_eigval=True),
+                 dict(conv_bias=True), dict(use_short_conv=False)]
+
+
+@pytest.mark.parametrize('host_kw', HOST_VARIANTS)
 def test_one_memory_reproduces_host_math(host_kw):
     host = make_host(**host_kw)
     ref_host = copy.deepcopy(host)
     mom = wrap(host, num_memories=1, topk=1, shared_memory=False)
     x = torch.randn(3, 21, HIDDEN)
-    if host_kw.get('use_gate', True):
-        expect = gdn_host_reference(ref_host, x)
-    else:
-        ref_host.use_gate = False
-        expect = gdn_host_reference(ref_host, x)
-    close(mom(x)[0], expect)
+    close(mom(x)[0], gdn_host_reference(ref_host, x))
+
+
+@pytest.mark.parametrize('host_kw', HOST_VARIANTS[1:])
+def test_host_variants_match_naive_per_memory_loop(host_kw):
+    mom = wrap(make_host(**host_kw), num_memories=3, topk=2, init='random')
+    torch.nn.init.normal_(mom.router.weight, std=0.5)
+    if host_kw.get('conv_bias'):  # fresh conv biases start at zero-ish; make them matter
+        for b in mom.memories.conv_bias.values():
+            torch.nn.init.normal_(b.data)
+    x = torch.randn(2, 19, HIDDEN)
+    close(mom(x)[0], naive_mom(mom, x))
 
 
 def test_all_memories_copied_without_shared_reproduce_host_math():
