@@ -11,6 +11,10 @@ The primitives, each small and tested on its own: ``segment_keys`` (which segmen
 ``histogram`` (slots per segment), ``sort_slots`` (the stable permutation), ``gather`` / ``combine``
 (into the sorted order and weighted back). ``plan_dispatch`` strings them together and makes the one
 host-device sync of a layer forward: the segment lengths, which the varlen kernels need on the host.
+``plan_decode`` is the plan of a one-token step: every slot its own segment, no sort and no sync.
+
+Memory-major rather than sequence-major order: segments are the same either way, and memory-major also
+gives the grouped GEMM its contiguous per-memory blocks.
 """
 from __future__ import annotations
 

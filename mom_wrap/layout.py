@@ -38,6 +38,13 @@ class TokenLayout:
                 raise ValueError("attention_mask and cu_seqlens cannot both be given")
             if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
                 raise ValueError(f"cu_seqlens: expected shape [N+1] with N >= 1, got {tuple(cu_seqlens.shape)}")
+            if cu_seqlens.is_floating_point():
+                raise TypeError(f"cu_seqlens: expected an integer tensor, got {cu_seqlens.dtype}")
+            # values are checked only where that costs no sync: on the host
+            if cu_seqlens.device.type == 'cpu' and (cu_seqlens[0] != 0 or cu_seqlens[-1] != seq_len
+                                                    or bool((cu_seqlens.diff() < 0).any())):
+                raise ValueError(f"cu_seqlens: expected non-decreasing offsets from 0 to seq_len={seq_len}, "
+                                 f"got {cu_seqlens.tolist()}")
             cu = cu_seqlens.to(device=device, dtype=torch.long)
             idx = torch.arange(N, device=device)
             sequence = torch.searchsorted(cu[1:], idx, right=True)

@@ -203,6 +203,11 @@ def test_bad_types_and_inputs():
         mom(torch.randn(2, 5, HIDDEN), attention_mask=torch.ones(3, 5))
     with pytest.raises(ValueError, match='cu_seqlens'):
         mom(torch.randn(2, 5, HIDDEN), cu_seqlens=torch.tensor([0, 5]))
+    for bad in ([0, 3, 4], [1, 3, 5], [0, 4, 2, 5]):
+        with pytest.raises(ValueError, match='cu_seqlens'):
+            mom(torch.randn(1, 5, HIDDEN), cu_seqlens=torch.tensor(bad))
+    with pytest.raises(TypeError, match='cu_seqlens'):
+        mom(torch.randn(1, 5, HIDDEN), cu_seqlens=torch.tensor([0.0, 5.0]))
     with pytest.raises(ValueError, match='load_balancing|no MixtureOfMemories'):
         load_balancing_loss(torch.nn.Linear(2, 2))
 
