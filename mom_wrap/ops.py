@@ -56,6 +56,9 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, memory: torch.Tensor,
     every row and a select: E times the FLOPs but each weight read once, which is what a decode step
     (a few rows, any order) wants, and exact for dtypes the grouped kernels lack.
     """
+    if torch.is_autocast_enabled(x.device.type):  # as autocast treats F.linear: both in its dtype
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dtype), weight.to(dtype)
     if offsets is not None and _grouped_mm_ok(x, weight):
         return _ContiguousGrad.apply(_grouped_mm(x, weight.transpose(1, 2), offs=offsets))
     E, out, _ = weight.shape

@@ -23,7 +23,8 @@ class Router(nn.Linear):
 
         ``weights`` are the top-k probabilities renormalised to sum to 1 per token.
         """
-        logits = F.linear(x.float(), self.weight.float())
+        with torch.autocast(x.device.type, enabled=False):  # autocast would take the logits back to bf16
+            logits = F.linear(x.float(), self.weight.float())
         probs = logits.softmax(dim=-1)
         top_p, indices = probs.topk(self.topk, dim=-1)
         weights = top_p / top_p.sum(dim=-1, keepdim=True)

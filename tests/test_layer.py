@@ -223,3 +223,17 @@ def test_all_padding_gives_zeros():
     mom = wrap()
     out = mom(torch.randn(2, 6, HIDDEN), attention_mask=torch.zeros(2, 6, dtype=torch.long))[0]
     assert out.shape == (2, 6, HIDDEN) and torch.all(out == 0)
+
+
+def test_autocast_bf16_runs_close_to_fp32_with_fp32_router():
+    mom = wrap(init='random')
+    torch.nn.init.normal_(mom.router.weight, std=0.5)
+    x = torch.randn(2, 16, HIDDEN)
+    want = mom(x)[0]
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        got = mom(x)[0]
+        assert mom.router_logits.dtype == torch.float32
+        got.float().square().mean().backward()
+    err = ((got.float() - want).norm() / want.norm()).item()
+    assert err < 3e-2, err
+    assert mom.memories.proj['k'].grad.dtype == torch.float32 and mom.router.weight.grad is not None
