@@ -97,3 +97,19 @@ def test_one_host_device_sync_per_forward():
             torch.cuda.set_sync_debug_mode('default')
     syncs = [str(w.message) for w in caught if 'synchroniz' in str(w.message)]
     assert len(syncs) == 1, syncs
+
+
+def test_triton_backend_under_autocast_matches_torch_backend():
+    torch.manual_seed(0)
+    mom = MixtureOfMemories(host(torch.float32), num_memories=4, topk=2, shared_memory=True, init='random').train()
+    x = torch.randn(2, 256, 1024, device='cuda')
+    dy = torch.randn_like(x)
+    out = {}
+    for backend in ('torch', 'triton'):
+        mom.backend = backend
+        with torch.autocast('cuda', dtype=torch.bfloat16):
+            out[backend] = run(mom, x, dy)
+    errs = {'out': rel_err(out['triton'][0], out['torch'][0]), 'dx': rel_err(out['triton'][1], out['torch'][1])}
+    errs.update({n: rel_err(out['triton'][2][n], g) for n, g in out['torch'][2].items()})
+    print("\nautocast bf16 relative errors:", {k: f"{v:.1e}" for k, v in errs.items()})
+    assert max(errs.values()) < TOL[torch.bfloat16], errs

@@ -237,3 +237,17 @@ def test_autocast_bf16_runs_close_to_fp32_with_fp32_router():
     err = ((got.float() - want).norm() / want.norm()).item()
     assert err < 3e-2, err
     assert mom.memories.proj['k'].grad.dtype == torch.float32 and mom.router.weight.grad is not None
+
+
+def test_memory_without_tokens_still_gets_a_gradient_tensor():
+    """Stacked parameters: a memory no token chose still has a (zero) gradient, as DDP without
+    find_unused_parameters needs."""
+    mom = wrap(num_memories=4, topk=1, shared_memory=False, init='random')
+    with torch.no_grad():
+        mom.router.weight.zero_()
+        mom.router.weight[0] = 10.0  # x . w0 dominates for inputs with a positive sum
+    x = torch.rand(2, 12, HIDDEN)
+    mom(x)[0].square().mean().backward()
+    assert torch.all(mom.router_logits.argmax(-1) == 0)
+    for p in mom.memories.proj.values():
+        assert p.grad is not None and p.grad[0].abs().sum() > 0 and torch.all(p.grad[1:] == 0)
