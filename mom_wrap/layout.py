@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from mom_wrap.dispatch import inverse_permutation
-from mom_wrap.ops import segment_conv, segment_conv_with_state
+from mom_wrap.ops import conv_step, segment_conv, segment_conv_with_state
 
 
 @dataclass
@@ -79,6 +79,11 @@ class TokenLayout:
             y = segment_conv(xs, w, b, None, self.position if self.order is None else self.position[self.order],
                              activation, backend)
             return y if self.order is None else y[self.rank]
+        if self.seq_len == 1 and self.batch_size == self.num_sequences:  # one token per sequence: a decode step
+            y, new_state = conv_step(x, state, w, b, None, activation)
+            if self.valid is not None:  # a padding token leaves its sequence's conv state alone
+                new_state = torch.where(self.valid[:, None, None], new_state, state)
+            return y, new_state
         cu, st = self.cu_seqlens, state
         if self.order is not None:  # the padding rows form one more segment, from and to nowhere
             cu = torch.cat([cu, cu.new_full((1,), x.shape[0])])

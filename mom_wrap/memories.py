@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from mom_wrap.adapters.base import WriteProjection
 from mom_wrap.dispatch import Dispatch, gather
-from mom_wrap.ops import grouped_linear, segment_conv, segment_conv_with_state
+from mom_wrap.ops import conv_step, grouped_linear, segment_conv, segment_conv_with_state
 
 
 def _stack(module: nn.Module, attr: str, num: int, init: str) -> torch.Tensor:
@@ -79,6 +79,8 @@ class MemoryBank(nn.Module):
                     self.conv_activation[name]
                 if conv_state is None:
                     part = segment_conv(part, w, b, dispatch.memory, dispatch.position, act, backend)
+                elif dispatch.num_segments == dispatch.num_slots:  # one row per segment: a decode step
+                    part, new_state[name] = conv_step(part, conv_state[name], w, b, dispatch.segment_memory, act)
                 else:
                     part, new_state[name] = segment_conv_with_state(
                         part, w, b, dispatch.segment_memory, dispatch.cu_seqlens, conv_state[name], act, backend)

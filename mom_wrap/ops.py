@@ -177,3 +177,20 @@ def segment_conv_with_state(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
     end = cu_seqlens[1:] + W * torch.arange(1, G + 1, device=dev)
     new_state = x_ext[(end[:, None] - W + torch.arange(W, device=dev)).reshape(-1)].view(G, W, D).transpose(1, 2)
     return y, new_state
+
+
+def conv_step(x: torch.Tensor, state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+              memory: torch.Tensor | None, activation: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``segment_conv_with_state`` for segments of exactly one row (a decode step), in a few fused ops.
+
+    x [G, D], state [G, D, W] (newest last), weight [E, D, W], bias [E, D] or None, memory [G] or None
+    -> y [G, D], new state [G, D, W] (the state shifted by one, x appended).
+    """
+    window = torch.cat([state[:, :, 1:], x[:, :, None].to(state.dtype)], dim=-1)
+    w = weight[memory] if memory is not None else weight
+    y = (window.float() * w.float()).sum(-1)
+    if bias is not None:
+        y = y + (bias[memory] if memory is not None else bias).float()
+    if activation in ('silu', 'swish'):
+        y = F.silu(y)
+    return y.to(x.dtype), window

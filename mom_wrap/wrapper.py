@@ -157,8 +157,6 @@ class MixtureOfMemories(nn.Module):
             keep = ~dispatch.segment_valid
             h = torch.where(keep.view(-1, *[1] * (h.dim() - 1)), h0, h)
             write_conv = {n: torch.where(keep[:, None, None], write_conv0[n], c) for n, c in write_conv.items()}
-            read_conv = {n: torch.where(layout.valid.view(-1, 1, 1), c, state['read_conv'][n])
-                         for n, c in read_conv.items()}
         state.update(self._updated(state, where, h, write_conv, read_conv))
         return read, o
 

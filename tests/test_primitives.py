@@ -392,3 +392,20 @@ def test_layout_rejects_bad_inputs():
         TokenLayout.build(1, 4, cpu, attention_mask=torch.ones(1, 4), cu_seqlens=torch.tensor([0, 4]))
     with pytest.raises(ValueError, match='attention_mask'):
         TokenLayout.build(2, 4, cpu, attention_mask=torch.ones(2, 3))
+
+
+@pytest.mark.parametrize('use_memory', [False, True])
+@pytest.mark.parametrize('activation', [None, 'silu'])
+def test_conv_step_equals_segment_conv_with_state_on_single_rows(use_memory, activation):
+    from mom_wrap.ops import conv_step, segment_conv_with_state
+    g = torch.Generator().manual_seed(4)
+    G, D, W, E = 6, 5, 4, 3
+    x = torch.randn(G, D, generator=g)
+    state = torch.randn(G, D, W, generator=g)
+    weight = torch.randn(E if use_memory else 1, D, W, generator=g)
+    bias = torch.randn(E if use_memory else 1, D, generator=g)
+    memory = torch.randint(0, E, (G,), generator=g) if use_memory else None
+    y, s = conv_step(x, state, weight, bias, memory, activation)
+    y_ref, s_ref = segment_conv_with_state(x, weight, bias, memory, torch.arange(G + 1), state, activation)
+    close(y, y_ref, tol=1e-6)
+    assert torch.equal(s, s_ref)
