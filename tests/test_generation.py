@@ -161,9 +161,11 @@ def test_triton_backend_decode_equals_torch_backend():
         close(a, b, tol=1e-5)
 
 
-@pytest.mark.skipif(os.environ.get('TRITON_INTERPRET') != '1' and not torch.cuda.is_available(),
-                    reason="fla's model norms and MLP need TRITON_INTERPRET=1 or CUDA")
-def test_model_generate_equals_full_forward_greedy_decoding():
+needs_model_kernels = pytest.mark.skipif(os.environ.get('TRITON_INTERPRET') != '1' and not torch.cuda.is_available(),
+                                         reason="fla's model norms and MLP need TRITON_INTERPRET=1 or CUDA")
+
+
+def wrapped_model():
     from fla.models import GatedDeltaNetConfig, GatedDeltaNetForCausalLM
 
     from mom_wrap import MixtureOfMemories
@@ -178,6 +180,25 @@ def test_model_generate_equals_full_forward_greedy_decoding():
     for layer in model.model.layers:
         layer.attn = MixtureOfMemories(layer.attn, num_memories=4, topk=2, init='random')
         torch.nn.init.normal_(layer.attn.router.weight, std=0.5)
+    return model
+
+
+@needs_model_kernels
+def test_model_beam_search_with_cache_equals_without():
+    """Beam search reorders and repeats the cache by batch row: the batch-first pools follow."""
+    model = wrapped_model()
+    ids = torch.randint(1, 64, (2, 7))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    ids = ids * mask
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=5, num_beams=3, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        assert torch.equal(model.generate(**kw), model.generate(**kw, use_cache=False))
+
+
+@needs_model_kernels
+def test_model_generate_equals_full_forward_greedy_decoding():
+    model = wrapped_model()
     ids = torch.randint(1, 64, (3, 9))
     mask = torch.ones_like(ids)
     mask[1, :3] = 0

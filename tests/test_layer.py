@@ -4,6 +4,7 @@ import copy
 import pytest
 import torch
 from fla.layers import GatedDeltaNet
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from mom_wrap import MixtureOfMemories, load_balancing_loss, supported_hosts
 from tests.reference import gdn_host_reference, naive_mom
@@ -251,3 +252,22 @@ def test_memory_without_tokens_still_gets_a_gradient_tensor():
     assert torch.all(mom.router_logits.argmax(-1) == 0)
     for p in mom.memories.proj.values():
         assert p.grad is not None and p.grad[0].abs().sum() > 0 and torch.all(p.grad[1:] == 0)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.data())
+def test_property_any_routing_shape_matches_naive_loop(data):
+    M = data.draw(st.integers(1, 5), label='M')
+    k = data.draw(st.integers(1, M), label='topk')
+    shared = data.draw(st.booleans(), label='shared')
+    lengths = data.draw(st.lists(st.integers(1, 11), min_size=1, max_size=3), label='lengths')
+    mom = wrap(num_memories=M, topk=k, shared_memory=shared, init='random')
+    torch.nn.init.normal_(mom.router.weight, std=data.draw(st.sampled_from([0.05, 1.0, 5.0]), label='router std'))
+    T = max(lengths)
+    x = torch.randn(len(lengths), T, HIDDEN)
+    mask = torch.zeros(len(lengths), T, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        mask[b, T - n:] = 1
+    out = mom(x, attention_mask=mask)[0]
+    for b, n in enumerate(lengths):
+        close(out[b, T - n:], naive_mom(mom, x[b:b + 1, T - n:])[0])
