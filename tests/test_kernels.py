@@ -15,7 +15,8 @@ DEVICE = 'cuda' if torch.cuda.is_available() else 'cpu'
 @pytest.mark.parametrize('use_bias', [False, True])
 @pytest.mark.parametrize('activation', [None, 'silu'])
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
-def test_segment_conv_triton_matches_torch(use_memory, use_bias, activation, dtype):
+@pytest.mark.parametrize('strided', [False, True])
+def test_segment_conv_triton_matches_torch(use_memory, use_bias, activation, dtype, strided):
     g = torch.Generator().manual_seed(3)
     # segments that cross the 64-row blocks and memories that change inside a block
     lengths = [5, 70, 1, 33, 64, 2, 20]
@@ -25,6 +26,8 @@ def test_segment_conv_triton_matches_torch(use_memory, use_bias, activation, dty
     memory = torch.tensor(seg_memory).repeat_interleave(torch.tensor(lengths)) if use_memory else None
     position = torch.cat([torch.arange(n) for n in lengths])
     x = torch.randn(S, D, generator=g).to(dtype)
+    if strided:  # a column slice of a wider tensor, as the split of the fused projection gives
+        x = torch.cat([torch.randn(S, 8, generator=g).to(dtype), x, torch.randn(S, 3, generator=g).to(dtype)], 1)
     weight = torch.randn(E, D, W, generator=g).to(dtype)
     bias = torch.randn(E, D, generator=g).to(dtype) if use_bias else None
     dy = torch.randn(S, D, generator=g).to(dtype)
@@ -33,7 +36,9 @@ def test_segment_conv_triton_matches_torch(use_memory, use_bias, activation, dty
         leaves = [t.detach().clone().to(DEVICE).requires_grad_() for t in (x, weight) + ((bias,) if use_bias else ())]
         b = leaves[2] if use_bias else None
         mem = memory.to(DEVICE) if memory is not None else None
-        y = segment_conv(leaves[0], leaves[1], b, mem, position.to(DEVICE), activation, backend)
+        xin = leaves[0][:, 8:8 + D] if strided else leaves[0]
+        assert xin.stride(0) == (D + 11 if strided else D)
+        y = segment_conv(xin, leaves[1], b, mem, position.to(DEVICE), activation, backend)
         y.backward(dy.to(DEVICE))
         out[backend] = [y.detach().float().cpu()] + [t.grad.float().cpu() for t in leaves]
     tol = 1e-5 if dtype == torch.float32 else 2e-2

@@ -30,13 +30,13 @@ def _memory_of(memory, rows, row_ok, HAS_MEMORY: tl.constexpr):
 
 
 @triton.jit
-def _conv_pre(x, w, b, mem, pos, rows, cols, row_ok, col_ok, S, D, W: tl.constexpr, HAS_BIAS: tl.constexpr,
+def _conv_pre(x, w, b, mem, pos, rows, cols, row_ok, col_ok, S, D, SX, W: tl.constexpr, HAS_BIAS: tl.constexpr,
               BT: tl.constexpr, BD: tl.constexpr):
     """Pre-activation of rows [BT] x cols [BD], fp32."""
     acc = tl.zeros((BT, BD), dtype=tl.float32)
     for j in tl.static_range(W):
         ok = row_ok & (pos >= j)
-        xj = tl.load(x + (rows - j)[:, None] * D + cols[None, :], mask=ok[:, None] & col_ok[None, :], other=0.)
+        xj = tl.load(x + (rows - j)[:, None] * SX + cols[None, :], mask=ok[:, None] & col_ok[None, :], other=0.)
         wj = tl.load(w + mem[:, None] * D * W + cols[None, :] * W + (W - 1 - j), mask=row_ok[:, None] & col_ok[None, :],
                      other=0.)
         acc += xj.to(tl.float32) * wj.to(tl.float32)
@@ -46,21 +46,21 @@ def _conv_pre(x, w, b, mem, pos, rows, cols, row_ok, col_ok, S, D, W: tl.constex
 
 
 @triton.jit
-def _conv_fwd_kernel(x, w, b, memory, position, y, S, D, W: tl.constexpr, HAS_BIAS: tl.constexpr,
+def _conv_fwd_kernel(x, w, b, memory, position, y, S, D, SX, W: tl.constexpr, HAS_BIAS: tl.constexpr,
                      HAS_MEMORY: tl.constexpr, SILU: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
     cols = tl.program_id(1) * BD + tl.arange(0, BD)
     row_ok, col_ok = rows < S, cols < D
     pos = tl.load(position + rows, mask=row_ok, other=0)
     mem = _memory_of(memory, rows, row_ok, HAS_MEMORY)
-    acc = _conv_pre(x, w, b, mem, pos, rows, cols, row_ok, col_ok, S, D, W, HAS_BIAS, BT, BD)
+    acc = _conv_pre(x, w, b, mem, pos, rows, cols, row_ok, col_ok, S, D, SX, W, HAS_BIAS, BT, BD)
     if SILU:
         acc = acc * tl.sigmoid(acc)
     tl.store(y + rows[:, None] * D + cols[None, :], acc.to(y.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
-def _conv_bwd_pre_kernel(x, w, b, memory, position, dy, dpre, S, D, W: tl.constexpr, HAS_BIAS: tl.constexpr,
+def _conv_bwd_pre_kernel(x, w, b, memory, position, dy, dpre, S, D, SX, W: tl.constexpr, HAS_BIAS: tl.constexpr,
                          HAS_MEMORY: tl.constexpr, SILU: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
     cols = tl.program_id(1) * BD + tl.arange(0, BD)
@@ -70,14 +70,14 @@ def _conv_bwd_pre_kernel(x, w, b, memory, position, dy, dpre, S, D, W: tl.conste
     if SILU:
         pos = tl.load(position + rows, mask=row_ok, other=0)
         mem = _memory_of(memory, rows, row_ok, HAS_MEMORY)
-        acc = _conv_pre(x, w, b, mem, pos, rows, cols, row_ok, col_ok, S, D, W, HAS_BIAS, BT, BD)
+        acc = _conv_pre(x, w, b, mem, pos, rows, cols, row_ok, col_ok, S, D, SX, W, HAS_BIAS, BT, BD)
         sig = tl.sigmoid(acc)
         g = g * sig * (1 + acc * (1 - sig))
     tl.store(dpre + rows[:, None] * D + cols[None, :], g, mask=m)
 
 
 @triton.jit
-def _conv_bwd_kernel(x, w, memory, position, dpre, dx, dw, db, S, D, W: tl.constexpr, HAS_BIAS: tl.constexpr,
+def _conv_bwd_kernel(x, w, memory, position, dpre, dx, dw, db, S, D, SX, W: tl.constexpr, HAS_BIAS: tl.constexpr,
                      HAS_MEMORY: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
     cols = tl.program_id(1) * BD + tl.arange(0, BD)
@@ -101,7 +101,7 @@ def _conv_bwd_kernel(x, w, memory, position, dpre, dx, dw, db, S, D, W: tl.const
         acc_dx += gj * wj
         # dw[:, :, W-1-j]: sum over the rows of each memory of dpre[r] * x[r - j]
         reads = row_ok & (pos >= j)
-        xj = tl.load(x + (rows - j)[:, None] * D + cols[None, :], mask=reads[:, None] & col_ok[None, :],
+        xj = tl.load(x + (rows - j)[:, None] * SX + cols[None, :], mask=reads[:, None] & col_ok[None, :],
                      other=0.).to(tl.float32)
         prod = g * xj
         for e in range(m_lo, m_hi + 1):
@@ -118,17 +118,19 @@ def _launch_args(x, weight, bias, memory, position):
     S, D = x.shape
     W = weight.shape[-1]
     grid = (triton.cdiv(S, BLOCK_T), triton.cdiv(D, BLOCK_D))
-    return grid, dict(S=S, D=D, W=W, HAS_BIAS=bias is not None, HAS_MEMORY=memory is not None,
+    return grid, dict(S=S, D=D, SX=x.stride(0), W=W, HAS_BIAS=bias is not None, HAS_MEMORY=memory is not None,
                       BT=BLOCK_T, BD=BLOCK_D)
 
 
 class SegmentConvTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, memory, position, silu):
-        x, weight, position = x.contiguous(), weight.contiguous(), position.contiguous()
+        if x.stride(1) != 1:  # rows may be strided (a column slice of the fused projection), columns not
+            x = x.contiguous()
+        weight, position = weight.contiguous(), position.contiguous()
         bias = bias.contiguous() if bias is not None else None
         memory = memory.contiguous() if memory is not None else None
-        y = torch.empty_like(x)
+        y = torch.empty(x.shape, device=x.device, dtype=x.dtype)
         if x.shape[0]:
             grid, meta = _launch_args(x, weight, bias, memory, position)
             _conv_fwd_kernel[grid](x, weight, bias, memory, position, y, SILU=silu, **meta)
@@ -139,7 +141,7 @@ class SegmentConvTriton(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, bias, memory, position = ctx.saved_tensors
-        dx = torch.empty_like(x)
+        dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
         dw = torch.zeros(weight.shape, device=x.device, dtype=torch.float32)
         db = torch.zeros(bias.shape, device=x.device, dtype=torch.float32) if bias is not None else None
         if x.shape[0]:
