@@ -75,7 +75,7 @@ class MixtureOfMemories(nn.Module):
         self.host = host
         self._adapter = adapter
         self.router_logits: torch.Tensor | None = None
-        self.balance_loss: torch.Tensor | None = None
+        self._balance_inputs: tuple | None = None
 
     @property
     def num_slots_memories(self) -> int:
@@ -141,7 +141,8 @@ class MixtureOfMemories(nn.Module):
         else:
             dispatch = plan_dispatch(indices, weights, layout.sequence, layout.valid, layout.num_sequences,
                                      self.num_slots_memories)
-        self.balance_loss = self._balance(probs, dispatch.memory_counts, layout.valid)
+        # kept, not computed: the loss costs kernels that inference (a decode step) has no use for
+        self._balance_inputs = (probs, dispatch.memory_counts, layout.valid)
         return dispatch
 
     def _memories_cached(self, x, layout, dispatch, backend, state):
@@ -210,8 +211,14 @@ class MixtureOfMemories(nn.Module):
                                conv_state={'read': state['read_conv'], 'write': state['write_conv']},
                                layer_idx=self.layer_idx, offset=num_tokens)
 
+    @property
+    def balance_loss(self) -> torch.Tensor | None:
+        """Switch/Mixtral load-balancing term of the last forward (None before the first), computed when
+        asked; ``mom_wrap.load_balancing_loss`` averages it over a model's MoM layers."""
+        return None if self._balance_inputs is None else self._balance(*self._balance_inputs)
+
     def _balance(self, probs: torch.Tensor, memory_counts: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-        """Switch/Mixtral load-balancing term M * sum_e f_e P_e over this forward's non-padding tokens."""
+        """M * sum_e f_e P_e over the forward's non-padding tokens."""
         if valid is None:
             n = float(probs.shape[0])  # a Python number: no host-to-device copy (graph capture forbids one)
             mean_prob = probs.mean(0)
