@@ -53,6 +53,20 @@ class MemoryBank(nn.Module):
                     self.conv_bias[p.name] = nn.Parameter(_stack(p.conv, 'bias', num_memories, init))
                 self.conv_activation[p.name] = getattr(p.conv, 'activation', None)
 
+    def _fused_weight(self) -> torch.Tensor:
+        """All projections' weights as one [E, sum(out), in] tensor for the one grouped GEMM.
+
+        Without autograd (inference, decode) the concatenation is kept until a weight changes (its storage
+        or its in-place version counter, which optimizer steps and load_state_dict bump): a decode step then
+        reads the weights once instead of copying them first."""
+        weights = [self.proj[n] for n in self.names]
+        if torch.is_grad_enabled():
+            return torch.cat(weights, dim=1)
+        key = tuple((w.data_ptr(), w._version, w.dtype) for w in weights)
+        if getattr(self, '_fused_key', None) != key:
+            self._fused, self._fused_key = torch.cat(weights, dim=1), key
+        return self._fused
+
     def conv_shapes(self) -> dict[str, tuple[int, int]]:
         """name -> (channels, width) of every per-memory short conv."""
         return {name: tuple(w.shape[1:]) for name, w in self.conv.items()}
@@ -65,7 +79,7 @@ class MemoryBank(nn.Module):
         from it, and the new per-segment conv states come back as a second dict (else None).
         """
         xs = gather(x, dispatch)
-        weight = torch.cat([self.proj[n] for n in self.names], dim=1)
+        weight = self._fused_weight()
         y = grouped_linear(xs, weight, dispatch.memory, dispatch.memory_offsets)
         if len(self.proj_bias):
             E = weight.shape[0]

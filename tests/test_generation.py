@@ -217,3 +217,15 @@ def test_model_generate_equals_full_forward_greedy_decoding():
             seq, m = torch.cat([seq, nxt], 1), torch.cat([m, torch.ones_like(nxt)], 1)
     assert out.shape == seq.shape
     assert torch.equal(out, seq), (out, seq)
+
+
+def test_inference_weight_cache_follows_weight_changes():
+    mom = mom_layer()
+    x = torch.randn(2, 6, HIDDEN)
+    with torch.no_grad():
+        first = mom(x)[0]
+        mom.memories.proj['v'].mul_(2.0)  # in place, as an optimizer step or load_state_dict would
+        second = mom(x)[0]
+    want = mom(x)[0]  # with autograd: no cache
+    assert not torch.allclose(first, second)
+    close(second, want, tol=1e-6)
