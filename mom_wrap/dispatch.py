@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from mom_wrap.ops import acc
+
 
 def segment_keys(memory: torch.Tensor, sequence: torch.Tensor, valid: torch.Tensor | None,
                  num_sequences: int, num_memories: int) -> torch.Tensor:
@@ -166,10 +168,10 @@ def _sum_slots(y: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torc
     """sum_j weight[n, j] * y[idx[n, j]] -> [N, ...], accumulated in fp32. A loop over the s slots of a
     token (top-k + 1), not over memories; each step is one row gather."""
     shape = (-1,) + (1,) * (y.dim() - 1)
-    acc = y[idx[:, 0]].float() * weight[:, 0].view(shape)
+    total = acc(y[idx[:, 0]]) * weight[:, 0].view(shape)
     for j in range(1, idx.shape[1]):
-        acc += y[idx[:, j]].float() * weight[:, j].view(shape)
-    return acc.to(y.dtype)
+        total += acc(y[idx[:, j]]) * weight[:, j].view(shape)
+    return total.to(y.dtype)
 
 
 class _Gather(torch.autograd.Function):
@@ -201,12 +203,12 @@ class _Combine(torch.autograd.Function):
     def backward(ctx, grad):
         y, weight, idx, present, token, slot = ctx.saved_tensors
         shape = (-1,) + (1,) * (y.dim() - 1)
-        dy = (grad[token].float() * weight.reshape(-1)[slot].view(shape)).to(y.dtype)
+        dy = (acc(grad[token]) * weight.reshape(-1)[slot].view(shape)).to(y.dtype)
         dweight = None
         if ctx.needs_input_grad[1]:
-            g = grad.float().flatten(1)
-            dweight = torch.stack([(g * y[idx[:, j]].float().flatten(1)).sum(1) for j in range(idx.shape[1])], 1)
-            dweight = dweight * present
+            g = acc(grad).flatten(1)
+            dweight = torch.stack([(g * acc(y[idx[:, j]]).flatten(1)).sum(1) for j in range(idx.shape[1])], 1)
+            dweight = (dweight * present).to(weight.dtype)
         return dy, dweight, None, None, None
 
 

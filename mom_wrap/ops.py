@@ -7,6 +7,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+def acc(t: torch.Tensor) -> torch.Tensor:
+    """t in its accumulation dtype: fp32, or fp64 for fp64 inputs (the exactness tests run in fp64)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 _grouped_mm = getattr(F, 'grouped_mm', None) or getattr(torch, '_grouped_mm', None)
 # (device type, dtype) -> whether torch's grouped GEMM ran there; probed once, then remembered.
 _GROUPED_MM_WORKS: dict[tuple[str, torch.dtype], bool] = {}
@@ -69,18 +74,18 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, memory: torch.Tensor,
 def _tap(weight: torch.Tensor, memory: torch.Tensor | None, j: int, start: int = 0) -> torch.Tensor:
     """fp32 tap j (0: the current token, j: j tokens back) for rows start: -> [S - start, D], or [1, D]
     (broadcast) when there is one memory."""
-    tap = weight[:, :, weight.shape[-1] - 1 - j].float()  # [E, D]
+    tap = acc(weight[:, :, weight.shape[-1] - 1 - j])  # [E, D]
     return tap[memory[start:]] if memory is not None else tap
 
 
 def _conv_pre(x, weight, bias, memory, position):
     """The convolution before its activation, accumulated in fp32: [S, D] fp32."""
-    y = x.float() * _tap(weight, memory, 0)
+    y = acc(x) * _tap(weight, memory, 0)
     for j in range(1, weight.shape[-1]):  # the kernel width (4), not memories
         # row r reads row r-j only inside its segment; rows r < j have position < j and read nothing
-        y[j:] += torch.where((position[j:] >= j)[:, None], x[:-j].float(), 0.0) * _tap(weight, memory, j, j)
+        y[j:] += torch.where((position[j:] >= j)[:, None], acc(x[:-j]), 0.0) * _tap(weight, memory, j, j)
     if bias is not None:
-        y += (bias[memory] if memory is not None else bias).float()
+        y += acc(bias[memory] if memory is not None else bias)
     return y
 
 
@@ -95,7 +100,7 @@ class _SegmentConv(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight, bias, memory, position = ctx.saved_tensors
-        dy = grad.float()
+        dy = acc(grad)
         if ctx.activation:  # recompute the pre-activation rather than keep it: one more conv, S x D less memory
             y = _conv_pre(x, weight, bias, memory, position)
             sig = torch.sigmoid(y)
@@ -103,18 +108,18 @@ class _SegmentConv(torch.autograd.Function):
             del y, sig
         E, D, W = weight.shape
         # weight grads reduce rows per memory: a one-hot GEMM in fp32 (rows are sorted memory-major)
-        onehot = F.one_hot(memory, E).float().t() if memory is not None else None
+        onehot = F.one_hot(memory, E).to(dy.dtype).t() if memory is not None else None
 
         def per_memory_sum(t):
             return onehot @ t if onehot is not None else t.sum(0, keepdim=True)
 
         dx = dy * _tap(weight, memory, 0)
-        dweight = torch.zeros(E, D, W, device=x.device, dtype=torch.float32)
-        dweight[:, :, W - 1] = per_memory_sum(dy * x.float())
+        dweight = torch.zeros(E, D, W, device=x.device, dtype=dy.dtype)
+        dweight[:, :, W - 1] = per_memory_sum(dy * acc(x))
         for j in range(1, W):
             t = torch.where((position[j:] >= j)[:, None], dy[j:], 0.0)  # rows r >= j reading row r - j
             dx[:-j] += t * _tap(weight, memory, j, j)
-            dweight[:, :, W - 1 - j] = per_memory_sum(F.pad(t * x[:-j].float(), (0, 0, j, 0)))
+            dweight[:, :, W - 1 - j] = per_memory_sum(F.pad(t * acc(x[:-j]), (0, 0, j, 0)))
         dbias = per_memory_sum(dy).view_as(bias) if bias is not None and ctx.needs_input_grad[2] else None
         return dx.to(x.dtype), dweight.to(weight.dtype), None if dbias is None else dbias.to(bias.dtype), \
             None, None, None
@@ -188,9 +193,9 @@ def conv_step(x: torch.Tensor, state: torch.Tensor, weight: torch.Tensor, bias: 
     """
     window = torch.cat([state[:, :, 1:], x[:, :, None].to(state.dtype)], dim=-1)
     w = weight[memory] if memory is not None else weight
-    y = (window.float() * w.float()).sum(-1)
+    y = (acc(window) * acc(w)).sum(-1)
     if bias is not None:
-        y = y + (bias[memory] if memory is not None else bias).float()
+        y = y + acc(bias[memory] if memory is not None else bias)
     if activation in ('silu', 'swish'):
         y = F.silu(y)
     return y.to(x.dtype), window

@@ -181,7 +181,8 @@ class MixtureOfMemories(nn.Module):
             return {'recurrent': pool, 'read_conv': conv['read'], 'write_conv': conv['write']}
         E, dev = self.num_slots_memories, x.device
         return {
-            'recurrent': torch.zeros(num_sequences, E, *self._adapter.state_shape(), device=dev, dtype=torch.float32),
+            'recurrent': torch.zeros(num_sequences, E, *self._adapter.state_shape(), device=dev,
+                                     dtype=torch.promote_types(x.dtype, torch.float32)),
             'read_conv': {n: torch.zeros(num_sequences, d, w, device=dev, dtype=x.dtype)
                           for n, (d, w) in self._adapter.read_conv_shapes().items()},
             'write_conv': {n: torch.zeros(num_sequences, E, d, w, device=dev, dtype=x.dtype)

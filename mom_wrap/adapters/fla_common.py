@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from mom_wrap.ops import acc
+
 
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """fla's in-kernel q/k normalisation: x / sqrt(sum x^2 + eps)."""
@@ -11,12 +13,12 @@ def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
-    xf = x.float()
+    xf = acc(x)
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     if weight is not None:
-        y = y * weight.float()
+        y = y * acc(weight)
     if bias is not None:
-        y = y + bias.float()
+        y = y + acc(bias)
     return y
 
 
@@ -24,7 +26,7 @@ def rms_norm_gated(x: torch.Tensor, g: torch.Tensor, weight: torch.Tensor | None
                    eps: float, activation: str) -> torch.Tensor:
     """fla's FusedRMSNormGated: rms_norm(x) * weight (+ bias), times swish(g) or sigmoid(g)."""
     y = rms_norm(x, weight, bias, eps)
-    gf = g.float()
+    gf = acc(g)
     gate = F.silu(gf) if activation in ('swish', 'silu') else torch.sigmoid(gf)
     return (y * gate).to(x.dtype)
 

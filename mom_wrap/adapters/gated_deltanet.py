@@ -14,6 +14,7 @@ from einops import rearrange
 from mom_wrap.adapters.base import HostAdapter, WriteProjection, register_adapter
 from mom_wrap.adapters.fla_common import l2norm, pad_segments, rms_norm, rms_norm_gated
 from mom_wrap.dispatch import gather, upload
+from mom_wrap.ops import acc
 
 CHUNK_SIZE = 64  # fla's chunk size for the gated delta rule
 
@@ -33,18 +34,18 @@ def gated_delta_rule_reference(q, k, v, a, b, A_log, dt_bias, cu_seqlens, positi
     dtype = v.dtype
     G = cu_seqlens.numel() - 1
     scale = K ** -0.5 if scale is None else scale
-    q = l2norm(q.float()) * scale
-    k = l2norm(k.float())
+    q = l2norm(acc(q)) * scale
+    k = l2norm(acc(k))
     if HV != H:  # grouped value heads: each q/k head serves HV // H value heads
         q, k = q.repeat_interleave(HV // H, dim=1), k.repeat_interleave(HV // H, dim=1)
-    g = -A_log.float().exp() * F.softplus(a.float() + dt_bias.float())
-    beta = b.float().sigmoid() * (2.0 if allow_neg_eigval else 1.0)
+    g = -acc(A_log).exp() * F.softplus(acc(a) + acc(dt_bias))
+    beta = acc(b).sigmoid() * (2.0 if allow_neg_eigval else 1.0)
 
     segment = torch.searchsorted(cu_seqlens[1:], torch.arange(S, device=q.device), right=True)
     L = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if G else 0
     # padded steps have g = 0 and beta = 0: they leave the state unchanged, so the final state is exact
-    q, k, v, g, beta = (pad_segments(t, segment, position, G, L) for t in (q, k, v.float(), g, beta))
-    state = q.new_zeros(G, HV, V, K) if initial_state is None else initial_state.float().clone()
+    q, k, v, g, beta = (pad_segments(t, segment, position, G, L) for t in (q, k, acc(v), g, beta))
+    state = q.new_zeros(G, HV, V, K) if initial_state is None else initial_state.to(q.dtype).clone()
     out = q.new_zeros(G, L, HV, V)
     for t in range(L):
         state = state * g[:, t].exp()[..., None, None]
