@@ -183,14 +183,19 @@ def wrapped_model():
     return model
 
 
+def left_padded_prompts(lengths, width):
+    """Token ids [B, width] with pad id 0 on the left of each row, and their attention mask."""
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        mask[b, width - n:] = 1
+    return torch.randint(1, 64, mask.shape) * mask, mask
+
+
 @needs_model_kernels
 def test_model_beam_search_with_cache_equals_without():
     """Beam search reorders and repeats the cache by batch row: the batch-first pools follow."""
     model = wrapped_model()
-    ids = torch.randint(1, 64, (2, 7))
-    mask = torch.ones_like(ids)
-    mask[1, :2] = 0
-    ids = ids * mask
+    ids, mask = left_padded_prompts([7, 5], 7)
     kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=5, num_beams=3, do_sample=False, pad_token_id=0)
     with torch.no_grad():
         assert torch.equal(model.generate(**kw), model.generate(**kw, use_cache=False))
@@ -199,11 +204,7 @@ def test_model_beam_search_with_cache_equals_without():
 @needs_model_kernels
 def test_model_generate_equals_full_forward_greedy_decoding():
     model = wrapped_model()
-    ids = torch.randint(1, 64, (3, 9))
-    mask = torch.ones_like(ids)
-    mask[1, :3] = 0
-    mask[2, :6] = 0
-    ids = ids * mask  # pad id 0 on the left
+    ids, mask = left_padded_prompts([9, 6, 3], 9)
     new = 6
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
