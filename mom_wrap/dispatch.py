@@ -19,6 +19,7 @@ gives the grouped GEMM its contiguous per-memory blocks.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -90,6 +91,13 @@ class Dispatch:
     @property
     def num_segments(self) -> int:
         return self.cu_seqlens_cpu.numel() - 1
+
+    @cached_property
+    def slot_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """For each token's slots: its sorted row (clamped into range) [N, s] and whether it has one
+        (1.0, 0.0 for padding) [N, s]; made once, used by every gather and the combine of a forward."""
+        S = self.num_slots
+        return self.restore.clamp(max=max(S - 1, 0)), (self.restore < S).float()
 
 
 def plan_dispatch(memory: torch.Tensor, weight: torch.Tensor, sequence: torch.Tensor,
@@ -178,25 +186,22 @@ class _Gather(torch.autograd.Function):
     """x[token] whose backward sums each token's slots with row gathers (no atomic index_put)."""
 
     @staticmethod
-    def forward(ctx, x, token, restore):
-        S = token.numel()
-        ctx.save_for_backward(restore.clamp(max=max(S - 1, 0)), (restore < S).float())
+    def forward(ctx, x, token, idx, present):
+        ctx.save_for_backward(idx, present)
         return x[token]
 
     @staticmethod
     def backward(ctx, grad):
         idx, present = ctx.saved_tensors
-        return _sum_slots(grad, idx, present), None, None
+        return _sum_slots(grad, idx, present), None, None, None
 
 
 class _Combine(torch.autograd.Function):
     """sum over a token's slots of weight * y[slot]; backward is a gather (dy) and a row dot (dweight)."""
 
     @staticmethod
-    def forward(ctx, y, weight, restore, token, slot):
-        S = y.shape[0]
-        idx = restore.clamp(max=S - 1)
-        ctx.save_for_backward(y, weight, idx, (restore < S).float(), token, slot)
+    def forward(ctx, y, weight, idx, present, token, slot):
+        ctx.save_for_backward(y, weight, idx, present, token, slot)
         return _sum_slots(y, idx, weight)
 
     @staticmethod
@@ -209,12 +214,12 @@ class _Combine(torch.autograd.Function):
             g = acc(grad).flatten(1)
             dweight = torch.stack([(g * acc(y[idx[:, j]]).flatten(1)).sum(1) for j in range(idx.shape[1])], 1)
             dweight = (dweight * present).to(weight.dtype)
-        return dy, dweight, None, None, None
+        return dy, dweight, None, None, None, None
 
 
 def gather(x: torch.Tensor, dispatch: Dispatch) -> torch.Tensor:
     """x [N, ...] per flat token -> [S, ...] per sorted slot."""
-    return _Gather.apply(x, dispatch.token, dispatch.restore)
+    return _Gather.apply(x, dispatch.token, *dispatch.slot_rows)
 
 
 def combine(y: torch.Tensor, dispatch: Dispatch) -> torch.Tensor:
@@ -225,4 +230,4 @@ def combine(y: torch.Tensor, dispatch: Dispatch) -> torch.Tensor:
     """
     if y.shape[0] == 0:
         return y.new_zeros(dispatch.restore.shape[0], *y.shape[1:])
-    return _Combine.apply(y, dispatch.token_weight, dispatch.restore, dispatch.token, dispatch.slot)
+    return _Combine.apply(y, dispatch.token_weight, *dispatch.slot_rows, dispatch.token, dispatch.slot)

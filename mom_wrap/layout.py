@@ -74,16 +74,17 @@ class TokenLayout:
         """
         w = weight.transpose(0, 1)  # [1, D, W]: one 'memory'
         b = bias[None] if bias is not None else None
+        if state is not None and self.seq_len == 1 and self.batch_size == self.num_sequences:
+            # one token per sequence, a decode step: rows are already one per sequence
+            y, new_state = conv_step(x, state, w, b, None, activation)
+            if self.valid is not None:  # a padding token leaves its sequence's conv state alone
+                new_state = torch.where(self.valid[:, None, None], new_state, state)
+            return y, new_state
         xs = x if self.order is None else x[self.order]
         if state is None:
             y = segment_conv(xs, w, b, None, self.position if self.order is None else self.position[self.order],
                              activation, backend)
             return y if self.order is None else y[self.rank]
-        if self.seq_len == 1 and self.batch_size == self.num_sequences:  # one token per sequence: a decode step
-            y, new_state = conv_step(x, state, w, b, None, activation)
-            if self.valid is not None:  # a padding token leaves its sequence's conv state alone
-                new_state = torch.where(self.valid[:, None, None], new_state, state)
-            return y, new_state
         cu, st = self.cu_seqlens, state
         if self.order is not None:  # the padding rows form one more segment, from and to nowhere
             cu = torch.cat([cu, cu.new_full((1,), x.shape[0])])
