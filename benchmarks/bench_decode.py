@@ -76,6 +76,7 @@ def main():
     p.add_argument('--steps', type=int, default=50)
     p.add_argument('--memories', type=int, default=4)
     p.add_argument('--topk', type=int, default=2)
+    p.add_argument('--profile', action='store_true', help="also print the CUDA kernels one eager step of ours launches")
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit('bench_decode.py needs a CUDA GPU')
@@ -109,6 +110,32 @@ def main():
             else:
                 cells.append(f"{'-':>10}{'-':>8}" if v == '-' else f"  {v}")
         print(f"{r['layer']:<24}{r['B']:>4}" + ''.join(cells))
+    if args.profile:
+        profile_step(layers, args.prompt, args.batch)
+
+
+def profile_step(layers, prompt, batches, steps=5):
+    """Kernel launches and GPU time per eager decode step, ours and the host's: where fusion would pay."""
+    from torch.profiler import ProfilerActivity, profile
+    for batch in batches:
+        x = torch.randn(batch, 1, 1024, device='cuda', dtype=torch.bfloat16)
+        for name in ('GatedDeltaNet (host)', 'mom_wrap MoM(GDN)'):
+            layer = layers[name]
+            with torch.no_grad():
+                cache = prefill(layer, batch, prompt)
+                for _ in range(3):
+                    layer(x, past_key_values=cache, use_cache=True)
+                torch.cuda.synchronize()
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    for _ in range(steps):
+                        layer(x, past_key_values=cache, use_cache=True)
+                    torch.cuda.synchronize()
+            kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+            launches = sum(e.count for e in kernels) / steps
+            gpu_us = sum(e.self_device_time_total for e in kernels) / steps
+            print(f"\n{name} B={batch}: {launches:.0f} kernels, {gpu_us:.0f} us GPU time per step")
+            for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:12]:
+                print(f"  {e.self_device_time_total / steps:8.1f} us  x{e.count // steps:<3} {e.key[:90]}")
 
 
 if __name__ == '__main__':

@@ -75,7 +75,7 @@ class Dispatch:
     position: torch.Tensor        # [S] position of the slot inside its segment (0 = segment start)
     restore: torch.Tensor         # [N, s] row in the sorted order of each token's slot (S: none)
     token_weight: torch.Tensor    # [N, s] fp32 combine weight of each token's slot (0 for padding)
-    memory_counts: torch.Tensor   # [E] slots per memory (device)
+    memory_counts: torch.Tensor | None  # [E] slots per memory (device); None: not counted (decode plans)
     memory_offsets: torch.Tensor | None  # [E] int32 end of each memory's block; None: not memory-major
     cu_seqlens: torch.Tensor      # [G+1] int64 on the device
     cu_seqlens_cpu: torch.Tensor  # [G+1] int64 on the host
@@ -83,6 +83,7 @@ class Dispatch:
     segment_sequence: torch.Tensor  # [G] sequence of each segment (device)
     max_seqlen: int
     segment_valid: torch.Tensor | None = None  # [G] False: a padding token's segment (decode plans only)
+    token_major: bool = False     # slots in token order, s per token (decode plans): restore is the identity
 
     @property
     def num_slots(self) -> int:
@@ -91,6 +92,15 @@ class Dispatch:
     @property
     def num_segments(self) -> int:
         return self.cu_seqlens_cpu.numel() - 1
+
+    def counts(self, num_memories: int) -> torch.Tensor:
+        """[E] slots per memory: the plan's own count, or for a decode plan (which skips it: inference has no
+        use for it) counted now from the valid slots."""
+        if self.memory_counts is not None:
+            return self.memory_counts
+        memory = self.memory if self.segment_valid is None else torch.where(self.segment_valid, self.memory,
+                                                                            num_memories)
+        return histogram(memory, num_memories + 1)[:-1]
 
     @cached_property
     def slot_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,8 +159,7 @@ def plan_dispatch(memory: torch.Tensor, weight: torch.Tensor, sequence: torch.Te
     )
 
 
-def plan_decode(memory: torch.Tensor, weight: torch.Tensor, valid: torch.Tensor | None,
-                num_memories: int) -> Dispatch:
+def plan_decode(memory: torch.Tensor, weight: torch.Tensor, valid: torch.Tensor | None) -> Dispatch:
     """The plan of a one-token-per-sequence step, without sorting and without any host sync.
 
     memory, weight [N, s]: every slot is its own segment of length 1 (G = S = N*s, token-major), so the
@@ -160,16 +169,14 @@ def plan_decode(memory: torch.Tensor, weight: torch.Tensor, valid: torch.Tensor 
     N, s = memory.shape
     dev = memory.device
     slots = torch.arange(N * s, device=dev)
-    counted = memory if valid is None else torch.where(valid[:, None], memory, num_memories)
-    counts = histogram(counted.reshape(-1), num_memories + 1)[:-1]
     token = slots // s
     return Dispatch(
         token=token, slot=slots, memory=memory.reshape(-1), position=torch.zeros_like(slots),
         restore=slots.view(N, s), token_weight=weight if valid is None else weight * valid[:, None],
-        memory_counts=counts, memory_offsets=None,
+        memory_counts=None, memory_offsets=None,
         cu_seqlens=torch.arange(N * s + 1, device=dev), cu_seqlens_cpu=torch.arange(N * s + 1),
         segment_memory=memory.reshape(-1), segment_sequence=token, max_seqlen=1,
-        segment_valid=None if valid is None else valid[token])
+        segment_valid=None if valid is None else valid[token], token_major=True)
 
 
 def _sum_slots(y: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -230,4 +237,9 @@ def combine(y: torch.Tensor, dispatch: Dispatch) -> torch.Tensor:
     """
     if y.shape[0] == 0:
         return y.new_zeros(dispatch.restore.shape[0], *y.shape[1:])
+    if dispatch.token_major:  # a decode plan: slots are [N, s] in token order, one batched weighted sum
+        N, s = dispatch.restore.shape
+        ya = acc(y).view(N, s, -1)
+        total = torch.bmm(dispatch.token_weight.to(ya.dtype).unsqueeze(1), ya)
+        return total.view(N, *y.shape[1:]).to(y.dtype)
     return _Combine.apply(y, dispatch.token_weight, *dispatch.slot_rows, dispatch.token, dispatch.slot)

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from mom_wrap.dispatch import inverse_permutation
-from mom_wrap.ops import conv_step, segment_conv, segment_conv_with_state
+from mom_wrap.ops import cached_conv, segment_conv, segment_conv_with_state
+from mom_wrap.pool import PoolRows
 
 
 @dataclass
@@ -66,28 +67,25 @@ class TokenLayout:
         return cls(batch_size, seq_len, batch_size, sequence, position, valid, order, inverse_permutation(order), cu)
 
     def conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str | None,
-             backend: str = 'torch', state: torch.Tensor | None = None):
+             backend: str = 'torch', rows: PoolRows | None = None) -> torch.Tensor:
         """The host's short conv over each sequence's valid tokens. x [N, D], weight [D, 1, W], bias [D].
 
-        With ``state`` [num_sequences, D, W] (the host's conv cache) each sequence starts from it; returns
-        (y, new state) then, else y.
+        With ``rows`` (the host's conv cache [num_sequences, D, W], every row) each sequence starts from its
+        cached state and the new states are written back through ``rows``.
         """
         w = weight.transpose(0, 1)  # [1, D, W]: one 'memory'
         b = bias[None] if bias is not None else None
-        if state is not None and self.seq_len == 1 and self.batch_size == self.num_sequences:
-            # one token per sequence, a decode step: rows are already one per sequence
-            y, new_state = conv_step(x, state, w, b, None, activation)
-            if self.valid is not None:  # a padding token leaves its sequence's conv state alone
-                new_state = torch.where(self.valid[:, None, None], new_state, state)
-            return y, new_state
+        if rows is not None and self.seq_len == 1 and self.batch_size == self.num_sequences:
+            return cached_conv(x, rows, w, b, activation, backend)  # a decode step: one row per sequence
         xs = x if self.order is None else x[self.order]
-        if state is None:
+        if rows is None:
             y = segment_conv(xs, w, b, None, self.position if self.order is None else self.position[self.order],
                              activation, backend)
             return y if self.order is None else y[self.rank]
-        cu, st = self.cu_seqlens, state
+        cu, state = self.cu_seqlens, rows.read()
         if self.order is not None:  # the padding rows form one more segment, from and to nowhere
             cu = torch.cat([cu, cu.new_full((1,), x.shape[0])])
-            st = torch.cat([state, state.new_zeros(1, *state.shape[1:])])
-        y, new_state = segment_conv_with_state(xs, w, b, None, cu, st, activation, backend)
-        return (y if self.order is None else y[self.rank]), new_state[:self.num_sequences]
+            state = torch.cat([state, state.new_zeros(1, *state.shape[1:])])
+        y, new_state = segment_conv_with_state(xs, w, b, None, cu, state, activation, backend)
+        rows.write(new_state[:self.num_sequences])
+        return y if self.order is None else y[self.rank]

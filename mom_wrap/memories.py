@@ -16,7 +16,8 @@ import torch.nn as nn
 
 from mom_wrap.adapters.base import WriteProjection
 from mom_wrap.dispatch import Dispatch, gather
-from mom_wrap.ops import conv_step, grouped_linear, segment_conv, segment_conv_with_state
+from mom_wrap.ops import cached_conv, grouped_linear, segment_conv
+from mom_wrap.pool import PoolRows
 
 
 def _stack(module: nn.Module, attr: str, num: int, init: str) -> torch.Tensor:
@@ -72,31 +73,31 @@ class MemoryBank(nn.Module):
         return {name: tuple(w.shape[1:]) for name, w in self.conv.items()}
 
     def forward(self, x: torch.Tensor, dispatch: Dispatch, backend: str = 'torch',
-                conv_state: dict[str, torch.Tensor] | None = None):
+                conv_rows: dict[str, PoolRows] | None = None) -> dict[str, torch.Tensor]:
         """x [N, in] per flat token -> name -> [S, out] per sorted slot (projection, then segment conv).
 
-        With ``conv_state`` (name -> [G, D, W], one per segment of ``dispatch``) every segment's conv starts
-        from it, and the new per-segment conv states come back as a second dict (else None).
+        With ``conv_rows`` (name -> the cached conv states of ``dispatch``'s G segments, rows of the pool
+        [N, E, D, W]) every segment's conv starts from its cached state and writes the new one back.
         """
-        xs = gather(x, dispatch)
         weight = self._fused_weight()
-        y = grouped_linear(xs, weight, dispatch.memory, dispatch.memory_offsets)
+        if dispatch.token_major:  # a decode step: each token projected once for all memories, then selected
+            y = grouped_linear(x, weight, dispatch.memory, None)
+        else:
+            y = grouped_linear(gather(x, dispatch), weight, dispatch.memory, dispatch.memory_offsets)
         if len(self.proj_bias):
             E = weight.shape[0]
             bias = torch.cat([self.proj_bias[n] if n in self.proj_bias else weight.new_zeros(E, f)
                               for n, f in zip(self.names, self.out_features)], dim=1)
             y = y + bias[dispatch.memory]
-        out, new_state = {}, ({} if conv_state is not None else None)
+        out = {}
         for name, part in zip(self.names, y.split(self.out_features, dim=1)):  # a handful of named parts
             if name in self.conv:
                 w, b, act = self.conv[name], self.conv_bias[name] if name in self.conv_bias else None, \
                     self.conv_activation[name]
-                if conv_state is None:
+                if conv_rows is None:
                     part = segment_conv(part, w, b, dispatch.memory, dispatch.position, act, backend)
-                elif dispatch.num_segments == dispatch.num_slots:  # one row per segment: a decode step
-                    part, new_state[name] = conv_step(part, conv_state[name], w, b, dispatch.segment_memory, act)
                 else:
-                    part, new_state[name] = segment_conv_with_state(
-                        part, w, b, dispatch.segment_memory, dispatch.cu_seqlens, conv_state[name], act, backend)
+                    part = cached_conv(part, conv_rows[name], w, b, act, backend, dispatch.segment_memory,
+                                       None if dispatch.token_major else dispatch.cu_seqlens)
             out[name] = part
-        return out, new_state
+        return out

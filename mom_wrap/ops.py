@@ -7,6 +7,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from mom_wrap.pool import PoolRows
+
+ACTIVATIONS = (None, 'silu', 'swish')
+
+
 def acc(t: torch.Tensor) -> torch.Tensor:
     """t in its accumulation dtype: fp32, or fp64 for fp64 inputs (the exactness tests run in fp64)."""
     return t.to(torch.promote_types(t.dtype, torch.float32))
@@ -53,13 +58,14 @@ class _ContiguousGrad(torch.autograd.Function):
 
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, memory: torch.Tensor,
                    offsets: torch.Tensor | None) -> torch.Tensor:
-    """Row r of x goes through the weight of memory[r].
+    """Each row of x goes through the weights of its memories.
 
-    x [S, in] sorted by memory (memory-major), weight [E, out, in], memory [S], offsets [E] int32 (end of
-    each memory's block; None when rows are not memory-major) -> [S, out].
+    x [R, in], weight [E, out, in], memory [R * j]: the j memories of each row (j = 1: one slot per row),
+    offsets [E] int32 (end of each memory's block when j = 1 and rows are sorted memory-major, else None)
+    -> [R * j, out], row r's j outputs consecutive.
     One grouped GEMM where torch has one for this device and dtype; otherwise all memories' products for
-    every row and a select: E times the FLOPs but each weight read once, which is what a decode step
-    (a few rows, any order) wants, and exact for dtypes the grouped kernels lack.
+    every row and a select: E times the FLOPs but each weight read once, which is what a decode step wants
+    (a few tokens, each projected once for all its memories), and exact for dtypes the grouped kernels lack.
     """
     if torch.is_autocast_enabled(x.device.type):  # as autocast treats F.linear: both in its dtype
         dtype = torch.get_autocast_dtype(x.device.type)
@@ -68,7 +74,7 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, memory: torch.Tensor,
         return _ContiguousGrad.apply(_grouped_mm(x, weight.transpose(1, 2), offs=offsets))
     E, out, _ = weight.shape
     y = (x @ weight.reshape(E * out, -1).t()).view(-1, E, out)
-    return y.gather(1, memory.view(-1, 1, 1).expand(-1, 1, out)).squeeze(1)
+    return y.gather(1, memory.view(x.shape[0], -1, 1).expand(-1, -1, out)).reshape(-1, out)
 
 
 def _tap(weight: torch.Tensor, memory: torch.Tensor | None, j: int, start: int = 0) -> torch.Tensor:
@@ -136,7 +142,7 @@ def segment_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     Accumulates in fp32. ``backend="torch"``: PyTorch ops (the reference; weight gradients reduced per
     memory by a one-hot GEMM); ``"triton"``: ``mom_wrap.kernels.segment_conv``.
     """
-    if activation not in (None, 'silu', 'swish'):
+    if activation not in ACTIVATIONS:
         raise ValueError(f"activation: unsupported short-conv activation {activation!r}")
     if backend == 'triton':
         from mom_wrap.kernels.segment_conv import segment_conv_triton
@@ -199,3 +205,28 @@ def conv_step(x: torch.Tensor, state: torch.Tensor, weight: torch.Tensor, bias: 
     if activation in ('silu', 'swish'):
         y = F.silu(y)
     return y.to(x.dtype), window
+
+
+def cached_conv(x: torch.Tensor, rows: PoolRows, weight: torch.Tensor, bias: torch.Tensor | None,
+                activation: str | None, backend: str, segment_memory: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    """Short conv of G segments that each start from a cached conv state, the rows of a pool; the new
+    states are written back through ``rows``.
+
+    x [S, D]; rows: G rows of a [*, D, W] pool; weight [E, D, W]; segment_memory [G] or None (E == 1);
+    cu_seqlens [G+1] (device), or None when every segment is one row (a decode step: S == G). A decode step
+    without autograd on the triton backend is one kernel that updates the pool in place.
+    """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation: unsupported short-conv activation {activation!r}")
+    if cu_seqlens is None:
+        if backend == 'triton' and not torch.is_grad_enabled():
+            from mom_wrap.kernels.conv_step import conv_step_triton
+            return conv_step_triton(x, rows.flat, rows.index, weight, bias, segment_memory, rows.valid,
+                                    activation is not None)
+        y, new_state = conv_step(x, rows.read(), weight, bias, segment_memory, activation)
+    else:
+        y, new_state = segment_conv_with_state(x, weight, bias, segment_memory, cu_seqlens, rows.read(), activation,
+                                               backend)
+    rows.write(new_state)
+    return y

@@ -13,11 +13,13 @@ import os
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from mom_wrap.adapters import adapter_for
 from mom_wrap.dispatch import Dispatch, combine, plan_decode, plan_dispatch
 from mom_wrap.layout import TokenLayout
 from mom_wrap.memories import MemoryBank
+from mom_wrap.pool import PoolRows
 from mom_wrap.router import Router
 
 BACKENDS = ('auto', 'triton', 'torch')
@@ -120,8 +122,8 @@ class MixtureOfMemories(nn.Module):
             read, o = self._memories_cached(x, layout, dispatch, backend, state)
             self._save_state(past_key_values, state, T)
         else:
-            read, _ = self._adapter.read(x, layout, backend)
-            write, _ = self.memories(x, dispatch, backend)
+            read = self._adapter.read(x, layout, backend)
+            write = self.memories(x, dispatch, backend)
             o, _ = self._adapter.recurrence(read, write, dispatch, backend)
         o = self._adapter.finish(combine(o, dispatch), read, backend)
         if layout.valid is not None:
@@ -134,31 +136,33 @@ class MixtureOfMemories(nn.Module):
         N = x.shape[0]
         self.router_logits = logits.view(layout.batch_size, layout.seq_len, self.num_memories)
         if self.shared_memory:  # the shared memory is memory E-1, in every token's slots with weight 1
-            indices = torch.cat([indices, indices.new_full((N, 1), self.num_memories)], dim=1)
-            weights = torch.cat([weights, weights.new_ones(N, 1)], dim=1)
+            indices = F.pad(indices, (0, 1), value=self.num_memories)
+            weights = F.pad(weights, (0, 1), value=1.0)
         if decode:
-            dispatch = plan_decode(indices, weights, layout.valid, self.num_slots_memories)
+            dispatch = plan_decode(indices, weights, layout.valid)
         else:
             dispatch = plan_dispatch(indices, weights, layout.sequence, layout.valid, layout.num_sequences,
                                      self.num_slots_memories)
         # kept, not computed: the loss costs kernels that inference (a decode step) has no use for
-        self._balance_inputs = (probs, dispatch.memory_counts, layout.valid)
+        self._balance_inputs = (probs, dispatch, layout.valid)
         return dispatch
 
     def _memories_cached(self, x, layout, dispatch, backend, state):
-        """Read side and memories starting from the cached states; writes the new states into ``state``.
-        Returns (read-side tensors, per-slot memory outputs)."""
-        read, read_conv = self._adapter.read(x, layout, backend, state['read_conv'])
-        where = (dispatch.segment_sequence, dispatch.segment_memory)
-        write_conv0 = {n: c[where] for n, c in state['write_conv'].items()}
-        write, write_conv = self.memories(x, dispatch, backend, write_conv0)
-        h0 = state['recurrent'][where]
-        o, h = self._adapter.recurrence(read, write, dispatch, backend, initial_state=h0, output_final_state=True)
-        if dispatch.segment_valid is not None:  # padding tokens of a decode step: their memories stay put
-            keep = ~dispatch.segment_valid
-            h = torch.where(keep.view(-1, *[1] * (h.dim() - 1)), h0, h)
-            write_conv = {n: torch.where(keep[:, None, None], write_conv0[n], c) for n, c in write_conv.items()}
-        state.update(self._updated(state, where, h, write_conv, read_conv))
+        """Read side and memories starting from the cached states, whose new values go back into ``state``
+        (see ``mom_wrap.pool``: in place without autograd). Returns (read-side tensors, per-slot outputs)."""
+        decode = dispatch.token_major
+        read_rows = {n: PoolRows(c, valid=layout.valid if decode else None) for n, c in state['read_conv'].items()}
+        read = self._adapter.read(x, layout, backend, read_rows)
+        # each segment's row in the pools flattened over (sequence, memory); a padding token's segments stay
+        index = dispatch.segment_sequence * self.num_slots_memories + dispatch.segment_memory
+        write_rows = {n: PoolRows(c, index, dispatch.segment_valid, lead=2) for n, c in state['write_conv'].items()}
+        write = self.memories(x, dispatch, backend, write_rows)
+        h = PoolRows(state['recurrent'], index, dispatch.segment_valid, lead=2)
+        o, h_new = self._adapter.recurrence(read, write, dispatch, backend, initial_state=h.read(),
+                                            output_final_state=True)
+        h.write(h_new)
+        state.update(recurrent=h.pool, read_conv={n: r.pool for n, r in read_rows.items()},
+                     write_conv={n: r.pool for n, r in write_rows.items()})
         return read, o
 
     # ------------------------------------------------------------------------------------------------ cache
@@ -189,24 +193,6 @@ class MixtureOfMemories(nn.Module):
                            for n, (d, w) in self.memories.conv_shapes().items()},
         }
 
-    @staticmethod
-    def _updated(state: dict, where, h, write_conv: dict, read_conv: dict) -> dict:
-        """Write the touched segments' states back into the pools. Without autograd the pools are updated in
-        place, so that the cache tensors keep their storage from step to step (a captured CUDA graph of a
-        decode step can then be replayed on the live cache); with autograd, out of place."""
-        if not torch.is_grad_enabled():
-            state['recurrent'].index_put_(where, h.to(state['recurrent'].dtype))
-            for n, c in state['write_conv'].items():
-                c.index_put_(where, write_conv[n].to(c.dtype))
-            for n, c in state['read_conv'].items():
-                c.copy_(read_conv[n])
-            return state
-        return {
-            'recurrent': state['recurrent'].index_put(where, h.to(state['recurrent'].dtype)),
-            'write_conv': {n: c.index_put(where, write_conv[n].to(c.dtype)) for n, c in state['write_conv'].items()},
-            'read_conv': {n: c.to(state['read_conv'][n].dtype) for n, c in read_conv.items()},
-        }
-
     def _save_state(self, past_key_values, state: dict, num_tokens: int) -> None:
         past_key_values.update(recurrent_state=state['recurrent'],
                                conv_state={'read': state['read_conv'], 'write': state['write_conv']},
@@ -218,7 +204,7 @@ class MixtureOfMemories(nn.Module):
         asked; ``mom_wrap.load_balancing_loss`` averages it over a model's MoM layers."""
         return None if self._balance_inputs is None else self._balance(*self._balance_inputs)
 
-    def _balance(self, probs: torch.Tensor, memory_counts: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    def _balance(self, probs: torch.Tensor, dispatch: Dispatch, valid: torch.Tensor | None) -> torch.Tensor:
         """M * sum_e f_e P_e over the forward's non-padding tokens."""
         if valid is None:
             n = float(probs.shape[0])  # a Python number: no host-to-device copy (graph capture forbids one)
@@ -227,5 +213,5 @@ class MixtureOfMemories(nn.Module):
             vf = valid.float()
             n = vf.sum().clamp(min=1)
             mean_prob = (probs * vf[:, None]).sum(0) / n
-        share = memory_counts[:self.num_memories].float() / (n * self.topk)
+        share = dispatch.counts(self.num_slots_memories)[:self.num_memories].float() / (n * self.topk)
         return self.num_memories * (share * mean_prob).sum()

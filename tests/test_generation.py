@@ -147,15 +147,22 @@ def test_cache_errors():
 
 @pytest.mark.skipif(os.environ.get('TRITON_INTERPRET') != '1' and not torch.cuda.is_available(),
                     reason='needs TRITON_INTERPRET=1 or CUDA')
-def test_triton_backend_decode_equals_torch_backend():
-    """fla's fused_recurrent kernel (under the interpreter on the CPU) over the same cache sequence."""
+@pytest.mark.parametrize('padded', [False, True])
+def test_triton_backend_decode_equals_torch_backend(padded):
+    """fla's fused_recurrent kernel and our in-place conv-step kernel (under the interpreter on the CPU)
+    over the same cache sequence; padded: left padding and a padding token inside a decode step."""
     mom = mom_layer()
     x = torch.randn(2, 12, HIDDEN)
+    mask = None
+    if padded:
+        mask = torch.ones(2, 12, dtype=torch.long)
+        mask[1, :3] = 0
+        mask[1, 6] = 0  # the first decode step of row 1 is padding: its states must stay
     outs = {}
     with torch.no_grad():
         for backend in ('torch', 'triton'):
             mom.backend = backend
-            outs[backend] = run_chunks(mom, x, [6, 1, 1, 4])
+            outs[backend] = run_chunks(mom, x, [6, 1, 1, 4], mask)
     close(outs['triton'][0], outs['torch'][0], tol=1e-5)
     for a, b in zip(_flat_state(outs['triton'][1]), _flat_state(outs['torch'][1])):
         close(a, b, tol=1e-5)

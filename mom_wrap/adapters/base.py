@@ -23,6 +23,7 @@ import torch.nn as nn
 if TYPE_CHECKING:
     from mom_wrap.dispatch import Dispatch
     from mom_wrap.layout import TokenLayout
+    from mom_wrap.pool import PoolRows
 
 
 @dataclass
@@ -78,11 +79,11 @@ class HostAdapter:
         raise NotImplementedError
 
     def read(self, x: torch.Tensor, layout: TokenLayout, backend: str,
-             conv_state: dict[str, torch.Tensor] | None = None):
-        """x [N, hidden] -> (per-token read-side tensors (query, output gate, ...), new read conv states).
+             conv_rows: dict[str, PoolRows] | None = None) -> dict[str, torch.Tensor]:
+        """x [N, hidden] -> per-token read-side tensors (query, output gate, ...).
 
-        With ``conv_state`` (name -> [num_sequences, D, W]) the read-side convs start from it and the new
-        states come back; without, the second value is None.
+        With ``conv_rows`` (name -> the cached read-side conv states [num_sequences, D, W], see
+        ``read_conv_shapes``) the read-side convs start from them and write their new states back.
         """
         raise NotImplementedError
 

@@ -82,23 +82,19 @@ class GatedDeltaNetAdapter(HostAdapter):
         h = self.host
         return {'q': (h.key_dim, h.conv_size)} if h.use_short_conv else {}
 
-    def read(self, x, layout, backend, conv_state=None):
+    def read(self, x, layout, backend, conv_rows=None):
         h = self.host
-        q, new_state = h.q_proj(x), None
+        q = h.q_proj(x)
         if h.use_short_conv:
             conv = h.q_conv1d
-            if conv_state is None:
-                q = layout.conv(q, conv.weight, conv.bias, conv.activation, backend)
-            else:
-                q, q_state = layout.conv(q, conv.weight, conv.bias, conv.activation, backend, conv_state['q'])
-                new_state = {'q': q_state}
+            q = layout.conv(q, conv.weight, conv.bias, conv.activation, backend,
+                            None if conv_rows is None else conv_rows['q'])
         else:
             q = F.silu(q)
-            new_state = {} if conv_state is not None else None
         read = {'q': rearrange(q, 'n (h d) -> n h d', d=h.head_k_dim)}
         if h.use_gate:
             read['gate'] = rearrange(h.g_proj(x), 'n (h d) -> n h d', d=h.head_v_dim)
-        return read, new_state
+        return read
 
     def recurrence(self, read, write, dispatch, backend, initial_state=None, output_final_state=False):
         h = self.host
