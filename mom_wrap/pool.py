@@ -18,11 +18,13 @@ import torch
 
 class PoolRows:
     """pool [*lead, *state]; index [G] distinct rows of the pool flattened over its ``lead`` dims, or None
-    (every row, in order); valid [G] bool or None (None: every row is written)."""
+    (every row, in order); valid [G] bool or None (None: every row is written); backend ``"triton"``: an
+    in-place write is our row-scatter kernel (``mom_wrap.kernels.rows``) rather than ``index_copy_``."""
 
     def __init__(self, pool: torch.Tensor, index: torch.Tensor | None = None, valid: torch.Tensor | None = None,
-                 lead: int = 1):
+                 lead: int = 1, backend: str = 'torch'):
         self.shape = pool.shape
+        self.backend = backend
         self.flat = pool.flatten(0, lead - 1) if lead > 1 else pool
         self.index = index
         self.valid = valid
@@ -40,6 +42,11 @@ class PoolRows:
 
     def write(self, new: torch.Tensor) -> None:
         """Store the rows' new states [G, *state] (invalid rows keep theirs)."""
+        if (self.backend == 'triton' and self.index is not None and not torch.is_grad_enabled()
+                and self.flat.is_contiguous()):
+            from mom_wrap.kernels.rows import scatter_rows_
+            scatter_rows_(self.flat, self.index, new, self.valid)  # skips invalid rows, no where() needed
+            return
         new = new.to(self.flat.dtype)
         if self.valid is not None:
             new = torch.where(self.valid.view(-1, *[1] * (new.dim() - 1)), new, self.read())

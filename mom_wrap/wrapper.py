@@ -155,9 +155,10 @@ class MixtureOfMemories(nn.Module):
         read = self._adapter.read(x, layout, backend, read_rows)
         # each segment's row in the pools flattened over (sequence, memory); a padding token's segments stay
         index = dispatch.segment_sequence * self.num_slots_memories + dispatch.segment_memory
-        write_rows = {n: PoolRows(c, index, dispatch.segment_valid, lead=2) for n, c in state['write_conv'].items()}
+        write_rows = {n: PoolRows(c, index, dispatch.segment_valid, lead=2, backend=backend)
+                      for n, c in state['write_conv'].items()}
         write = self.memories(x, dispatch, backend, write_rows)
-        h = PoolRows(state['recurrent'], index, dispatch.segment_valid, lead=2)
+        h = PoolRows(state['recurrent'], index, dispatch.segment_valid, lead=2, backend=backend)
         o, h_new = self._adapter.recurrence(read, write, dispatch, backend, initial_state=h.read(),
                                             output_final_state=True)
         h.write(h_new)

@@ -80,3 +80,24 @@ def test_conv_step_triton_updates_pool_like_reference(use_memory, use_index, use
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert ((y.float().cpu() - y_ref.float()).abs().max() / y_ref.float().abs().max()) < tol
     assert torch.equal(got_pool.cpu(), want)  # a state is a copy of inputs: exact, also in bf16
+
+
+@pytest.mark.parametrize('use_valid', [False, True])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_scatter_rows_equals_index_copy(use_valid, dtype):
+    """Rows longer than a block, a dtype cast from fp32, rows not named and invalid rows left bit-identical."""
+    from mom_wrap.kernels.rows import scatter_rows_
+    g = torch.Generator().manual_seed(6)
+    R, G = 9, 4
+    pool = torch.randn(R, 3, 1500, generator=g).to(dtype)
+    index = torch.tensor([7, 0, 3, 5])
+    src = torch.randn(G, 3, 1500, generator=g)
+    valid = torch.tensor([True, False, True, True]) if use_valid else None
+    want = pool.clone()
+    keep = valid if use_valid else torch.ones(G, dtype=torch.bool)
+    want.index_copy_(0, index[keep], src[keep].to(dtype))
+    got = pool.to(DEVICE)
+    scatter_rows_(got, index.to(DEVICE), src.to(DEVICE), None if valid is None else valid.to(DEVICE))
+    assert torch.equal(got.cpu(), want)
+    with pytest.raises(ValueError, match='src'):
+        scatter_rows_(got, index.to(DEVICE), src[:3].to(DEVICE))
