@@ -181,11 +181,12 @@ def plan_decode(memory: torch.Tensor, weight: torch.Tensor, valid: torch.Tensor 
 
 def _sum_slots(y: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """sum_j weight[n, j] * y[idx[n, j]] -> [N, ...], accumulated in fp32. A loop over the s slots of a
-    token (top-k + 1), not over memories; each step is one row gather."""
+    token (top-k + 1), not over memories; each step is one row gather (``index_select``: whole rows, several
+    times faster on CUDA than advanced indexing, which addresses every element on its own)."""
     shape = (-1,) + (1,) * (y.dim() - 1)
-    total = acc(y[idx[:, 0]]) * weight[:, 0].view(shape)
+    total = acc(y.index_select(0, idx[:, 0])) * weight[:, 0].view(shape)
     for j in range(1, idx.shape[1]):
-        total += acc(y[idx[:, j]]) * weight[:, j].view(shape)
+        total += acc(y.index_select(0, idx[:, j])) * weight[:, j].view(shape)
     return total.to(y.dtype)
 
 
@@ -195,7 +196,7 @@ class _Gather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, token, idx, present):
         ctx.save_for_backward(idx, present)
-        return x[token]
+        return x.index_select(0, token)
 
     @staticmethod
     def backward(ctx, grad):
@@ -215,11 +216,12 @@ class _Combine(torch.autograd.Function):
     def backward(ctx, grad):
         y, weight, idx, present, token, slot = ctx.saved_tensors
         shape = (-1,) + (1,) * (y.dim() - 1)
-        dy = (acc(grad[token]) * weight.reshape(-1)[slot].view(shape)).to(y.dtype)
+        dy = (acc(grad.index_select(0, token)) * weight.reshape(-1)[slot].view(shape)).to(y.dtype)
         dweight = None
         if ctx.needs_input_grad[1]:
             g = acc(grad).flatten(1)
-            dweight = torch.stack([(g * acc(y[idx[:, j]]).flatten(1)).sum(1) for j in range(idx.shape[1])], 1)
+            dweight = torch.stack([(g * acc(y.index_select(0, idx[:, j])).flatten(1)).sum(1)
+                                   for j in range(idx.shape[1])], 1)
             dweight = (dweight * present).to(weight.dtype)
         return dy, dweight, None, None, None, None
 

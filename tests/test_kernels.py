@@ -11,16 +11,22 @@ pytestmark = pytest.mark.skipif(os.environ.get('TRITON_INTERPRET') != '1' and no
 DEVICE = 'cuda' if torch.cuda.is_available() else 'cpu'
 
 
-@pytest.mark.parametrize('use_memory', [False, True])
+@pytest.mark.parametrize('use_memory', [False, 'sorted', 'unsorted'])
 @pytest.mark.parametrize('use_bias', [False, True])
 @pytest.mark.parametrize('activation', [None, 'silu'])
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize('strided', [False, True])
-def test_segment_conv_triton_matches_torch(use_memory, use_bias, activation, dtype, strided):
+def test_segment_conv_triton_matches_torch(use_memory, use_bias, activation, dtype, strided, monkeypatch):
+    import mom_wrap.kernels.segment_conv as kernel
+    # fp32 runs: one weight-gradient program per 64 rows, so many programs add into each memory's weights;
+    # bf16 runs: the default, one program for all rows and every memory
+    if dtype == torch.float32:
+        monkeypatch.setattr(kernel, 'ROWS_PER_PROGRAM', 64)
     g = torch.Generator().manual_seed(3)
     # segments that cross the 64-row blocks and memories that change inside a block
     lengths = [5, 70, 1, 33, 64, 2, 20]
-    seg_memory = [0, 0, 1, 2, 2, 3, 4] if use_memory else [0] * len(lengths)
+    seg_memory = {False: [0] * len(lengths), 'sorted': [0, 0, 1, 2, 2, 3, 4],
+                  'unsorted': [3, 0, 4, 1, 0, 2, 1]}[use_memory]
     E, D, W = (5 if use_memory else 1), 72, 4
     S = sum(lengths)
     memory = torch.tensor(seg_memory).repeat_interleave(torch.tensor(lengths)) if use_memory else None
