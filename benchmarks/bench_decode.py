@@ -1,7 +1,8 @@
 """Decode ms/step after a 512-token prompt: MixtureOfMemories(GatedDeltaNet) vs GatedDeltaNet vs fla
 MomAttention, bf16, hidden 1024, 4 heads x 256, M=4, top-2 + shared, batch sizes 1 / 16 / 64, one run.
 
-Eager steps for all three layers; ours and the host's also as a replayed CUDA graph of one step.
+Eager steps for all three layers; ours and the host's also as a replayed CUDA graph of one step. Each
+number is the median of 5 rounds of --steps steps.
 
     python benchmarks/bench_decode.py [--prompt 512 --batch 1 16 64 --steps 50]
 """
@@ -34,17 +35,26 @@ def prefill(layer, batch, prompt):
     return cache
 
 
+def timed(run, steps, rounds=5):
+    """Median over ``rounds`` of the mean ms per step of ``steps`` calls: an eager step is bound by the
+    host's Python and launch overhead, which jitters from round to round."""
+    per_round = []
+    for _ in range(rounds):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        for _ in range(steps):
+            run()
+        end.record()
+        torch.cuda.synchronize()
+        per_round.append(start.elapsed_time(end) / steps)
+    return sorted(per_round)[len(per_round) // 2]
+
+
 def time_eager(layer, cache, x, steps):
     for _ in range(5):
         layer(x, past_key_values=cache, use_cache=True)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(steps):
-        layer(x, past_key_values=cache, use_cache=True)
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / steps
+    return timed(lambda: layer(x, past_key_values=cache, use_cache=True), steps)
 
 
 def time_graph(layer, cache, x, steps):
@@ -59,14 +69,7 @@ def time_graph(layer, cache, x, steps):
         layer(x, past_key_values=cache, use_cache=True)
     for _ in range(5):
         graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(steps):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / steps
+    return timed(graph.replay, steps)
 
 
 def main():

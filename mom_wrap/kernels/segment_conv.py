@@ -117,7 +117,7 @@ def _conv_bwd_dw_kernel(x, memory, position, dpre, dwt, db, S, D, SX, W: tl.cons
         m_hi = -1
         for t in range(r0, r0 + ROWS, BT):
             rows = t + tl.arange(0, BT)
-            mem = tl.load(memory + rows, mask=rows < S, other=0)
+            mem = tl.load(memory + rows, mask=rows < S, other=0).to(tl.int32)  # loop-carried: keep one type
             m_lo = tl.minimum(m_lo, tl.min(tl.where(rows < S, mem, 2147483647), axis=0))
             m_hi = tl.maximum(m_hi, tl.max(tl.where(rows < S, mem, -1), axis=0))
     for e in range(m_lo, m_hi + 1):
