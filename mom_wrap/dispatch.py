@@ -228,6 +228,8 @@ class _Combine(torch.autograd.Function):
 
 def gather(x: torch.Tensor, dispatch: Dispatch) -> torch.Tensor:
     """x [N, ...] per flat token -> [S, ...] per sorted slot."""
+    if not (torch.is_grad_enabled() and x.requires_grad):  # inference: no backward to prepare for
+        return x.index_select(0, dispatch.token)
     return _Gather.apply(x, dispatch.token, *dispatch.slot_rows)
 
 

@@ -7,7 +7,7 @@ without a host sync.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -16,22 +16,26 @@ from mom_wrap.ops import cached_conv, segment_conv, segment_conv_with_state
 from mom_wrap.pool import PoolRows
 
 
-@dataclass
 class TokenLayout:
-    batch_size: int
-    seq_len: int
-    num_sequences: int
-    sequence: torch.Tensor          # [N] sequence of each flat token
-    position: torch.Tensor          # [N] position among the valid tokens of its sequence
-    valid: torch.Tensor | None      # [N] bool, None when nothing is padding
-    order: torch.Tensor | None      # [N] valid tokens first, grouped by sequence in time order (mask only)
-    rank: torch.Tensor | None       # [N] inverse of ``order``
-    cu_seqlens: torch.Tensor        # [num_sequences+1] sequence bounds in ``order`` (padding after the last)
+    """Built by ``TokenLayout.build``; the per-token index tensors are made on first use, so that a decode
+    step, which needs none of them, launches nothing for them.
+
+    sequence [N]: sequence of each flat token; position [N]: position among the valid tokens of its
+    sequence; valid [N] bool, None when nothing is padding; order [N]: valid tokens first, grouped by
+    sequence in time order (mask only, else None); rank [N]: inverse of ``order``; cu_seqlens
+    [num_sequences+1]: sequence bounds in ``order`` (padding after the last).
+    """
+
+    def __init__(self, batch_size: int, seq_len: int, num_sequences: int, device: torch.device,
+                 mask: torch.Tensor | None = None, packed: torch.Tensor | None = None):
+        self.batch_size, self.seq_len, self.num_sequences, self.device = batch_size, seq_len, num_sequences, device
+        self._mask = mask        # [B, T] bool padding mask, or None
+        self._packed = packed    # [N+1] cu_seqlens of packed input, or None
+        self.valid = None if mask is None else mask.reshape(-1)
 
     @classmethod
     def build(cls, batch_size: int, seq_len: int, device: torch.device,
               attention_mask: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None) -> TokenLayout:
-        N = batch_size * seq_len
         if cu_seqlens is not None:
             if batch_size != 1:
                 raise ValueError(f"cu_seqlens: packed input needs batch size 1, got hidden_states batch {batch_size}")
@@ -47,24 +51,50 @@ class TokenLayout:
                 raise ValueError(f"cu_seqlens: expected non-decreasing offsets from 0 to seq_len={seq_len}, "
                                  f"got {cu_seqlens.tolist()}")
             cu = cu_seqlens.to(device=device, dtype=torch.long)
-            idx = torch.arange(N, device=device)
-            sequence = torch.searchsorted(cu[1:], idx, right=True)
-            return cls(batch_size, seq_len, cu.numel() - 1, sequence, idx - cu[sequence], None, None, None, cu)
-        sequence = torch.arange(batch_size, device=device).repeat_interleave(seq_len)
+            return cls(batch_size, seq_len, cu.numel() - 1, device, packed=cu)
         if attention_mask is None:
-            position = torch.arange(seq_len, device=device).repeat(batch_size)
-            cu = torch.arange(batch_size + 1, device=device) * seq_len
-            return cls(batch_size, seq_len, batch_size, sequence, position, None, None, None, cu)
+            return cls(batch_size, seq_len, batch_size, device)
         if attention_mask.dim() != 2 or attention_mask.shape[0] != batch_size or attention_mask.shape[1] < seq_len:
             raise ValueError(f"attention_mask: expected a 0/1 padding mask of shape [{batch_size}, >={seq_len}], "
                              f"got {tuple(attention_mask.shape)}")
-        mask = attention_mask[:, -seq_len:].to(device=device).bool()
-        position = (mask.long().cumsum(1) - 1).reshape(N)
-        valid = mask.reshape(N)
+        return cls(batch_size, seq_len, batch_size, device, mask=attention_mask[:, -seq_len:].to(device=device).bool())
+
+    @cached_property
+    def sequence(self) -> torch.Tensor:
+        if self._packed is not None:
+            return torch.searchsorted(self._packed[1:], self._flat_index, right=True)
+        return torch.arange(self.batch_size, device=self.device).repeat_interleave(self.seq_len)
+
+    @cached_property
+    def position(self) -> torch.Tensor:
+        if self._packed is not None:
+            return self._flat_index - self._packed[self.sequence]
+        if self._mask is not None:
+            return (self._mask.long().cumsum(1) - 1).reshape(-1)
+        return torch.arange(self.seq_len, device=self.device).repeat(self.batch_size)
+
+    @cached_property
+    def order(self) -> torch.Tensor | None:
+        if self._mask is None:
+            return None
         # stable: valid tokens first, each sequence's in time order, so that segment_conv sees them contiguous
-        order = torch.argsort((~valid).long() * batch_size + sequence, stable=True)
-        cu = torch.cat([mask.new_zeros(1, dtype=torch.long), mask.long().sum(1).cumsum(0)])
-        return cls(batch_size, seq_len, batch_size, sequence, position, valid, order, inverse_permutation(order), cu)
+        return torch.argsort((~self.valid).long() * self.batch_size + self.sequence, stable=True)
+
+    @cached_property
+    def rank(self) -> torch.Tensor | None:
+        return None if self.order is None else inverse_permutation(self.order)
+
+    @cached_property
+    def cu_seqlens(self) -> torch.Tensor:
+        if self._packed is not None:
+            return self._packed
+        if self._mask is not None:
+            return torch.cat([self._mask.new_zeros(1, dtype=torch.long), self._mask.long().sum(1).cumsum(0)])
+        return torch.arange(self.batch_size + 1, device=self.device) * self.seq_len
+
+    @cached_property
+    def _flat_index(self) -> torch.Tensor:
+        return torch.arange(self.batch_size * self.seq_len, device=self.device)
 
     def conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str | None,
              backend: str = 'torch', rows: PoolRows | None = None) -> torch.Tensor:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 
 from mom_wrap.adapters.base import HostAdapter, WriteProjection, register_adapter
 from mom_wrap.adapters.fla_common import l2norm, pad_segments, rms_norm, rms_norm_gated
@@ -91,9 +90,9 @@ class GatedDeltaNetAdapter(HostAdapter):
                             None if conv_rows is None else conv_rows['q'])
         else:
             q = F.silu(q)
-        read = {'q': rearrange(q, 'n (h d) -> n h d', d=h.head_k_dim)}
+        read = {'q': q.unflatten(-1, (-1, h.head_k_dim))}
         if h.use_gate:
-            read['gate'] = rearrange(h.g_proj(x), 'n (h d) -> n h d', d=h.head_v_dim)
+            read['gate'] = h.g_proj(x).unflatten(-1, (-1, h.head_v_dim))
         return read
 
     def recurrence(self, read, write, dispatch, backend, initial_state=None, output_final_state=False):
@@ -102,8 +101,8 @@ class GatedDeltaNetAdapter(HostAdapter):
         k, v = write['k'], write['v']
         if not h.use_short_conv:
             k, v = F.silu(k), F.silu(v)
-        k = rearrange(k, 's (h d) -> s h d', d=h.head_k_dim)
-        v = rearrange(v, 's (h d) -> s h d', d=h.head_v_dim)
+        k = k.unflatten(-1, (-1, h.head_k_dim))
+        v = v.unflatten(-1, (-1, h.head_v_dim))
         a, b = write['a'], write['b']
         if backend == 'torch':
             return gated_delta_rule_reference(q, k, v, a, b, h.A_log, h.dt_bias, dispatch.cu_seqlens,
@@ -137,4 +136,4 @@ class GatedDeltaNetAdapter(HostAdapter):
         else:
             o = rms_norm(o, norm.weight, getattr(norm, 'bias', None), norm.eps).to(o.dtype) \
                 if backend == 'torch' else norm(o)
-        return h.o_proj(rearrange(o, 'n h d -> n (h d)'))
+        return h.o_proj(o.flatten(1))
