@@ -133,7 +133,6 @@ class MixtureOfMemories(nn.Module):
     def _route(self, x: torch.Tensor, layout: TokenLayout, decode: bool) -> Dispatch:
         """Router, then the plan: sorted segments, or for a decode step the sync-free one-slot segments."""
         logits, probs, weights, indices = self.router.route(x)
-        N = x.shape[0]
         self.router_logits = logits.view(layout.batch_size, layout.seq_len, self.num_memories)
         if self.shared_memory:  # the shared memory is memory E-1, in every token's slots with weight 1
             indices = F.pad(indices, (0, 1), value=self.num_memories)

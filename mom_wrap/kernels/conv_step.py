@@ -63,7 +63,7 @@ def conv_step_triton(x: torch.Tensor, pool: torch.Tensor, index: torch.Tensor | 
     if x.stride(1) != 1:
         x = x.contiguous()
     weight = weight.contiguous()
-    bias = bias.contiguous() if bias is not None else None
+    bias, index, memory = (t.contiguous() if t is not None else None for t in (bias, index, memory))
     if valid is not None:
         valid = valid.view(torch.uint8)  # bytes: bool pointers are not portable across Triton backends
     y = torch.empty(G, D, device=x.device, dtype=x.dtype)

@@ -35,6 +35,7 @@ def scatter_rows_(dst: torch.Tensor, index: torch.Tensor, src: torch.Tensor, val
         raise ValueError(f"src: expected {G} rows of {F} elements, got shape {tuple(src.shape)}")
     if G == 0 or F == 0:
         return
+    index = index.contiguous()
     src = src.to(dst.dtype).contiguous()  # torch's rounding, if a cast is needed at all (a no-op for states)
     if valid is not None:
         valid = valid.view(torch.uint8)
