@@ -1,8 +1,8 @@
 """Decode ms/step after a 512-token prompt: MixtureOfMemories(GatedDeltaNet) vs GatedDeltaNet vs fla
 MomAttention, bf16, hidden 1024, 4 heads x 256, M=4, top-2 + shared, batch sizes 1 / 16 / 64, one run.
 
-Eager steps for all three layers; ours and the host's also as a replayed CUDA graph of one step. Each
-number is the median of 5 rounds of --steps steps.
+Eager steps for all three layers (taking turns, round by round); ours and the host's also as a replayed
+CUDA graph of one step. Each number is the median of 5 rounds of --steps steps.
 
     python benchmarks/bench_decode.py [--prompt 512 --batch 1 16 64 --steps 50]
 """
@@ -35,26 +35,39 @@ def prefill(layer, batch, prompt):
     return cache
 
 
-def timed(run, steps, rounds=5):
-    """Median over ``rounds`` of the mean ms per step of ``steps`` calls: an eager step is bound by the
-    host's Python and launch overhead, which jitters from round to round."""
-    per_round = []
-    for _ in range(rounds):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        start.record()
-        for _ in range(steps):
-            run()
-        end.record()
-        torch.cuda.synchronize()
-        per_round.append(start.elapsed_time(end) / steps)
-    return sorted(per_round)[len(per_round) // 2]
+ROUNDS = 5
 
 
-def time_eager(layer, cache, x, steps):
-    for _ in range(5):
-        layer(x, past_key_values=cache, use_cache=True)
-    return timed(lambda: layer(x, past_key_values=cache, use_cache=True), steps)
+def mean_ms(run, steps):
+    """Mean milliseconds per call of ``steps`` calls of ``run``."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(steps):
+        run()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / steps
+
+
+def median(values):
+    return sorted(values)[len(values) // 2]
+
+
+def time_eager(layers, caches, x, steps):
+    """name -> eager ms per step: the median of ROUNDS rounds, the layers taking turns within each round. An
+    eager step is bound by the host's Python and launch overhead, which drifts over seconds; taking turns
+    exposes every layer to the same drift, so the ratios hold better than the absolute times."""
+    steppers = {name: (lambda layer=layer, cache=caches[name]: layer(x, past_key_values=cache, use_cache=True))
+                for name, layer in layers.items()}
+    for step in steppers.values():
+        for _ in range(5):
+            step()
+    rounds = {name: [] for name in layers}
+    for _ in range(ROUNDS):
+        for name, step in steppers.items():
+            rounds[name].append(mean_ms(step, steps))
+    return {name: median(r) for name, r in rounds.items()}
 
 
 def time_graph(layer, cache, x, steps):
@@ -69,7 +82,7 @@ def time_graph(layer, cache, x, steps):
         layer(x, past_key_values=cache, use_cache=True)
     for _ in range(5):
         graph.replay()
-    return timed(graph.replay, steps)
+    return median([mean_ms(graph.replay, steps) for _ in range(ROUNDS)])
 
 
 def main():
@@ -89,15 +102,15 @@ def main():
     with torch.no_grad():
         for batch in args.batch:
             x = torch.randn(batch, 1, 1024, device='cuda', dtype=torch.bfloat16)
+            eager = time_eager(layers, {name: prefill(layer, batch, args.prompt) for name, layer in layers.items()},
+                               x, args.steps)
             for name, layer in layers.items():
-                row = {'layer': name, 'B': batch}
-                for mode, timer in (('eager', time_eager), ('graph', time_graph)):
-                    if mode == 'graph' and name.startswith('fla MomAttention'):
-                        continue
+                row = {'layer': name, 'B': batch, 'eager': eager[name]}
+                if not name.startswith('fla MomAttention'):
                     try:
-                        row[mode] = timer(layer, prefill(layer, batch, args.prompt), x, args.steps)
+                        row['graph'] = time_graph(layer, prefill(layer, batch, args.prompt), x, args.steps)
                     except Exception as e:  # report, keep measuring the others
-                        row[mode] = f"failed: {type(e).__name__}: {str(e)[:80]}"
+                        row['graph'] = f"failed: {type(e).__name__}: {str(e)[:80]}"
                 rows.append(row)
                 print(row, flush=True)  # partial results survive a time limit
     print(f"\n{torch.cuda.get_device_name()}  bf16  decode after a {args.prompt}-token prompt  hidden 1024  "
