@@ -59,6 +59,11 @@ class TokenLayout:
                              f"got {tuple(attention_mask.shape)}")
         return cls(batch_size, seq_len, batch_size, device, mask=attention_mask[:, -seq_len:].to(device=device).bool())
 
+    @property
+    def one_token_per_sequence(self) -> bool:
+        """A decode step: one token per sequence, each batch row its own sequence (not packed input)."""
+        return self.seq_len == 1 and self._packed is None
+
     @cached_property
     def sequence(self) -> torch.Tensor:
         if self._packed is not None:
@@ -105,7 +110,7 @@ class TokenLayout:
         """
         w = weight.transpose(0, 1)  # [1, D, W]: one 'memory'
         b = bias[None] if bias is not None else None
-        if rows is not None and self.seq_len == 1 and self.batch_size == self.num_sequences:
+        if rows is not None and self.one_token_per_sequence:
             return cached_conv(x, rows, w, b, activation, backend)  # a decode step: one row per sequence
         xs = x if self.order is None else x[self.order]
         if rows is None:

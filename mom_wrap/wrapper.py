@@ -106,13 +106,12 @@ class MixtureOfMemories(nn.Module):
                              f"hidden size), got {tuple(hidden_states.shape)}")
         backend = self._resolve_backend(hidden_states)
         B, T, D = hidden_states.shape
-        cu_seqlens = kwargs.get('cu_seqlens')
-        layout = TokenLayout.build(B, T, hidden_states.device, attention_mask, cu_seqlens)
+        layout = TokenLayout.build(B, T, hidden_states.device, attention_mask, kwargs.get('cu_seqlens'))
         x = hidden_states.reshape(B * T, D)
         cached = use_cache or past_key_values is not None
         state = self._load_state(past_key_values, layout.num_sequences, x) if cached else None
 
-        dispatch = self._route(x, layout, decode=cached and T == 1 and cu_seqlens is None)
+        dispatch = self._route(x, layout, decode=cached and layout.one_token_per_sequence)
         if dispatch.num_segments == 0:  # every token is padding: nothing is read or written
             if cached:
                 self._save_state(past_key_values, state, T)
