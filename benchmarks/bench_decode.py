@@ -11,22 +11,14 @@ from __future__ import annotations
 import argparse
 
 import torch
-from fla.layers import GatedDeltaNet
-from fla.layers.mom import MomAttention
+from bench_layer import layers  # benchmarks/ is the script's directory, so on sys.path
 from fla.models.utils import Cache
-
-from mom_wrap import MixtureOfMemories
 
 
 def make_layers(memories, topk):
-    host_kw = dict(hidden_size=1024, head_dim=256, num_heads=4, expand_v=1, layer_idx=0)
-    made = {
-        'GatedDeltaNet (host)': lambda: GatedDeltaNet(**host_kw),
-        'mom_wrap MoM(GDN)': lambda: MixtureOfMemories(GatedDeltaNet(**host_kw), num_memories=memories, topk=topk,
-                                                       shared_memory=True),
-        'fla MomAttention': lambda: MomAttention(**host_kw, num_memories=memories, topk=topk, shared_mem=True),
-    }
-    return {name: make().to('cuda', torch.bfloat16).eval() for name, make in made.items()}
+    """bench_layer's three layers, in eval mode."""
+    made = layers(hidden=1024, heads=4, head_dim=256, memories=memories, topk=topk, dtype=torch.bfloat16)
+    return {name: layer.eval() for name, layer in made.items()}
 
 
 def prefill(layer, batch, prompt):
