@@ -17,8 +17,9 @@ def main():
     host = GatedDeltaNet(hidden_size=128, head_dim=32, num_heads=2, expand_v=1, layer_idx=0).to(device)
     plain = copy.deepcopy(host)
 
-    # one line: 4 memories, each token written to its top-2, plus a shared memory that sees every token
-    mom = MixtureOfMemories(host, num_memories=4, topk=2, shared_memory=True, init='copy')
+    # one line: 4 memories, each token written to its top-2, plus a shared memory that sees every token;
+    # the router's load-balancing loss (weight 0.01) comes with the backward of the layer's output
+    mom = MixtureOfMemories(host, num_memories=4, topk=2, shared_memory=True, init='copy', balance_loss_weight=0.01)
     print(mom)
 
     if device == 'cuda':  # fla's own layer needs its GPU kernels; on the CPU the tests check this instead
@@ -36,9 +37,8 @@ def main():
     for step in range(40):
         o, _, _ = mom(x)
         task = (o - target).square().mean()
-        loss = task + 0.01 * load_balancing_loss(mom)
         opt.zero_grad()
-        loss.backward()
+        task.backward()
         opt.step()
         if step % 10 == 9:
             load = torch.bincount(mom.router_logits.topk(2, -1).indices.flatten(), minlength=4).float()

@@ -1,7 +1,7 @@
 """mom_wrap: turn a linear-attention or state-space layer into a Mixture-of-Memories layer."""
 from mom_wrap.adapters import supported_hosts
-from mom_wrap.losses import load_balancing_loss
+from mom_wrap.losses import load_balancing_loss, set_balance_loss_weight
 from mom_wrap.wrapper import MixtureOfMemories
 
 __version__ = '0.1.0'
-__all__ = ['MixtureOfMemories', 'load_balancing_loss', 'supported_hosts']
+__all__ = ['MixtureOfMemories', 'load_balancing_loss', 'set_balance_loss_weight', 'supported_hosts']

@@ -75,8 +75,8 @@ class Dispatch:
     position: torch.Tensor        # [S] position of the slot inside its segment (0 = segment start)
     restore: torch.Tensor         # [N, s] row in the sorted order of each token's slot (S: none)
     token_weight: torch.Tensor    # [N, s] fp32 combine weight of each token's slot (0 for padding)
-    memory_counts: torch.Tensor | None  # [E] slots per memory (device); None: not counted (decode plans)
     memory_offsets: torch.Tensor | None  # [E] int32 end of each memory's block; None: not memory-major
+    memory_offsets_cpu: torch.Tensor | None  # [E] the same ends on the host
     cu_seqlens: torch.Tensor      # [G+1] int64 on the device
     cu_seqlens_cpu: torch.Tensor  # [G+1] int64 on the host
     segment_memory: torch.Tensor  # [G] memory of each segment (device)
@@ -92,15 +92,6 @@ class Dispatch:
     @property
     def num_segments(self) -> int:
         return self.cu_seqlens_cpu.numel() - 1
-
-    def counts(self, num_memories: int) -> torch.Tensor:
-        """[E] slots per memory: the plan's own count, or for a decode plan (which skips it: inference has no
-        use for it) counted now from the valid slots."""
-        if self.memory_counts is not None:
-            return self.memory_counts
-        memory = self.memory if self.segment_valid is None else torch.where(self.segment_valid, self.memory,
-                                                                            num_memories)
-        return histogram(memory, num_memories + 1)[:-1]
 
     @cached_property
     def slot_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,8 +140,8 @@ def plan_dispatch(memory: torch.Tensor, weight: torch.Tensor, sequence: torch.Te
         position=position,
         restore=restore,
         token_weight=token_weight,
-        memory_counts=memory_counts,
         memory_offsets=memory_counts.cumsum(0).to(torch.int32),
+        memory_offsets_cpu=seg_counts_cpu.view(E, Q).sum(1).cumsum(0),
         cu_seqlens=cu_seqlens,
         cu_seqlens_cpu=cu_seqlens_cpu,
         segment_memory=nonempty_dev // Q,
@@ -173,7 +164,7 @@ def plan_decode(memory: torch.Tensor, weight: torch.Tensor, valid: torch.Tensor 
     return Dispatch(
         token=token, slot=slots, memory=memory.reshape(-1), position=torch.zeros_like(slots),
         restore=slots.view(N, s), token_weight=weight if valid is None else weight * valid[:, None],
-        memory_counts=None, memory_offsets=None,
+        memory_offsets=None, memory_offsets_cpu=None,
         cu_seqlens=torch.arange(N * s + 1, device=dev), cu_seqlens_cpu=torch.arange(N * s + 1),
         segment_memory=memory.reshape(-1), segment_sequence=token, max_seqlen=1,
         segment_valid=None if valid is None else valid[token], token_major=True)

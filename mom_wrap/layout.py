@@ -108,7 +108,9 @@ class TokenLayout:
         With ``rows`` (the host's conv cache [num_sequences, D, W], every row) each sequence starts from its
         cached state and the new states are written back through ``rows``.
         """
-        w = weight.transpose(0, 1)  # [1, D, W]: one 'memory'
+        # [1, D, W]: one 'memory'. A view, not a transpose: its gradient then has the weight's own strides
+        # (a transposed one differs on the size-1 dim, which DDP reports as a bucket-view stride mismatch)
+        w = weight.view(1, weight.shape[0], weight.shape[-1])
         b = bias[None] if bias is not None else None
         if rows is not None and self.one_token_per_sequence:
             return cached_conv(x, rows, w, b, activation, backend)  # a decode step: one row per sequence

@@ -1,9 +1,12 @@
 """The write side of every memory as stacked parameters, applied to the sorted slots without a Python
 loop over memories.
 
-For each host projection ``name`` the bank holds ``proj[name]`` ``[E, out, in]`` (and ``proj_bias`` when
-the host's linear has a bias) and, when the host follows it with a short conv, ``conv[name]``
-``[E, D, W]`` (and ``conv_bias``). Index ``E - 1`` is the shared memory when there is one.
+The host's projections are stored side by side in one parameter ``weight`` ``[E, sum(out), in]``, the
+operand of the one grouped GEMM as it is (no concatenation per forward, nothing cached that an in-place edit
+could leave stale); ``proj[name]`` is the view ``[E, out, in]`` of projection ``name``. ``proj_bias[name]``
+holds its bias when the host's linear has one and, when the host follows it with a short conv,
+``conv[name]`` ``[E, D, W]`` (and ``conv_bias``) the conv. Index ``E - 1`` is the shared memory when there
+is one.
 Stacking keeps every memory's weights in parameters that receive a gradient on every step, even when a
 memory gets no token.
 """
@@ -38,13 +41,13 @@ class MemoryBank(nn.Module):
         super().__init__()
         self.names = [p.name for p in projections]
         self.out_features = [p.linear.out_features for p in projections]
-        self.proj = nn.ParameterDict()
+        self.weight = nn.Parameter(torch.cat([_stack(p.linear, 'weight', num_memories, init) for p in projections],
+                                             dim=1))
         self.proj_bias = nn.ParameterDict()
         self.conv = nn.ParameterDict()
         self.conv_bias = nn.ParameterDict()
         self.conv_activation: dict[str, str | None] = {}
         for p in projections:
-            self.proj[p.name] = nn.Parameter(_stack(p.linear, 'weight', num_memories, init))
             if p.linear.bias is not None:
                 self.proj_bias[p.name] = nn.Parameter(_stack(p.linear, 'bias', num_memories, init))
             if p.conv is not None:
@@ -54,19 +57,14 @@ class MemoryBank(nn.Module):
                     self.conv_bias[p.name] = nn.Parameter(_stack(p.conv, 'bias', num_memories, init))
                 self.conv_activation[p.name] = getattr(p.conv, 'activation', None)
 
-    def _fused_weight(self) -> torch.Tensor:
-        """All projections' weights as one [E, sum(out), in] tensor for the one grouped GEMM.
+    def split(self, t: torch.Tensor) -> dict[str, torch.Tensor]:
+        """t [E, sum(out), ...] (``weight``, its gradient, an optimizer state) -> name -> [E, out, ...] views."""
+        return dict(zip(self.names, t.split(self.out_features, dim=1)))
 
-        Without autograd (inference, decode) the concatenation is kept until a weight changes (its storage
-        or its in-place version counter, which optimizer steps and load_state_dict bump): a decode step then
-        reads the weights once instead of copying them first."""
-        weights = [self.proj[n] for n in self.names]
-        if torch.is_grad_enabled():
-            return torch.cat(weights, dim=1)
-        key = tuple((w.data_ptr(), w._version, w.dtype) for w in weights)
-        if getattr(self, '_fused_key', None) != key:
-            self._fused, self._fused_key = torch.cat(weights, dim=1), key
-        return self._fused
+    @property
+    def proj(self) -> dict[str, torch.Tensor]:
+        """name -> the projection's weights [E, out, in], a view of ``weight`` (edits in place reach it)."""
+        return self.split(self.weight)
 
     def conv_shapes(self) -> dict[str, tuple[int, int]]:
         """name -> (channels, width) of every per-memory short conv."""
@@ -79,11 +77,12 @@ class MemoryBank(nn.Module):
         With ``conv_rows`` (name -> the cached conv states of ``dispatch``'s G segments, rows of the pool
         [N, E, D, W]) every segment's conv starts from its cached state and writes the new one back.
         """
-        weight = self._fused_weight()
-        if dispatch.token_major:  # a decode step: each token projected once for all memories, then selected
-            y = grouped_linear(x, weight, dispatch.memory, None)
+        weight = self.weight
+        if dispatch.token_major:  # a decode step: each token projected once for all its memories
+            y = grouped_linear(x, weight, dispatch.memory)
         else:
-            y = grouped_linear(gather(x, dispatch), weight, dispatch.memory, dispatch.memory_offsets)
+            y = grouped_linear(gather(x, dispatch), weight, dispatch.memory, dispatch.memory_offsets,
+                               dispatch.memory_offsets_cpu)
         if len(self.proj_bias):
             E = weight.shape[0]
             bias = torch.cat([self.proj_bias[n] if n in self.proj_bias else weight.new_zeros(E, f)

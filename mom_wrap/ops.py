@@ -18,34 +18,63 @@ def acc(t: torch.Tensor) -> torch.Tensor:
 
 
 _grouped_mm = getattr(F, 'grouped_mm', None) or getattr(torch, '_grouped_mm', None)
-# (device type, dtype) -> whether torch's grouped GEMM ran there; probed once, then remembered.
+# (device type, dtype) -> whether torch's grouped GEMM runs there, forward and backward, without a host sync;
+# probed once, then remembered.
 _GROUPED_MM_WORKS: dict[tuple[str, torch.dtype], bool] = {}
+# Rows up to which a token-major input (a decode step) is projected through every memory and then selected:
+# below about the GPU's FLOP-to-byte ratio the E-fold product costs no more than reading the E weights once.
+DENSE_MAX_ROWS = 256
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    """t [R, C] dense along its rows, each row starting 16 bytes after a multiple of 16: what grouped GEMM
+    kernels take."""
+    return t.stride(1) == 1 and t.stride(0) >= t.shape[1] and (t.stride(0) * t.element_size()) % 16 == 0
 
 
 def _grouped_mm_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether torch's grouped GEMM can run x [R, in] against weight [E, out, in], forward and backward.
+
+    The real constraint, probed rather than assumed: the kernels want 16-byte aligned rows of both operands
+    along the contraction (``in``); any output width ``out`` works, since the forward pads its output rows and
+    ``_AlignedGrad`` pads the gradient's (torch's backward rejects unaligned ones). The probe also fails a
+    grouped GEMM that would read its offsets back to the host (torch's loop fallback for some devices and
+    dtypes does): that would be a second sync per forward, and our block fallback needs none.
+    """
     if _grouped_mm is None or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return False
-    # grouped GEMM kernels need 16-byte aligned rows in both operands.
-    if (x.shape[1] * x.element_size()) % 16 or (weight.shape[1] * weight.element_size()) % 16:
+    if (x.shape[1] * x.element_size()) % 16 or not _aligned(x):  # weight [E, out, in]: rows of `in` too
         return False
     key = (x.device.type, x.dtype)
     if key not in _GROUPED_MM_WORKS:
-        try:
-            with torch.enable_grad():  # the first call may come inside no_grad (generation)
-                a = torch.zeros(4, 8, device=x.device, dtype=x.dtype, requires_grad=True)
-                b = torch.zeros(2, 8, 8, device=x.device, dtype=x.dtype, requires_grad=True)
-                offs = torch.tensor([2, 4], device=x.device, dtype=torch.int32)
-                out = _grouped_mm(a, b.transpose(1, 2), offs=offs)
-                out.backward(torch.ones_like(out))
-            _GROUPED_MM_WORKS[key] = True
-        except (RuntimeError, NotImplementedError, TypeError):
-            _GROUPED_MM_WORKS[key] = False
+        _GROUPED_MM_WORKS[key] = _probe_grouped_mm(x.device, x.dtype)
     return _GROUPED_MM_WORKS[key]
 
 
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward makes the incoming gradient contiguous: torch's grouped GEMM backward
-    rejects expanded (stride-0) gradients such as the one ``.sum().backward()`` sends."""
+def _probe_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
+    cuda = device.type == 'cuda'
+    sync_mode = torch.cuda.get_sync_debug_mode() if cuda else None
+    try:
+        if cuda:  # a grouped GEMM that syncs raises here
+            torch.cuda.set_sync_debug_mode('error')
+        with torch.enable_grad():  # the first call may come inside no_grad (generation)
+            a = torch.ones(4, 8, device=device, dtype=dtype, requires_grad=True)
+            b = torch.ones(2, 6, 8, device=device, dtype=dtype, requires_grad=True)  # out = 6: unaligned rows
+            offs = torch.tensor([2, 4], dtype=torch.int32).to(device, non_blocking=True)
+            out = _AlignedGrad.apply(_grouped_mm(a, b.transpose(1, 2), offs=offs))
+            out.backward(torch.ones(4, 6, device=device, dtype=dtype))
+        return True
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+    finally:
+        if cuda:
+            torch.cuda.set_sync_debug_mode(sync_mode)
+
+
+class _AlignedGrad(torch.autograd.Function):
+    """Identity whose backward hands torch's grouped GEMM backward a gradient it accepts: dense, with
+    16-byte aligned rows. Autograd's gradients are contiguous ``[R, out]`` (unaligned rows for an odd
+    ``out``), or expanded with stride 0 after ``.sum().backward()``; both are copied into padded rows."""
 
     @staticmethod
     def forward(ctx, y):
@@ -53,28 +82,65 @@ class _ContiguousGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return grad.contiguous()
+        if _aligned(grad):
+            return grad
+        R, out = grad.shape
+        align = 16 // grad.element_size()
+        padded = grad.new_empty(R, out + (-out) % align)[:, :out]
+        padded.copy_(grad)
+        return padded
 
 
-def grouped_linear(x: torch.Tensor, weight: torch.Tensor, memory: torch.Tensor,
-                   offsets: torch.Tensor | None) -> torch.Tensor:
+def _select_rows(y: torch.Tensor, memory: torch.Tensor, rows: int) -> torch.Tensor:
+    """y [R, E, out] (every memory's output for each row) -> [R * j, out]: row r's j memories."""
+    out = y.shape[-1]
+    return y.gather(1, memory.view(rows, -1, 1).expand(-1, -1, out)).reshape(-1, out)
+
+
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, memory: torch.Tensor, ends: torch.Tensor | None = None,
+                   ends_cpu: torch.Tensor | None = None) -> torch.Tensor:
     """Each row of x goes through the weights of its memories.
 
     x [R, in], weight [E, out, in], memory [R * j]: the j memories of each row (j = 1: one slot per row),
-    offsets [E] int32 (end of each memory's block when j = 1 and rows are sorted memory-major, else None)
     -> [R * j, out], row r's j outputs consecutive.
-    One grouped GEMM where torch has one for this device and dtype; otherwise all memories' products for
-    every row and a select: E times the FLOPs but each weight read once, which is what a decode step wants
-    (a few tokens, each projected once for all its memories), and exact for dtypes the grouped kernels lack.
+
+    Memory-major rows (j = 1, sorted by memory; ``ends`` [E] int32 on x's device and ``ends_cpu`` [E] on the
+    host: the end of each memory's block): one grouped GEMM where torch has a sync-free one for this input;
+    otherwise one product per memory block (E launches, no extra FLOPs). Rows in any order (``ends`` None:
+    a decode step, a few tokens, each with its j memories): up to ``DENSE_MAX_ROWS`` rows, every memory's
+    product for every row, then a select (E times the FLOPs, but each weight read once, which is what bounds
+    a decode step); more rows are sorted by memory on the device (no host sync) for the grouped GEMM.
     """
     if torch.is_autocast_enabled(x.device.type):  # as autocast treats F.linear: both in its dtype
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight = x.to(dtype), weight.to(dtype)
-    if offsets is not None and _grouped_mm_ok(x, weight):
-        return _ContiguousGrad.apply(_grouped_mm(x, weight.transpose(1, 2), offs=offsets))
-    E, out, _ = weight.shape
-    y = (x @ weight.reshape(E * out, -1).t()).view(-1, E, out)
-    return y.gather(1, memory.view(x.shape[0], -1, 1).expand(-1, -1, out)).reshape(-1, out)
+    rows = x.shape[0]
+    if ends is None:
+        if memory.numel() > DENSE_MAX_ROWS and _grouped_mm_ok(x, weight):
+            return _sorted_grouped_linear(x, weight, memory, rows)
+        E, out, _ = weight.shape
+        return _select_rows((x @ weight.reshape(E * out, -1).t()).view(rows, E, out), memory, rows)
+    if _grouped_mm_ok(x, weight):
+        return _AlignedGrad.apply(_grouped_mm(x, weight.transpose(1, 2), offs=ends))
+    if ends_cpu is None:
+        raise ValueError("ends_cpu: the block fallback needs the memory blocks' ends on the host")
+    bounds = [0] + ends_cpu.tolist()
+    parts = [x[lo:hi] @ weight[e].t() for e, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])) if hi > lo]
+    return torch.cat(parts) if parts else x.new_zeros(0, weight.shape[1])
+
+
+def _sorted_grouped_linear(x: torch.Tensor, weight: torch.Tensor, memory: torch.Tensor, rows: int) -> torch.Tensor:
+    """grouped_linear of rows in any order: sort the R * j slots by memory on the device, one grouped GEMM,
+    and back to slot order. Sizes stay static and nothing is read back to the host."""
+    E = weight.shape[0]
+    order = torch.argsort(memory, stable=True)
+    counts = torch.zeros(E, dtype=torch.long, device=x.device).index_add_(0, memory, torch.ones_like(memory))
+    ends = counts.cumsum(0).to(torch.int32)
+    y = _AlignedGrad.apply(_grouped_mm(x.index_select(0, order // (memory.numel() // rows)), weight.transpose(1, 2),
+                                       offs=ends))
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=x.device)
+    return y.index_select(0, inverse)
 
 
 def _tap(weight: torch.Tensor, memory: torch.Tensor | None, j: int, start: int = 0) -> torch.Tensor:

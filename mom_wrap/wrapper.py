@@ -15,9 +15,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mom_wrap import cache
 from mom_wrap.adapters import adapter_for
 from mom_wrap.dispatch import Dispatch, combine, plan_decode, plan_dispatch
 from mom_wrap.layout import TokenLayout
+from mom_wrap.losses import AttachAuxLoss, balance_loss
 from mom_wrap.memories import MemoryBank
 from mom_wrap.pool import PoolRows
 from mom_wrap.router import Router
@@ -47,13 +49,16 @@ class MixtureOfMemories(nn.Module):
             initialisation the way the host's modules initialise themselves.
         backend: ``"triton"`` (the host's kernels), ``"torch"`` (pure PyTorch reference) or ``"auto"``
             (triton on CUDA tensors, torch otherwise).
+        balance_loss_weight: weight of the router's load-balancing loss, whose gradient the layer adds in
+            the backward of its output (``mom_wrap.losses``); 0 turns it off. Settable at any time.
 
-    ``forward`` takes and returns what the host does: ``(o, None, past_key_values)``.
-    After a forward, ``router_logits`` holds the fp32 router logits [B, T, M].
+    ``forward`` takes and returns what the host does: ``(o, None, past_key_values)``, with the host's cache
+    rules (``mom_wrap.cache``). After a forward, ``router_logits`` holds its fp32 router logits [B, T, M]
+    and ``balance_loss`` its load-balancing term, both detached (for logging).
     """
 
     def __init__(self, host: nn.Module, num_memories: int, topk: int, shared_memory: bool = True,
-                 init: str = 'copy', backend: str = 'auto'):
+                 init: str = 'copy', backend: str = 'auto', balance_loss_weight: float = 0.01):
         super().__init__()
         _check_count('num_memories', num_memories, 1)
         _check_count('topk', topk, 1)
@@ -63,11 +68,14 @@ class MixtureOfMemories(nn.Module):
             raise ValueError(f"init: expected one of {INITS}, got {init!r}")
         if backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+        if isinstance(balance_loss_weight, bool) or not isinstance(balance_loss_weight, (int, float)):
+            raise TypeError(f"balance_loss_weight: expected a float, got {type(balance_loss_weight).__name__}")
         adapter = adapter_for(host)
         self.num_memories = num_memories
         self.topk = topk
         self.shared_memory = bool(shared_memory)
         self.backend = backend
+        self.balance_loss_weight = float(balance_loss_weight)
         self.layer_idx = getattr(host, 'layer_idx', None)
         self.hidden_size = adapter.hidden_size
         ref = next(host.parameters())
@@ -76,8 +84,9 @@ class MixtureOfMemories(nn.Module):
         adapter.detach_write_side()
         self.host = host
         self._adapter = adapter
+        # detached results of the last forward, for logging: nothing here holds an autograd graph
         self.router_logits: torch.Tensor | None = None
-        self._balance_inputs: tuple | None = None
+        self._routing: tuple | None = None  # (probs, routed indices, valid) for balance_loss
 
     @property
     def num_slots_memories(self) -> int:
@@ -86,7 +95,7 @@ class MixtureOfMemories(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"num_memories={self.num_memories}, topk={self.topk}, shared_memory={self.shared_memory}, "
-                f"backend={self.backend!r}")
+                f"backend={self.backend!r}, balance_loss_weight={self.balance_loss_weight}")
 
     def _resolve_backend(self, x: torch.Tensor) -> str:
         if self.backend == 'auto':
@@ -108,31 +117,45 @@ class MixtureOfMemories(nn.Module):
         B, T, D = hidden_states.shape
         layout = TokenLayout.build(B, T, hidden_states.device, attention_mask, kwargs.get('cu_seqlens'))
         x = hidden_states.reshape(B * T, D)
-        cached = use_cache or past_key_values is not None
-        state = self._load_state(past_key_values, layout.num_sequences, x) if cached else None
+        state = self._start_state(past_key_values, bool(use_cache), layout.num_sequences, x)
 
-        dispatch = self._route(x, layout, decode=cached and layout.one_token_per_sequence)
+        dispatch, probs = self._route(x, layout, decode=state is not None and layout.one_token_per_sequence)
         if dispatch.num_segments == 0:  # every token is padding: nothing is read or written
-            if cached:
-                self._save_state(past_key_values, state, T)
-            return torch.zeros_like(hidden_states), None, past_key_values
-
-        if cached:
-            read, o = self._memories_cached(x, layout, dispatch, backend, state)
-            self._save_state(past_key_values, state, T)
+            o = self._zeros(hidden_states)
         else:
-            read = self._adapter.read(x, layout, backend)
-            write = self.memories(x, dispatch, backend)
-            o, _ = self._adapter.recurrence(read, write, dispatch, backend)
-        o = self._adapter.finish(combine(o, dispatch), read, backend)
-        if layout.valid is not None:
-            o = torch.where(layout.valid[:, None], o, 0)
-        return o.view(B, T, D), None, past_key_values
+            if state is not None:
+                read, o = self._memories_cached(x, layout, dispatch, backend, state)
+            else:
+                read = self._adapter.read(x, layout, backend)
+                write = self.memories(x, dispatch, backend)
+                o, _ = self._adapter.recurrence(read, write, dispatch, backend)
+            o = self._adapter.finish(combine(o, dispatch), read, backend)
+            if layout.valid is not None:
+                o = torch.where(layout.valid[:, None], o, 0)
+            o = self._attach_balance_loss(o.view(B, T, D), probs)
+        if past_key_values is not None:
+            cache.store(past_key_values, self.layer_idx, state if use_cache else None, T)
+        return o, None, past_key_values
 
-    def _route(self, x: torch.Tensor, layout: TokenLayout, decode: bool) -> Dispatch:
-        """Router, then the plan: sorted segments, or for a decode step the sync-free one-slot segments."""
+    def _start_state(self, past_key_values, use_cache: bool, num_sequences: int, x: torch.Tensor) -> dict | None:
+        """The states this forward starts from and (with use_cache) updates: the stored ones, zeros for a cache
+        that holds none, a copy of the stored ones without use_cache (they must not change), None without a
+        cache or without anything to start from (the plain forward)."""
+        state = cache.stored_state(past_key_values, self.layer_idx)
+        if state is not None:
+            cache.check_state(state, num_sequences, self.num_slots_memories)
+            return state if use_cache else cache.clone_state(state)
+        if past_key_values is None or not use_cache:
+            return None
+        return cache.empty_state(num_sequences, self.num_slots_memories, self._adapter.state_shape(),
+                                 self._adapter.read_conv_shapes(), self.memories.conv_shapes(), x)
+
+    def _route(self, x: torch.Tensor, layout: TokenLayout, decode: bool) -> tuple[Dispatch, torch.Tensor]:
+        """Router, then the plan: sorted segments, or for a decode step the sync-free one-slot segments.
+        Returns the plan and the router probabilities [N, M] (with their graph, for the balancing loss)."""
         logits, probs, weights, indices = self.router.route(x)
-        self.router_logits = logits.view(layout.batch_size, layout.seq_len, self.num_memories)
+        self.router_logits = logits.detach().view(layout.batch_size, layout.seq_len, self.num_memories)
+        self._routing = (probs.detach(), indices, layout.valid)
         if self.shared_memory:  # the shared memory is memory E-1, in every token's slots with weight 1
             indices = F.pad(indices, (0, 1), value=self.num_memories)
             weights = F.pad(weights, (0, 1), value=1.0)
@@ -141,9 +164,24 @@ class MixtureOfMemories(nn.Module):
         else:
             dispatch = plan_dispatch(indices, weights, layout.sequence, layout.valid, layout.num_sequences,
                                      self.num_slots_memories)
-        # kept, not computed: the loss costs kernels that inference (a decode step) has no use for
-        self._balance_inputs = (probs, dispatch, layout.valid)
-        return dispatch
+        return dispatch, probs
+
+    def _attach_balance_loss(self, o: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        """o, whose backward also applies balance_loss_weight x the balancing loss (see mom_wrap.losses).
+        Only where a backward can follow: inference (a decode step) launches nothing for it."""
+        if not (self.balance_loss_weight and torch.is_grad_enabled() and probs.requires_grad):
+            return o
+        _, indices, valid = self._routing
+        return AttachAuxLoss.apply(o, balance_loss(probs, indices, valid), self.balance_loss_weight)
+
+    def _zeros(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Zeros shaped like the input, in the autograd graph of the input and every parameter (each gets a
+        zero gradient, as it would from a batch with real tokens: DDP needs every parameter's gradient)."""
+        anchors = [hidden_states] + [p for p in self.parameters() if p.requires_grad]
+        if not torch.is_grad_enabled() or not any(t.requires_grad for t in anchors):
+            return torch.zeros_like(hidden_states)
+        zero = torch.stack([t.reshape(-1)[:0].sum().to(hidden_states.dtype) for t in anchors]).sum()
+        return torch.zeros_like(hidden_states) + zero
 
     def _memories_cached(self, x, layout, dispatch, backend, state):
         """Read side and memories starting from the cached states, whose new values go back into ``state``
@@ -164,53 +202,8 @@ class MixtureOfMemories(nn.Module):
                      write_conv={n: r.pool for n, r in write_rows.items()})
         return read, o
 
-    # ------------------------------------------------------------------------------------------------ cache
-    # Kept in fla's Cache entry of the host's layer_idx, batch-first so that the cache's own reorder /
-    # repeat / select operations (beam search) apply unchanged:
-    #   recurrent_state: [N, E, *state_shape] (host layout) for every sequence and memory (shared last)
-    #   conv_state: {'read': name -> [N, D, W] (host conv-cache layout), 'write': name -> [N, E, D, W]}
-
-    def _load_state(self, past_key_values, num_sequences: int, x: torch.Tensor) -> dict:
-        if past_key_values is None:
-            raise ValueError("past_key_values: use_cache=True needs a cache object (fla.models.utils.Cache)")
-        if self.layer_idx is None:
-            raise ValueError("host: caching needs the host layer's layer_idx")
-        entry = past_key_values[self.layer_idx] if len(past_key_values) > self.layer_idx else None
-        if entry is not None and entry.get('recurrent_state') is not None:
-            pool, conv = entry['recurrent_state'], entry['conv_state']
-            if pool.shape[0] != num_sequences or pool.shape[1] != self.num_slots_memories:
-                raise ValueError(f"past_key_values: cached state holds {pool.shape[0]} sequences x {pool.shape[1]} "
-                                 f"memories, this input has {num_sequences} x {self.num_slots_memories}")
-            return {'recurrent': pool, 'read_conv': conv['read'], 'write_conv': conv['write']}
-        E, dev = self.num_slots_memories, x.device
-        return {
-            'recurrent': torch.zeros(num_sequences, E, *self._adapter.state_shape(), device=dev,
-                                     dtype=torch.promote_types(x.dtype, torch.float32)),
-            'read_conv': {n: torch.zeros(num_sequences, d, w, device=dev, dtype=x.dtype)
-                          for n, (d, w) in self._adapter.read_conv_shapes().items()},
-            'write_conv': {n: torch.zeros(num_sequences, E, d, w, device=dev, dtype=x.dtype)
-                           for n, (d, w) in self.memories.conv_shapes().items()},
-        }
-
-    def _save_state(self, past_key_values, state: dict, num_tokens: int) -> None:
-        past_key_values.update(recurrent_state=state['recurrent'],
-                               conv_state={'read': state['read_conv'], 'write': state['write_conv']},
-                               layer_idx=self.layer_idx, offset=num_tokens)
-
     @property
     def balance_loss(self) -> torch.Tensor | None:
-        """Switch/Mixtral load-balancing term of the last forward (None before the first), computed when
-        asked; ``mom_wrap.load_balancing_loss`` averages it over a model's MoM layers."""
-        return None if self._balance_inputs is None else self._balance(*self._balance_inputs)
-
-    def _balance(self, probs: torch.Tensor, dispatch: Dispatch, valid: torch.Tensor | None) -> torch.Tensor:
-        """M * sum_e f_e P_e over the forward's non-padding tokens."""
-        if valid is None:
-            n = float(probs.shape[0])  # a Python number: no host-to-device copy (graph capture forbids one)
-            mean_prob = probs.mean(0)
-        else:
-            vf = valid.float()
-            n = vf.sum().clamp(min=1)
-            mean_prob = (probs * vf[:, None]).sum(0) / n
-        share = dispatch.counts(self.num_slots_memories)[:self.num_memories].float() / (n * self.topk)
-        return self.num_memories * (share * mean_prob).sum()
+        """The load-balancing term M * sum_e f_e P_e of the last forward, detached (None before the first),
+        computed when asked; ``mom_wrap.load_balancing_loss`` averages it over a model's MoM layers."""
+        return None if self._routing is None else balance_loss(*self._routing)

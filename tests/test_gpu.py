@@ -33,6 +33,8 @@ def run(module, x, dy, **kw):
     y = module(x, **kw)[0]
     y.backward(dy)
     grads = {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}
+    if isinstance(module, MixtureOfMemories):  # the projections' parts of the one stacked weight
+        grads.update({f'memories.proj.{n}': g for n, g in module.memories.split(grads['memories.weight']).items()})
     module.zero_grad()
     return y.detach(), x.grad, grads
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings, strategies as st
+from torch.utils.flop_counter import FlopCounterMode
 
 import mom_wrap.ops as ops
 from mom_wrap.dispatch import combine, gather, plan_dispatch
@@ -86,9 +87,10 @@ def test_plan_dispatch_matches_loop_reference(case):
 
     # per-memory blocks
     counts = [sum(1 for m, *_ in slots if m == e) for e in range(E)]
-    assert d.memory_counts.tolist() == counts
     assert d.memory_offsets.dtype == torch.int32
     assert d.memory_offsets.tolist() == [sum(counts[:e + 1]) for e in range(E)]
+    assert d.memory_offsets_cpu.device.type == 'cpu'
+    assert d.memory_offsets_cpu.tolist() == d.memory_offsets.tolist()
 
     # restore: every valid token slot -> the sorted row that holds it; padding slots -> >= S
     row_of = {(n, j): r for r, (_, _, n, j) in enumerate(slots)}
@@ -211,10 +213,11 @@ def linear_loop(x, weight, memory):
 
 
 def routed_rows(counts, D_in, dtype, g):
+    """Rows sorted memory-major: x [R, D_in], memory [R], and the blocks' ends (device int32, host)."""
     memory = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
-    offsets = torch.tensor(counts).cumsum(0).to(torch.int32)
+    ends = torch.tensor(counts).cumsum(0)
     x = torch.randn(memory.numel(), D_in, generator=g).to(dtype)
-    return x, memory, offsets
+    return x, memory, (ends.to(torch.int32), ends)
 
 
 @pytest.fixture(params=['grouped', 'fallback'])
@@ -237,7 +240,7 @@ def test_grouped_linear_matches_linear_loop(path, counts, dtype, tol):
     weight = torch.randn(len(counts), D_out, D_in, generator=g).to(dtype)
     if path == 'grouped' and not ops._grouped_mm_ok(x, weight):
         pytest.skip(f"torch has no grouped GEMM for cpu/{dtype}")
-    y = grouped_linear(x, weight, memory, offsets)
+    y = grouped_linear(x, weight, memory, *offsets)
     assert y.shape == (x.shape[0], D_out) and y.dtype == dtype
     close(y, linear_loop(x.float(), weight.float(), memory), tol=tol)
 
@@ -252,7 +255,7 @@ def test_grouped_linear_gradients_match_linear_loop(path, counts):
     if path == 'grouped':
         assert ops._grouped_mm_ok(x, weight), "expected the grouped-GEMM path for cpu/fp32"
     x1, w1 = x.clone().requires_grad_(), weight.clone().requires_grad_()
-    grouped_linear(x1, w1, memory, offsets).backward(grad)
+    grouped_linear(x1, w1, memory, *offsets).backward(grad)
     x2, w2 = x.clone().requires_grad_(), weight.clone().requires_grad_()
     linear_loop(x2, w2, memory).backward(grad)
     close(x1.grad, x2.grad, tol=1e-5)
@@ -268,7 +271,76 @@ def test_grouped_linear_unaligned_rows_take_fallback():
     x, memory, offsets = routed_rows([2, 0, 3], 5, torch.float32, g)
     weight = torch.randn(3, 6, 5, generator=g)
     assert not ops._grouped_mm_ok(x, weight)
-    close(grouped_linear(x, weight, memory, offsets), linear_loop(x, weight, memory), tol=1e-5)
+    close(grouped_linear(x, weight, memory, *offsets), linear_loop(x, weight, memory), tol=1e-5)
+
+
+def mm_flops(fn):
+    """Matrix-multiply FLOPs of fn() as torch counts them (its counter does not see grouped GEMMs)."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+@pytest.fixture
+def grouped_calls(monkeypatch):
+    """A list that grows by one for each grouped GEMM call."""
+    calls = []
+    real = ops._grouped_mm
+    monkeypatch.setattr(ops, '_grouped_mm', lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize('D_out', [6, 5, 4620 // 64])  # rows of 24, 20, 288 bytes in fp32; 72 = 4620 / 64
+def test_grouped_linear_any_output_width_takes_grouped_path(grouped_calls, D_out):
+    """Regression: an output width whose rows are not 16-byte aligned (fla's default GatedDeltaNet size fuses
+    to 4620 columns) used to send every forward to the E-fold product. torch's grouped GEMM takes any output
+    width; only its backward wants aligned gradient rows, which ``_AlignedGrad`` provides."""
+    g = torch.Generator().manual_seed(6)
+    x, memory, ends = routed_rows([3, 0, 4, 2], 16, torch.float32, g)
+    weight = torch.randn(4, D_out, 16, generator=g)
+    grad = torch.randn(x.shape[0], D_out, generator=g)
+    x1, w1 = x.clone().requires_grad_(), weight.clone().requires_grad_()
+    grouped_linear(x1, w1, memory, *ends).backward(grad)
+    assert grouped_calls, "grouped GEMM not used"
+    x2, w2 = x.clone().requires_grad_(), weight.clone().requires_grad_()
+    linear_loop(x2, w2, memory).backward(grad)
+    close(x1.grad, x2.grad)
+    close(w1.grad, w2.grad)
+
+
+def test_grouped_linear_fallback_costs_one_product_per_row(monkeypatch):
+    """Without a grouped GEMM, memory-major rows cost R x out x in multiply-adds: one product per memory block
+    (E launches), never every memory for every row."""
+    monkeypatch.setattr(ops, '_grouped_mm_ok', lambda x, weight: False)
+    g = torch.Generator().manual_seed(7)
+    x, memory, ends = routed_rows([30, 0, 20, 14], 16, torch.float32, g)
+    weight = torch.randn(4, 72, 16, generator=g)
+    want = linear_loop(x, weight, memory)
+    assert mm_flops(lambda: close(grouped_linear(x, weight, memory, *ends), want)) == 2 * x.shape[0] * 72 * 16
+
+
+def test_grouped_linear_many_unsorted_rows_sort_on_device(monkeypatch, grouped_calls):
+    """Rows in token order with j memories each (a decode step): up to DENSE_MAX_ROWS every memory's product is
+    taken (E per row); past it the slots are sorted by memory for one grouped GEMM, forward and backward."""
+    g = torch.Generator().manual_seed(8)
+    E, j, R = 5, 2, 12
+    x = torch.randn(R, 16, generator=g)
+    memory = torch.stack([torch.randperm(E, generator=g)[:j] for _ in range(R)]).reshape(-1)
+    weight = torch.randn(E, 8, 16, generator=g)
+    want = linear_loop(x.repeat_interleave(j, 0), weight, memory)
+    assert mm_flops(lambda: close(grouped_linear(x, weight, memory), want)) == 2 * R * E * 8 * 16
+    assert not grouped_calls
+    monkeypatch.setattr(ops, 'DENSE_MAX_ROWS', 4)
+    x1, w1 = x.clone().requires_grad_(), weight.clone().requires_grad_()
+    y = grouped_linear(x1, w1, memory)
+    assert len(grouped_calls) == 1 and mm_flops(lambda: grouped_linear(x, weight, memory)) == 0
+    close(y, want)
+    grad = torch.randn(R * j, 8, generator=g)
+    y.backward(grad)
+    x2, w2 = x.clone().requires_grad_(), weight.clone().requires_grad_()
+    linear_loop(x2.repeat_interleave(j, 0), w2, memory).backward(grad)
+    close(x1.grad, x2.grad)
+    close(w1.grad, w2.grad)
 
 
 def test_grouped_linear_backward_from_sum_on_grouped_path():
@@ -278,7 +350,7 @@ def test_grouped_linear_backward_from_sum_on_grouped_path():
     weight = torch.randn(2, 8, 16, generator=g)
     assert ops._grouped_mm_ok(x, weight)
     x1, w1 = x.clone().requires_grad_(), weight.clone().requires_grad_()
-    grouped_linear(x1, w1, memory, offsets).sum().backward()
+    grouped_linear(x1, w1, memory, *offsets).sum().backward()
     x2, w2 = x.clone().requires_grad_(), weight.clone().requires_grad_()
     linear_loop(x2, w2, memory).sum().backward()
     close(x1.grad, x2.grad)
