@@ -60,7 +60,7 @@ def _probe_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
         with torch.enable_grad():  # the first call may come inside no_grad (generation)
             a = torch.ones(4, 8, device=device, dtype=dtype, requires_grad=True)
             b = torch.ones(2, 6, 8, device=device, dtype=dtype, requires_grad=True)  # out = 6: unaligned rows
-            offs = torch.tensor([2, 4], dtype=torch.int32).to(device, non_blocking=True)
+            offs = torch.arange(2, 5, 2, device=device, dtype=torch.int32)  # [2, 4], made on the device
             out = _AlignedGrad.apply(_grouped_mm(a, b.transpose(1, 2), offs=offs))
             out.backward(torch.ones(4, 6, device=device, dtype=dtype))
         return True

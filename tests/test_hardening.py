@@ -258,7 +258,7 @@ def test_all_padding_batch_gives_every_parameter_a_gradient():
 
 # --------------------------------------------------------------------------- 8. gradient layouts (DDP)
 
-@pytest.mark.parametrize('backend', ['torch', pytest.param('triton', marks=interpreter)])
+@pytest.mark.parametrize('backend', ['torch', pytest.param('triton', marks=pytest.mark.gpu)])  # fla's chunk kernels
 @pytest.mark.parametrize('kw', [dict(num_memories=4, topk=2), dict(num_memories=1, topk=1, shared_memory=False),
                                 dict(num_memories=3, topk=1, host=dict(conv_size=3, conv_bias=True))])
 def test_every_gradient_has_its_parameters_strides(backend, kw):
@@ -266,7 +266,8 @@ def test_every_gradient_has_its_parameters_strides(backend, kw):
     not match bucket view strides") when they differ, on size-1 dimensions too (which autograd's layout
     contract ignores): the host's q conv weight [D, 1, W] got a transposed gradient."""
     kw = dict(kw)
+    dev = 'cuda' if backend == 'triton' else 'cpu'
     mom = wrap(make_host(**kw.pop('host', {})), init='random', backend=backend, balance_loss_weight=0.01, **kw)
-    mom(torch.randn(2, 9, HIDDEN))[0].square().mean().backward()
+    mom.to(dev)(torch.randn(2, 9, HIDDEN, device=dev))[0].square().mean().backward()
     for name, p in mom.named_parameters():
         assert p.grad.stride() == p.stride(), (name, p.grad.stride(), p.stride())
