@@ -11,6 +11,14 @@ than keeping it), ``_conv_bwd_dx`` gathers dx from the W rows each row feeds, an
 the weight/bias gradients per memory over long runs of rows in registers: rows are sorted memory-major, so
 a run spans one memory (rarely two) and adds one partial sum per memory atomically, so few adds meet on
 each weight.
+
+Offsets pass 2**31 elements on long inputs: x is mostly a column slice of the fused projection, its row
+stride SX the fused width (4620, say), so row * SX does from row 464,824 on (row * D, for y, dy, dpre and
+dx, from row 524,288 of 4096). Each program therefore moves its pointers to its first row r0 in 64-bit
+arithmetic and indexes rows from there in int32. That costs a few scalar operations, where int64 offsets
+over whole tiles took 15-35% more time in the backward kernels (H200, Triton 3.6: more registers, fewer
+programs per SM). The launcher keeps the in-program offsets in int32: (rows of a program + W) * max(SX, D)
+< 2**31 (``_rows_in_int32``).
 """
 from __future__ import annotations
 
@@ -35,7 +43,8 @@ def _memory_of(memory, rows, row_ok, HAS_MEMORY: tl.constexpr):
 @triton.jit
 def _conv_pre(x, wt, b, mem, pos, rows, cols, row_ok, col_ok, D, SX, W: tl.constexpr, HAS_BIAS: tl.constexpr,
               BT: tl.constexpr, BD: tl.constexpr):
-    """Pre-activation of rows [BT] x cols [BD], fp32. wt [E, W, D]: each tap contiguous along D."""
+    """Pre-activation of rows [BT] x cols [BD], fp32; rows count from the row x points to (int32 offsets).
+    wt [E, W, D]: each tap contiguous along D."""
     acc = tl.zeros((BT, BD), dtype=tl.float32)
     m = row_ok[:, None] & col_ok[None, :]
     for j in tl.static_range(W):
@@ -51,9 +60,16 @@ def _conv_pre(x, wt, b, mem, pos, rows, cols, row_ok, col_ok, D, SX, W: tl.const
 @triton.jit
 def _conv_fwd_kernel(x, wt, b, memory, position, y, S, D, SX, W: tl.constexpr, HAS_BIAS: tl.constexpr,
                      HAS_MEMORY: tl.constexpr, SILU: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
-    rows = tl.program_id(0) * BT + tl.arange(0, BT)
+    r0 = tl.program_id(0).to(tl.int64) * BT  # the block's first row; pointers move there in 64-bit
+    rows = tl.arange(0, BT)  # from r0: int32 offsets within the block
     cols = tl.program_id(1) * BD + tl.arange(0, BD)
-    row_ok, col_ok = rows < S, cols < D
+    n = (S - r0).to(tl.int32)  # rows from r0 to the end (S is int32)
+    row_ok, col_ok = rows < n, cols < D
+    x += r0 * SX
+    y += r0 * D
+    position += r0
+    if HAS_MEMORY:
+        memory += r0
     pos = tl.load(position + rows, mask=row_ok, other=0)
     mem = _memory_of(memory, rows, row_ok, HAS_MEMORY)
     acc = _conv_pre(x, wt, b, mem, pos, rows, cols, row_ok, col_ok, D, SX, W, HAS_BIAS, BT, BD)
@@ -65,9 +81,17 @@ def _conv_fwd_kernel(x, wt, b, memory, position, y, S, D, SX, W: tl.constexpr, H
 @triton.jit
 def _conv_bwd_pre_kernel(x, wt, b, memory, position, dy, dpre, S, D, SX, W: tl.constexpr, HAS_BIAS: tl.constexpr,
                          HAS_MEMORY: tl.constexpr, SILU: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
-    rows = tl.program_id(0) * BT + tl.arange(0, BT)
+    r0 = tl.program_id(0).to(tl.int64) * BT  # the block's first row; pointers move there in 64-bit
+    rows = tl.arange(0, BT)  # from r0: int32 offsets within the block
     cols = tl.program_id(1) * BD + tl.arange(0, BD)
-    row_ok, col_ok = rows < S, cols < D
+    n = (S - r0).to(tl.int32)  # rows from r0 to the end (S is int32)
+    row_ok, col_ok = rows < n, cols < D
+    x += r0 * SX
+    dy += r0 * D
+    dpre += r0 * D
+    position += r0
+    if HAS_MEMORY:
+        memory += r0
     m = row_ok[:, None] & col_ok[None, :]
     g = tl.load(dy + rows[:, None] * D + cols[None, :], mask=m, other=0.).to(tl.float32)
     if SILU:
@@ -83,15 +107,22 @@ def _conv_bwd_pre_kernel(x, wt, b, memory, position, dy, dpre, S, D, SX, W: tl.c
 def _conv_bwd_dx_kernel(wt, memory, position, dpre, dx, S, D, W: tl.constexpr, HAS_MEMORY: tl.constexpr,
                         BT: tl.constexpr, BD: tl.constexpr):
     """dx[r] = sum_j dpre[r + j] * tap W-1-j, over the rows r + j of r's segment."""
-    rows = tl.program_id(0) * BT + tl.arange(0, BT)
+    r0 = tl.program_id(0).to(tl.int64) * BT  # the block's first row; pointers move there in 64-bit
+    rows = tl.arange(0, BT)  # from r0: int32 offsets within the block
     cols = tl.program_id(1) * BD + tl.arange(0, BD)
-    row_ok, col_ok = rows < S, cols < D
+    n = (S - r0).to(tl.int32)  # rows from r0 to the end (S is int32)
+    row_ok, col_ok = rows < n, cols < D
+    dpre += r0 * D
+    dx += r0 * D
+    position += r0
+    if HAS_MEMORY:
+        memory += r0
     m = row_ok[:, None] & col_ok[None, :]
     mem = _memory_of(memory, rows, row_ok, HAS_MEMORY)
     acc = tl.zeros((BT, BD), dtype=tl.float32)
     for j in tl.static_range(W):
         src = rows + j
-        src_ok = src < S
+        src_ok = src < n
         feeds = src_ok & (tl.load(position + src, mask=src_ok, other=0) >= j)
         gj = tl.load(dpre + src[:, None] * D + cols[None, :], mask=feeds[:, None] & col_ok[None, :], other=0.)
         wj = tl.load(wt + mem[:, None] * W * D + (W - 1 - j) * D + cols[None, :], mask=m, other=0.)
@@ -106,7 +137,13 @@ def _conv_bwd_dw_kernel(x, memory, position, dpre, dwt, db, S, D, SX, W: tl.cons
     """dw[e, :, W-1-j] = sum over the rows r of memory e of dpre[r] * x[r - j] (same segment); db[e] = sum of
     dpre[r]. Each program reduces ROWS rows in registers and adds one partial sum per memory among them:
     with rows sorted memory-major that is one memory (rarely two), so few atomic adds land on each weight."""
-    r0 = tl.program_id(0) * ROWS
+    r0 = tl.program_id(0).to(tl.int64) * ROWS  # as in the tile kernels: 64-bit to r0, int32 from there
+    x += r0 * SX
+    dpre += r0 * D
+    position += r0
+    if HAS_MEMORY:
+        memory += r0
+    n = (S - r0).to(tl.int32)  # rows from r0 to the end
     cols = tl.program_id(1) * BD + tl.arange(0, BD)
     col_ok = cols < D
     taps = tl.arange(0, BW)
@@ -115,17 +152,17 @@ def _conv_bwd_dw_kernel(x, memory, position, dpre, dwt, db, S, D, SX, W: tl.cons
     if HAS_MEMORY:  # the memories among this program's rows
         m_lo = 2147483647
         m_hi = -1
-        for t in range(r0, r0 + ROWS, BT):
+        for t in range(0, ROWS, BT):
             rows = t + tl.arange(0, BT)
-            mem = tl.load(memory + rows, mask=rows < S, other=0).to(tl.int32)  # loop-carried: keep one type
-            m_lo = tl.minimum(m_lo, tl.min(tl.where(rows < S, mem, 2147483647), axis=0))
-            m_hi = tl.maximum(m_hi, tl.max(tl.where(rows < S, mem, -1), axis=0))
+            mem = tl.load(memory + rows, mask=rows < n, other=0).to(tl.int32)  # loop-carried: keep one type
+            m_lo = tl.minimum(m_lo, tl.min(tl.where(rows < n, mem, 2147483647), axis=0))
+            m_hi = tl.maximum(m_hi, tl.max(tl.where(rows < n, mem, -1), axis=0))
     for e in range(m_lo, m_hi + 1):
         acc_w = tl.zeros((BD, BW), dtype=tl.float32)  # [cols, tap]
         acc_b = tl.zeros((BD,), dtype=tl.float32)
-        for t in range(r0, r0 + ROWS, BT):
+        for t in range(0, ROWS, BT):
             rows = t + tl.arange(0, BT)
-            row_ok = rows < S
+            row_ok = rows < n
             mem = _memory_of(memory, rows, row_ok, HAS_MEMORY)
             mine = row_ok & (mem == e)
             g = tl.load(dpre + rows[:, None] * D + cols[None, :], mask=mine[:, None] & col_ok[None, :], other=0.)
@@ -144,6 +181,11 @@ def _conv_bwd_dw_kernel(x, memory, position, dpre, dwt, db, S, D, SX, W: tl.cons
             tl.atomic_add(db + e * D + cols, acc_b, mask=col_ok)
 
 
+def _rows_in_int32(x):
+    """How many rows from one program's first row x and the [S, D] buffers can span in int32 offsets."""
+    return (2**31 - 1) // max(x.stride(0), x.shape[1], 1)
+
+
 def _launch_args(x, weight_shape, memory):
     S, D = x.shape
     W = weight_shape[-1]
@@ -154,8 +196,13 @@ def _launch_args(x, weight_shape, memory):
 class SegmentConvTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, memory, position, silu):
-        if x.stride(1) != 1:  # rows may be strided (a column slice of the fused projection), columns not
+        W = weight.shape[-1]
+        # rows may be strided (a column slice of the fused projection), columns not; rows so far apart that a
+        # block's offsets leave int32 (2**31 / (BLOCK_T + W) elements, never seen in practice) are copied closer
+        if x.stride(1) != 1 or _rows_in_int32(x) < BLOCK_T + W:
             x = x.contiguous()
+            if _rows_in_int32(x) < BLOCK_T + W:
+                raise ValueError(f"x: rows of {x.shape[1]} elements are too wide for the kernels' int32 offsets")
         wt = weight.transpose(1, 2).contiguous()  # [E, W, D]: the kernels read each tap along D, coalesced
         position = position.contiguous()
         bias = bias.contiguous() if bias is not None else None
@@ -184,7 +231,8 @@ class SegmentConvTriton(torch.autograd.Function):
             _conv_bwd_pre_kernel[grid](x, wt, bias, memory, position, dy.contiguous(), dpre, SX=x.stride(0),
                                        HAS_BIAS=bias is not None, SILU=ctx.silu, **meta)
             _conv_bwd_dx_kernel[grid](wt, memory, position, dpre, dx, **meta)
-            rows = min(ROWS_PER_PROGRAM, grid[0] * BLOCK_T)
+            # a multiple of BLOCK_T, and in-program offsets in int32 (the forward made sure one block fits)
+            rows = min(ROWS_PER_PROGRAM, grid[0] * BLOCK_T, (_rows_in_int32(x) - W) // BLOCK_T * BLOCK_T)
             _conv_bwd_dw_kernel[(triton.cdiv(S, rows), grid[1])](
                 x, memory, position, dpre, dwt, db, SX=x.stride(0), BW=BW, HAS_BIAS=bias is not None, ROWS=rows,
                 **meta)
