@@ -1,12 +1,15 @@
 """The write side of every memory as stacked parameters, applied to the sorted slots without a Python
 loop over memories.
 
-The host's projections are stored side by side in one parameter ``weight`` ``[E, sum(out), in]``, the
-operand of the one grouped GEMM as it is (no concatenation per forward, nothing cached that an in-place edit
-could leave stale); ``proj[name]`` is the view ``[E, out, in]`` of projection ``name``. ``proj_bias[name]``
-holds its bias when the host's linear has one and, when the host follows it with a short conv,
-``conv[name]`` ``[E, D, W]`` (and ``conv_bias``) the conv. Index ``E - 1`` is the shared memory when there
-is one.
+Each host projection (``mom_wrap.adapters.base.WriteProjection``) reads one input: the layer input ``x``, or
+a read-side tensor of the adapter (a token-shifted mix, for instance). Projections of ``x`` are stored side
+by side in one parameter ``weight`` ``[E, sum(out), in]``, the operand of one grouped GEMM as it is (no
+concatenation per forward, nothing cached that an in-place edit could leave stale); a projection of another
+input has its own ``input_weight[name]`` ``[E, out, in]``. ``proj[name]`` is the ``[E, out, in]`` weight of
+projection ``name`` either way (a view of ``weight`` for projections of ``x``). ``proj_bias[name]`` holds
+its bias when the host's linear has one; a low-rank projection's second stage (after its activation) is
+``second[name]`` ``[E, out, rank]`` with ``second_bias[name]``; a short conv after the projection is
+``conv[name]`` ``[E, D, W]`` (and ``conv_bias``). Index ``E - 1`` is the shared memory when there is one.
 Stacking keeps every memory's weights in parameters that receive a gradient on every step, even when a
 memory gets no token.
 """
@@ -16,6 +19,7 @@ import copy
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from mom_wrap.adapters.base import WriteProjection
 from mom_wrap.dispatch import Dispatch, gather
@@ -36,20 +40,41 @@ def _stack(module: nn.Module, attr: str, num: int, init: str) -> torch.Tensor:
     return torch.stack(fresh)
 
 
+STAGE_ACTIVATIONS = {None: lambda t: t, 'tanh': torch.tanh, 'sigmoid': torch.sigmoid, 'relu': F.relu,
+                     'silu': F.silu}
+
+
 class MemoryBank(nn.Module):
     def __init__(self, projections: list[WriteProjection], num_memories: int, init: str):
         super().__init__()
+        for p in projections:
+            if p.activation not in STAGE_ACTIVATIONS:
+                raise ValueError(f"activation: unsupported activation {p.activation!r} of projection {p.name!r}")
         self.names = [p.name for p in projections]
-        self.out_features = [p.linear.out_features for p in projections]
-        self.weight = nn.Parameter(torch.cat([_stack(p.linear, 'weight', num_memories, init) for p in projections],
-                                             dim=1))
+        # projections of x, fused; each other input's projection on its own
+        self.x_names = [p.name for p in projections if p.input == 'x']
+        self.out_features = [p.linear.out_features for p in projections if p.input == 'x']
+        self.inputs = {p.name: p.input for p in projections}
+        self.weight = nn.Parameter(torch.cat([_stack(p.linear, 'weight', num_memories, init)
+                                              for p in projections if p.input == 'x'], dim=1)) \
+            if self.x_names else None
+        self.input_weight = nn.ParameterDict({p.name: nn.Parameter(_stack(p.linear, 'weight', num_memories, init))
+                                              for p in projections if p.input != 'x'})
         self.proj_bias = nn.ParameterDict()
+        self.second = nn.ParameterDict()
+        self.second_bias = nn.ParameterDict()
+        self.activation: dict[str, str | None] = {}
         self.conv = nn.ParameterDict()
         self.conv_bias = nn.ParameterDict()
         self.conv_activation: dict[str, str | None] = {}
         for p in projections:
             if p.linear.bias is not None:
                 self.proj_bias[p.name] = nn.Parameter(_stack(p.linear, 'bias', num_memories, init))
+            if p.second is not None:
+                self.second[p.name] = nn.Parameter(_stack(p.second, 'weight', num_memories, init))
+                if p.second.bias is not None:
+                    self.second_bias[p.name] = nn.Parameter(_stack(p.second, 'bias', num_memories, init))
+                self.activation[p.name] = p.activation
             if p.conv is not None:
                 # ShortConvolution weight [D, 1, W] -> [E, D, W]
                 self.conv[p.name] = nn.Parameter(_stack(p.conv, 'weight', num_memories, init).squeeze(2))
@@ -58,38 +83,59 @@ class MemoryBank(nn.Module):
                 self.conv_activation[p.name] = getattr(p.conv, 'activation', None)
 
     def split(self, t: torch.Tensor) -> dict[str, torch.Tensor]:
-        """t [E, sum(out), ...] (``weight``, its gradient, an optimizer state) -> name -> [E, out, ...] views."""
-        return dict(zip(self.names, t.split(self.out_features, dim=1)))
+        """t [E, sum(out), ...] (``weight``, its gradient, an optimizer state) -> x-projection name -> [E, out, ...]
+        views."""
+        return dict(zip(self.x_names, t.split(self.out_features, dim=1)))
 
     @property
     def proj(self) -> dict[str, torch.Tensor]:
-        """name -> the projection's weights [E, out, in], a view of ``weight`` (edits in place reach it)."""
-        return self.split(self.weight)
+        """name -> the projection's (first-stage) weights [E, out, in]; in-place edits reach the parameters."""
+        views = self.split(self.weight) if self.weight is not None else {}
+        return {n: views[n] if n in views else self.input_weight[n] for n in self.names}
 
     def conv_shapes(self) -> dict[str, tuple[int, int]]:
         """name -> (channels, width) of every per-memory short conv."""
         return {name: tuple(w.shape[1:]) for name, w in self.conv.items()}
 
-    def forward(self, x: torch.Tensor, dispatch: Dispatch, backend: str = 'torch',
+    @staticmethod
+    def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dispatch: Dispatch,
+                per_slot: bool) -> torch.Tensor:
+        """Each slot's rows through its memory's weight [E, out, in] (+ bias [E, out]). x: per flat token
+        [N, in] (gathered here) or, with ``per_slot``, already per sorted slot [S, in]."""
+        if dispatch.token_major:  # a decode step: each token once, with all its memories
+            y = grouped_linear(x, weight, dispatch.memory)
+        else:
+            y = grouped_linear(x if per_slot else gather(x, dispatch), weight, dispatch.memory,
+                               dispatch.memory_offsets, dispatch.memory_offsets_cpu)
+        return y if bias is None else y + bias[dispatch.memory]
+
+    def forward(self, inputs: dict[str, torch.Tensor], dispatch: Dispatch, backend: str = 'torch',
                 conv_rows: dict[str, PoolRows] | None = None) -> dict[str, torch.Tensor]:
-        """x [N, in] per flat token -> name -> [S, out] per sorted slot (projection, then segment conv).
+        """inputs: 'x' (the layer input) and the read-side tensors projections read, each [N, in] per flat token
+        -> name -> [S, out] per sorted slot (projection, second stage, segment conv).
 
         With ``conv_rows`` (name -> the cached conv states of ``dispatch``'s G segments, rows of the pool
         [N, E, D, W]) every segment's conv starts from its cached state and writes the new one back.
         """
-        weight = self.weight
-        if dispatch.token_major:  # a decode step: each token projected once for all its memories
-            y = grouped_linear(x, weight, dispatch.memory)
-        else:
-            y = grouped_linear(gather(x, dispatch), weight, dispatch.memory, dispatch.memory_offsets,
-                               dispatch.memory_offsets_cpu)
-        if len(self.proj_bias):
-            E = weight.shape[0]
-            bias = torch.cat([self.proj_bias[n] if n in self.proj_bias else weight.new_zeros(E, f)
-                              for n, f in zip(self.names, self.out_features)], dim=1)
-            y = y + bias[dispatch.memory]
+        parts = {}
+        if self.weight is not None:
+            bias = None
+            if any(n in self.proj_bias for n in self.x_names):
+                E = self.weight.shape[0]
+                bias = torch.cat([self.proj_bias[n] if n in self.proj_bias else self.weight.new_zeros(E, f)
+                                  for n, f in zip(self.x_names, self.out_features)], dim=1)
+            y = self._linear(inputs['x'], self.weight, bias, dispatch, per_slot=False)
+            parts.update(zip(self.x_names, y.split(self.out_features, dim=1)))
+        for name, w in self.input_weight.items():
+            parts[name] = self._linear(inputs[self.inputs[name]], w, self.proj_bias[name] if name in self.proj_bias
+                                       else None, dispatch, per_slot=False)
         out = {}
-        for name, part in zip(self.names, y.split(self.out_features, dim=1)):  # a handful of named parts
+        for name in self.names:  # a handful of named parts
+            part = parts[name]
+            if name in self.second:  # low rank: activation, then the second stage, per slot
+                part = self._linear(STAGE_ACTIVATIONS[self.activation[name]](part), self.second[name],
+                                    self.second_bias[name] if name in self.second_bias else None, dispatch,
+                                    per_slot=True)
             if name in self.conv:
                 w, b, act = self.conv[name], self.conv_bias[name] if name in self.conv_bias else None, \
                     self.conv_activation[name]

@@ -127,7 +127,7 @@ class MixtureOfMemories(nn.Module):
                 read, o = self._memories_cached(x, layout, dispatch, backend, state)
             else:
                 read = self._adapter.read(x, layout, backend)
-                write = self.memories(x, dispatch, backend)
+                write = self.memories({'x': x, **read}, dispatch, backend)
                 o, _ = self._adapter.recurrence(read, write, dispatch, backend)
             o = self._adapter.finish(combine(o, dispatch), read, backend)
             if layout.valid is not None:
@@ -193,7 +193,7 @@ class MixtureOfMemories(nn.Module):
         index = dispatch.segment_sequence * self.num_slots_memories + dispatch.segment_memory
         write_rows = {n: PoolRows(c, index, dispatch.segment_valid, lead=2, backend=backend)
                       for n, c in state['write_conv'].items()}
-        write = self.memories(x, dispatch, backend, write_rows)
+        write = self.memories({'x': x, **read}, dispatch, backend, write_rows)
         h = PoolRows(state['recurrent'], index, dispatch.segment_valid, lead=2, backend=backend)
         o, h_new = self._adapter.recurrence(read, write, dispatch, backend, initial_state=h.read(),
                                             output_final_state=True)

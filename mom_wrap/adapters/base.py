@@ -4,7 +4,7 @@ An adapter splits its host into
 
 * a **write side**, copied per memory: the projections (and the short convs after them) that produce
   what the recurrence writes into its state. The adapter names them with :class:`WriteProjection`; the
-  core stacks their weights into ``[E, out, in]`` parameters, runs them as one grouped GEMM on the sorted
+  core stacks their weights into ``[E, out, in]`` parameters, runs them as grouped GEMMs on the sorted
   slots and the convs per segment, and hands the results back keyed by name.
 * a **read side**, computed once per token in token order: the query, output gate, output norm, output
   projection and host constants. ``read`` runs before the memories, ``finish`` after the combine.
@@ -28,12 +28,24 @@ if TYPE_CHECKING:
 
 @dataclass
 class WriteProjection:
-    """One per-memory projection of the host: ``conv(linear(x))`` where conv (the host's short conv,
-    activation included) may be absent."""
+    """One per-memory projection of the host: ``conv(second(activation(linear(input))))``, where the second
+    stage and the conv (the host's short conv, its activation included) may be absent.
+
+    Grown for every host at once (GatedDeltaNet needs neither field), because fla's other hosts have:
+    * ``input``: what the projection reads. ``'x'``, the layer input, or the name of a tensor [N, in] that
+      the adapter's ``read`` returns: RWKV's projections read token-shifted mixes of x made once per token
+      in token order (read side), each projection its own.
+    * ``second`` and ``activation``: a low-rank projection in two stages, both per memory (GLA's ``gk_proj``,
+      RWKV's decay and in-context-rate LoRAs): ``linear`` (in -> rank), ``activation`` (None, 'tanh',
+      'sigmoid', 'relu', 'silu'), then ``second`` (rank -> out, with its bias).
+    """
 
     name: str
     linear: nn.Linear
     conv: nn.Conv1d | None = None
+    input: str = 'x'
+    second: nn.Linear | None = None
+    activation: str | None = None
 
 
 class HostAdapter:
@@ -80,7 +92,8 @@ class HostAdapter:
 
     def read(self, x: torch.Tensor, layout: TokenLayout, backend: str,
              conv_rows: dict[str, PoolRows] | None = None) -> dict[str, torch.Tensor]:
-        """x [N, hidden] -> per-token read-side tensors (query, output gate, ...).
+        """x [N, hidden] -> per-token read-side tensors (query, output gate, ..., and the inputs that
+        write projections name in ``WriteProjection.input``, [N, in] each).
 
         With ``conv_rows`` (name -> the cached read-side conv states [num_sequences, D, W], see
         ``read_conv_shapes``) the read-side convs start from them and write their new states back.
