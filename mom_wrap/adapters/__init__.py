@@ -1,5 +1,15 @@
-"""Host adapters: one module per host, registered on import. See ``base`` for the protocol."""
+"""Host adapters: one module per host, registered on import. See ``base`` for the protocol.
+
+Every module of this package that defines an adapter registers it with ``register_adapter``; all of them
+are imported here, so a new host needs its module and nothing else.
+"""
+import importlib
+import pkgutil
+
 from mom_wrap.adapters.base import HostAdapter, WriteProjection, adapter_for, register_adapter, supported_hosts
-from mom_wrap.adapters import gated_deltanet  # noqa: F401  (registers the adapter)
+
+_SHARED = {'base', 'fla_common'}  # the protocol and helpers, no adapter
+for _module in sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name not in _SHARED):
+    importlib.import_module(f'{__name__}.{_module}')
 
 __all__ = ['HostAdapter', 'WriteProjection', 'adapter_for', 'register_adapter', 'supported_hosts']
