@@ -73,6 +73,12 @@ class HostAdapter:
     def hidden_size(self) -> int:
         return self.host.hidden_size
 
+    @classmethod
+    def example_host(cls) -> nn.Module:
+        """A small host layer (hidden 64, ``layer_idx=0``, the host's default options otherwise): what
+        ``mom_wrap.check`` runs the parity checks (``mom_wrap.testing``) on."""
+        raise NotImplementedError
+
     def write_projections(self) -> list[WriteProjection]:
         """The host's per-memory projections, in the order the core stacks them."""
         raise NotImplementedError

@@ -60,6 +60,10 @@ def gated_delta_rule_reference(q, k, v, a, b, A_log, dt_bias, cu_seqlens, positi
 class GatedDeltaNetAdapter(HostAdapter):
     host_class = 'fla.layers.gated_deltanet.GatedDeltaNet'
 
+    @classmethod
+    def example_host(cls):
+        return cls.load_host_class()(hidden_size=64, head_dim=16, num_heads=2, expand_v=2, layer_idx=0)
+
     def write_projections(self) -> list[WriteProjection]:
         h = self.host
         conv = h.use_short_conv

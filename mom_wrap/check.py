@@ -1,0 +1,62 @@
+"""``python -m mom_wrap.check [HOST ...] [--device cpu|cuda]``: the parity checks of ``mom_wrap.testing`` for
+every supported host that is installed (or the named ones: a class name such as ``GatedDeltaNet``, or the
+dotted path ``supported_hosts()`` lists), printed as one table. Exit status 1 on any failure.
+
+On the CPU the host layers' own forwards run through Triton's interpreter (set here before Triton is
+imported), as the tests do.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _interpret_on_cpu() -> None:
+    """TRITON_INTERPRET=1, and an autotuner that runs each config once instead of timing it."""
+    os.environ.setdefault('TRITON_INTERPRET', '1')
+    from triton.runtime import autotuner
+
+    def run_once(kernel_call, quantiles=None, **kwargs):
+        kernel_call()
+        return [0.0, 0.0, 0.0]
+    autotuner.Autotuner.do_bench = property(lambda self: run_once)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog='python -m mom_wrap.check', description=__doc__.splitlines()[0])
+    p.add_argument('hosts', nargs='*', help='host class names or dotted paths (default: every installed one)')
+    p.add_argument('--device', choices=('cpu', 'cuda'), default='cpu')
+    args = p.parse_args(argv)
+    if args.device == 'cpu':
+        _interpret_on_cpu()
+    import torch  # noqa: F401  (after the interpreter is set)
+
+    from mom_wrap.adapters.base import _REGISTRY
+    from mom_wrap.testing import run_checks
+
+    adapters = [a for a in _REGISTRY if a.load_host_class() is not None]
+    if args.hosts:
+        wanted = set(args.hosts)
+        unknown = wanted - {a.host_class for a in adapters} - {a.host_class.rpartition('.')[2] for a in adapters}
+        if unknown:
+            p.error(f"unknown or not installed host(s): {', '.join(sorted(unknown))}; "
+                    f"installed: {', '.join(a.host_class for a in adapters)}")
+        adapters = [a for a in adapters if a.host_class in wanted or a.host_class.rpartition('.')[2] in wanted]
+    results = []
+    for adapter in adapters:
+        name = adapter.host_class.rpartition('.')[2]
+        print(f"checking {name} on {args.device} ...", file=sys.stderr, flush=True)
+        results += run_checks(adapter.example_host, name, device=args.device)
+    width = max([len(r.check) for r in results] + [5])
+    print(f"{'host':<16}{'check':<{width + 2}}{'max rel err':>12}{'tolerance':>11}  result")
+    for r in results:
+        print(f"{r.host:<16}{r.check:<{width + 2}}{r.error:>12.1e}{r.tolerance:>11.0e}  "
+              f"{'pass' if r.passed else 'FAIL'}{'  ' + r.detail if r.detail else ''}")
+    failed = sum(not r.passed for r in results)
+    print(f"{len(results) - failed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

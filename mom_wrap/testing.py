@@ -1,0 +1,257 @@
+"""Per-host parity checks, public: the evidence that a host's adapter is right, for our hosts and yours.
+
+``run_checks(factory)`` builds small host layers with ``factory()`` (a fresh layer with ``layer_idx=0``
+each call), wraps them and returns a list of :class:`Result`. ``python -m mom_wrap.check`` runs it for every
+supported host (see ``mom_wrap/check.py``). The checks, each against a reference that does not go through
+the code it checks:
+
+* ``one_memory_equals_host`` (per backend): M=1 copying the host equals the host layer's own eval forward.
+* ``topk_copies_equal_host``: M=3, top-3 copies without shared memory (weights sum to 1) equal the host.
+* ``naive_loop`` (with and without shared memory): routed memories equal a loop over memories and batch
+  rows, each memory's write side run on its own tokens with plain ``F.linear`` / ``F.conv1d`` and the
+  adapter's reference recurrence (torch backend) on that one segment; no dispatch, sort, grouped GEMM or
+  segment conv of ours.
+* ``causal``, ``batch_rows_independent``, ``left_padding``, ``packed_sequences``: layouts against plain runs.
+* ``every_parameter_gets_a_gradient``.
+* ``cached_chunks_equal_full_forward``: prefill, chunked prefill and one-token decode through fla's Cache.
+* on CUDA, ``triton_vs_torch_{fp32,bf16}``: forward and backward of both backends, and
+  ``one_memory_equals_host_training``: M=1 vs the host in training mode (chunk kernels) at T = 2048.
+
+The host's own forward needs fla's kernels: on the CPU run under ``TRITON_INTERPRET=1`` (the check command
+and the tests set it), which runs their eval path (fused_recurrent) for T <= 64.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mom_wrap.adapters import adapter_for
+from mom_wrap.dispatch import plan_dispatch
+from mom_wrap.layout import TokenLayout
+from mom_wrap.memories import STAGE_ACTIVATIONS
+from mom_wrap.wrapper import MixtureOfMemories
+
+TOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 3e-2}
+GPU_TOL = {torch.float32: 5e-3, torch.bfloat16: 3e-2}  # fla's fp32 dots run in TF32 on the GPU
+
+
+@dataclass
+class Result:
+    host: str
+    check: str
+    error: float  # max relative error (or 0/1 for yes/no checks)
+    tolerance: float
+    detail: str = ''
+
+    @property
+    def passed(self) -> bool:
+        return self.error <= self.tolerance  # NaN fails
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """max |got - want| / max(max |want|, 1)"""
+    got, want = got.detach().double(), want.detach().double()
+    err = (got - want).abs().max().item() if want.numel() else 0.0
+    if got.isnan().any():
+        return float('nan')
+    return err / max(want.abs().max().item() if want.numel() else 0.0, 1.0)
+
+
+def wrap(host: nn.Module, num_memories: int = 4, topk: int = 2, shared: bool = True, init: str = 'random',
+         backend: str = 'torch', seed: int = 0) -> MixtureOfMemories:
+    """A wrapped layer without balancing loss (references have none) and a router spread enough to route."""
+    torch.manual_seed(seed)
+    mom = MixtureOfMemories(host, num_memories=num_memories, topk=topk, shared_memory=shared, init=init,
+                            backend=backend, balance_loss_weight=0.0)
+    nn.init.normal_(mom.router.weight, std=0.5)
+    for b in (*mom.memories.conv_bias.values(), *mom.memories.proj_bias.values(), *mom.memories.second_bias.values()):
+        nn.init.normal_(b.data, std=0.3)  # fresh biases start at zero: make them count
+    return mom.to(next(host.parameters()).device)
+
+
+# ------------------------------------------------------------------------------------------ naive loop
+
+def _causal_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str | None):
+    """One sequence x [T, D] through a depthwise causal conv weight [D, W] (+ bias [D])."""
+    W = weight.shape[-1]
+    y = F.conv1d(x.t()[None], weight[:, None], bias, padding=W - 1, groups=x.shape[1])[0, :, :x.shape[0]].t()
+    return F.silu(y) if activation in ('silu', 'swish') else y
+
+
+def memory_write(mom: MixtureOfMemories, inputs: dict[str, torch.Tensor], e: int) -> dict[str, torch.Tensor]:
+    """Memory e's write side on one token subsequence: name -> [T, out], with plain F.linear / F.conv1d."""
+    bank = mom.memories
+    out = {}
+    for n in bank.names:
+        y = F.linear(inputs[bank.inputs[n]], bank.proj[n][e], bank.proj_bias[n][e] if n in bank.proj_bias else None)
+        if n in bank.second:
+            y = F.linear(STAGE_ACTIVATIONS[bank.activation[n]](y), bank.second[n][e],
+                         bank.second_bias[n][e] if n in bank.second_bias else None)
+        if n in bank.conv:
+            y = _causal_conv(y, bank.conv[n][e], bank.conv_bias[n][e] if n in bank.conv_bias else None,
+                             bank.conv_activation[n])
+        out[n] = y
+    return out
+
+
+def naive_mom(mom: MixtureOfMemories, x: torch.Tensor) -> torch.Tensor:
+    """MoM over x [B, T, hidden], one batch row and one memory at a time, routing written out here."""
+    adapter = mom._adapter
+    E, M = mom.num_slots_memories, mom.num_memories
+    out = []
+    with torch.no_grad():
+        for xb in x:
+            T = xb.shape[0]
+            probs = F.linear(xb.float(), mom.router.weight.float()).softmax(-1)
+            top_p, top_i = probs.topk(mom.topk, dim=-1)
+            top_p = top_p / top_p.sum(-1, keepdim=True)
+            read = adapter.read(xb, TokenLayout.build(1, T, xb.device), 'torch')
+            inputs = {'x': xb, **read}
+            total = None
+            for e in range(E):
+                if e < M:
+                    sel = (top_i == e).any(-1).nonzero().squeeze(1)
+                    weight = (top_p * (top_i == e)).sum(-1)[sel]
+                else:  # the shared memory: every token, weight 1
+                    sel, weight = torch.arange(T, device=xb.device), torch.ones(T, device=xb.device)
+                if sel.numel() == 0:
+                    continue
+                write = memory_write(mom, {k: v[sel] for k, v in inputs.items()}, e)
+                # one segment of memory 0 in a bank of one: the adapter's reference recurrence on it
+                n = sel.numel()
+                zeros = torch.zeros(n, dtype=torch.long, device=xb.device)
+                one = plan_dispatch(zeros[:, None], torch.ones(n, 1, device=xb.device), zeros, None, 1, 1)
+                o, _ = adapter.recurrence({k: v[sel] for k, v in read.items()}, write, one, 'torch')
+                o = o.double() * weight.double().view(-1, *[1] * (o.dim() - 1))
+                if total is None:
+                    total = torch.zeros(T, *o.shape[1:], dtype=torch.float64, device=xb.device)
+                total[sel] += o
+            out.append(adapter.finish(total.to(x.dtype), read, 'torch'))
+    return torch.stack(out)
+
+
+# ------------------------------------------------------------------------------------------ the checks
+
+def _feed(mom, x, sizes, mask=None):
+    from fla.models.utils import Cache
+    cache, outs, start = Cache(), [], 0
+    for n in sizes:
+        m = None if mask is None else mask[:, :start + n]
+        outs.append(mom(x[:, start:start + n], attention_mask=m, past_key_values=cache, use_cache=True)[0])
+        start += n
+    return torch.cat(outs, 1)
+
+
+def run_checks(factory: Callable[[], nn.Module], name: str | None = None, device: str = 'cpu',
+               dtype: torch.dtype = torch.float32, interpret: bool = True) -> list[Result]:
+    """Every check for the host ``factory()`` builds; ``interpret``: the host's own forward can run here (CUDA,
+    or the CPU under TRITON_INTERPRET=1); without it the checks against the host layer are skipped."""
+    host0 = factory().to(device, dtype)
+    name = name or type(host0).__name__
+    hidden = adapter_for(host0).hidden_size
+    tol = TOL[dtype]
+    results = []
+
+    def record(check, got, want, t=tol, detail=''):
+        results.append(Result(name, check, rel_err(got, want), t, detail))
+
+    def new(**kw):
+        return wrap(factory().to(device, dtype), **kw).eval()
+
+    g = torch.Generator(device='cpu').manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g).to(device, dtype)
+
+    x = randn(2, 20, hidden)
+    with torch.no_grad():
+        if interpret:
+            for backend in ('torch', 'triton'):
+                host = factory().to(device, dtype).eval()
+                want = copy.deepcopy(host)(x)[0]
+                mom = wrap(host, num_memories=1, topk=1, shared=False, init='copy', backend=backend).eval()
+                record(f'one_memory_equals_host[{backend}]', mom(x)[0], want)
+            host = factory().to(device, dtype).eval()
+            want = copy.deepcopy(host)(x)[0]
+            mom = wrap(host, num_memories=3, topk=3, shared=False, init='copy').eval()
+            record('topk_copies_equal_host', mom(x)[0], want)
+        for shared in (False, True):
+            mom = new(shared=shared)
+            record(f'naive_loop[shared={shared}]', mom(x)[0], naive_mom(mom, x))
+
+        mom = new()
+        full = mom(x)[0]
+        y = x.clone()
+        y[:, 12:] = randn(2, 8, hidden)
+        record('causal', mom(y)[0][:, :12], full[:, :12])
+        record('batch_rows_independent', torch.cat([mom(x[b:b + 1])[0] for b in range(2)]), full)
+        lengths = [20, 11]
+        mask = torch.zeros(2, 20, dtype=torch.long, device=device)
+        xp = x.clone()
+        for b, n in enumerate(lengths):
+            mask[b, 20 - n:] = 1
+            xp[b, :20 - n] = float('nan')  # padding content must not matter, not even NaN
+        out = mom(xp, attention_mask=mask)[0]
+        record('left_padding', torch.cat([out[b, 20 - n:] for b, n in enumerate(lengths)]),
+               torch.cat([mom(x[b:b + 1, 20 - n:])[0][0] for b, n in enumerate(lengths)]))
+        cu = torch.tensor([0, 7, 8, 20], device=device)
+        packed = mom(x[:1], cu_seqlens=cu)[0][0]
+        record('packed_sequences', packed, torch.cat([mom(x[:1, s:e])[0][0] for s, e in zip(cu[:-1], cu[1:])]))
+        record('cached_chunks_equal_full_forward', _feed(mom, x, [9, 1, 1, 6, 1, 2]), full)
+        record('cached_chunks_with_padding', _feed(mom, xp, [9, 1, 1, 6, 1, 2], mask)[mask.bool()],
+               out[mask.bool()])
+
+    mom = new().train()
+    xg = x.clone().requires_grad_()
+    mom(xg)[0].square().mean().backward()
+    missing = [n for n, p in mom.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()
+               or p.grad.abs().sum() == 0]
+    results.append(Result(name, 'every_parameter_gets_a_gradient', float(bool(missing)), 0.0,
+                          ', '.join(missing)))
+
+    if device == 'cuda':
+        results += _gpu_checks(factory, name, interpret)
+    return results
+
+
+def _gpu_checks(factory, name: str, interpret: bool) -> list[Result]:
+    results = []
+    hidden = adapter_for(factory()).hidden_size
+    for dtype in (torch.float32, torch.bfloat16):
+        mom = wrap(factory().to('cuda', dtype)).train()
+        x = torch.randn(2, 256, hidden, device='cuda', dtype=dtype)
+        dy = torch.randn_like(x)
+        runs = {}
+        for backend in ('torch', 'triton'):
+            mom.backend = backend
+            xi = x.clone().requires_grad_()
+            y = mom(xi)[0]
+            y.backward(dy)
+            runs[backend] = [y.detach(), xi.grad] + [p.grad.clone() for p in mom.parameters()]
+            mom.zero_grad()
+        err = max(_norm_err(a, b) for a, b in zip(runs['triton'], runs['torch']))
+        results.append(Result(name, f'triton_vs_torch[{str(dtype)[6:]}]', err, GPU_TOL[dtype]))
+    if interpret:
+        host = factory().to('cuda').train()
+        ref = copy.deepcopy(host)
+        mom = wrap(host, num_memories=1, topk=1, shared=False, init='copy', backend='triton').train()
+        x = torch.randn(2, 2048, hidden, device='cuda')
+        dy = torch.randn_like(x)
+        outs = []
+        for layer in (ref, mom):
+            xi = x.clone().requires_grad_()
+            y = layer(xi)[0]
+            y.backward(dy)
+            outs.append((y.detach(), xi.grad))
+        err = max(_norm_err(a, b) for a, b in zip(outs[1], outs[0]))
+        results.append(Result(name, 'one_memory_equals_host_training[T=2048]', err, GPU_TOL[torch.float32]))
+    return results
+
+
+def _norm_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()

@@ -1,0 +1,44 @@
+"""The public parity suite (``mom_wrap.testing``) over every supported host, and its command line."""
+import os
+
+import pytest
+import torch
+
+import mom_wrap.check as check
+import mom_wrap.ops as ops
+import mom_wrap.testing as testing
+from mom_wrap.adapters.base import _REGISTRY
+
+needs_host_kernels = pytest.mark.skipif(os.environ.get('TRITON_INTERPRET') != '1' and not torch.cuda.is_available(),
+                                        reason="the host layers' forwards need TRITON_INTERPRET=1 or CUDA")
+ADAPTERS = {a.host_class.rpartition('.')[2]: a for a in _REGISTRY}
+
+
+@needs_host_kernels
+@pytest.mark.parametrize('host', sorted(ADAPTERS))
+def test_parity_suite_passes(host):
+    results = testing.run_checks(ADAPTERS[host].example_host, host)
+    assert len(results) >= 12
+    failed = [r for r in results if not r.passed]
+    assert not failed, failed
+
+
+def test_naive_loop_catches_a_broken_write_side(monkeypatch):
+    """The suite's naive loop runs none of our write-side code: a wrong segment conv shows."""
+    real = ops.segment_conv
+    monkeypatch.setattr('mom_wrap.memories.segment_conv', lambda *a, **k: real(*a, **k) * 1.01)
+    mom = testing.wrap(ADAPTERS['GatedDeltaNet'].example_host()).eval()
+    x = torch.randn(2, 12, 64)
+    with torch.no_grad():
+        assert testing.rel_err(mom(x)[0], testing.naive_mom(mom, x)) > 1e-3
+
+
+def test_check_command_prints_a_table_and_fails_on_any_failure(monkeypatch, capsys):
+    fake = [testing.Result('Host', 'good', 1e-7, 1e-4), testing.Result('Host', 'bad', 0.5, 1e-4, 'why'),
+            testing.Result('Host', 'nan', float('nan'), 1e-4)]
+    monkeypatch.setattr(testing, 'run_checks', lambda *a, **k: fake)
+    assert check.main(['GatedDeltaNet']) == 1
+    out = capsys.readouterr().out
+    assert 'good' in out and 'FAIL  why' in out and '1 passed, 2 failed' in out
+    with pytest.raises(SystemExit):
+        check.main(['NoSuchHost'])
