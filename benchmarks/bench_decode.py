@@ -127,7 +127,7 @@ def profile_step(layers, prompt, batches, steps=5):
     from torch.profiler import ProfilerActivity, profile
     for batch in batches:
         x = torch.randn(batch, 1, 1024, device='cuda', dtype=torch.bfloat16)
-        for name in ('GatedDeltaNet (host)', 'mom_wrap MoM(GDN)'):
+        for name in ('GatedDeltaNet (host)', 'mom_wrap MoM(GatedDeltaNet)'):
             layer = layers[name]
             with torch.no_grad():
                 cache = prefill(layer, batch, prompt)

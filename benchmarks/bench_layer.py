@@ -1,29 +1,41 @@
-"""Forward+backward time and peak memory: MixtureOfMemories(GatedDeltaNet) vs GatedDeltaNet vs fla MomAttention.
+"""Forward+backward time and peak memory: a host layer vs its MixtureOfMemories wrapper (vs fla MomAttention
+for GatedDeltaNet).
 
-The paper's 340M layer (hidden 1024, 4 heads x 256, expand_v 1), M=4, top-2, shared memory, bf16, all three
-layers measured in one run on one GPU; ratios are against the plain host layer.
+The paper's 340M layer size (hidden 1024, 4 heads; GatedDeltaNet: 4 x 256, expand_v 1; the other hosts
+their default head sizes), M=4, top-2, shared memory, bf16, all layers measured in one run on one GPU;
+ratios are against the plain host layer.
 
-    python benchmarks/bench_layer.py [--batch 8 --seq-len 2048 --iters 20] [--profile]
+    python benchmarks/bench_layer.py [--host GatedDeltaNet|GatedLinearAttention|DeltaNet|RWKV6Attention]
+                                     [--batch 8 --seq-len 2048 --iters 20] [--profile]
 """
 from __future__ import annotations
 
 import argparse
 
 import torch
-from fla.layers import GatedDeltaNet
-from fla.layers.mom import MomAttention
 
 from mom_wrap import MixtureOfMemories
 
 
-def layers(hidden, heads, head_dim, memories, topk, dtype):
-    host_kw = dict(hidden_size=hidden, head_dim=head_dim, num_heads=heads, expand_v=1, layer_idx=0)
-    made = {
-        'GatedDeltaNet (host)': GatedDeltaNet(**host_kw),
-        'mom_wrap MoM(GDN)': MixtureOfMemories(GatedDeltaNet(**host_kw), num_memories=memories, topk=topk,
-                                               shared_memory=True),
-        'fla MomAttention': MomAttention(**host_kw, num_memories=memories, topk=topk, shared_mem=True),
-    }
+def host_factory(host, hidden, heads, head_dim):
+    """A function making the plain host layer (layer_idx 0)."""
+    import fla.layers as L
+    if host == 'GatedDeltaNet':
+        return lambda: L.GatedDeltaNet(hidden_size=hidden, head_dim=head_dim, num_heads=heads, expand_v=1,
+                                       layer_idx=0)
+    if host in ('GatedLinearAttention', 'DeltaNet', 'RWKV6Attention', 'RWKV7Attention'):
+        return lambda: getattr(L, host)(hidden_size=hidden, num_heads=heads, layer_idx=0)
+    raise SystemExit(f"--host: unknown host {host!r}")
+
+
+def layers(hidden, heads, head_dim, memories, topk, dtype, host='GatedDeltaNet'):
+    make = host_factory(host, hidden, heads, head_dim)
+    made = {f'{host} (host)': make(),
+            f'mom_wrap MoM({host})': MixtureOfMemories(make(), num_memories=memories, topk=topk, shared_memory=True)}
+    if host == 'GatedDeltaNet':
+        from fla.layers.mom import MomAttention
+        made['fla MomAttention'] = MomAttention(hidden_size=hidden, head_dim=head_dim, num_heads=heads, expand_v=1,
+                                                layer_idx=0, num_memories=memories, topk=topk, shared_mem=True)
     return {name: m.to('cuda', dtype).train() for name, m in made.items()}
 
 
@@ -57,6 +69,7 @@ def profile(layer, x, dy, rows=25):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--host', default='GatedDeltaNet')
     p.add_argument('--batch', type=int, default=8)
     p.add_argument('--seq-len', type=int, default=2048)
     p.add_argument('--hidden', type=int, default=1024)
@@ -75,21 +88,23 @@ def main():
     x = torch.randn(args.batch, args.seq_len, args.hidden, device='cuda', dtype=dtype, requires_grad=True)
     dy = torch.randn_like(x)
     results = {}
-    for name, layer in layers(args.hidden, args.heads, args.head_dim, args.memories, args.topk, dtype).items():
+    for name, layer in layers(args.hidden, args.heads, args.head_dim, args.memories, args.topk, dtype,
+                              args.host).items():
         results[name] = measure(layer, x, dy, args.iters)
         if args.profile and name.startswith('mom_wrap'):
             profile(layer, x, dy)
         del layer
         torch.cuda.empty_cache()
 
-    host_ms, host_mem = results['GatedDeltaNet (host)']
+    host_ms, host_mem = results[f'{args.host} (host)']
     print(f"\n{torch.cuda.get_device_name()}  bf16  B x T = {args.batch} x {args.seq_len}  hidden {args.hidden}  "
-          f"{args.heads} heads x {args.head_dim}  M={args.memories} top-{args.topk} + shared")
-    print(f"{'layer':<24}{'fwd+bwd ms':>12}{'x host':>9}{'peak MiB':>11}{'x host':>9}")
+          f"{args.heads} heads  M={args.memories} top-{args.topk} + shared")
+    print(f"{'layer':<36}{'fwd+bwd ms':>12}{'x host':>9}{'peak MiB':>11}{'x host':>9}")
     for name, (ms, mem) in results.items():
-        print(f"{name:<24}{ms:>12.2f}{ms / host_ms:>9.2f}{mem:>11.0f}{mem / host_mem:>9.2f}")
-    ours, fla_mom = results['mom_wrap MoM(GDN)'][0], results['fla MomAttention'][0]
-    print(f"mom_wrap vs fla MomAttention: {fla_mom / ours:.2f}x faster")
+        print(f"{name:<36}{ms:>12.2f}{ms / host_ms:>9.2f}{mem:>11.0f}{mem / host_mem:>9.2f}")
+    if 'fla MomAttention' in results:
+        ours, fla_mom = results[f'mom_wrap MoM({args.host})'][0], results['fla MomAttention'][0]
+        print(f"mom_wrap vs fla MomAttention: {fla_mom / ours:.2f}x faster")
 
 
 if __name__ == '__main__':
