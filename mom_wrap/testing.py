@@ -69,8 +69,10 @@ def wrap(host: nn.Module, num_memories: int = 4, topk: int = 2, shared: bool = T
     mom = MixtureOfMemories(host, num_memories=num_memories, topk=topk, shared_memory=shared, init=init,
                             backend=backend, balance_loss_weight=0.0)
     nn.init.normal_(mom.router.weight, std=0.5)
-    for b in (*mom.memories.conv_bias.values(), *mom.memories.proj_bias.values(), *mom.memories.second_bias.values()):
-        nn.init.normal_(b.data, std=0.3)  # fresh biases start at zero: make them count
+    if init != 'copy':  # copies must stay copies of the host's biases (the copy checks compare with the host)
+        for b in (*mom.memories.conv_bias.values(), *mom.memories.proj_bias.values(),
+                  *mom.memories.second_bias.values()):
+            nn.init.normal_(b.data, std=0.3)  # fresh biases start at zero: make them count
     return mom.to(next(host.parameters()).device)
 
 
