@@ -49,9 +49,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"checking {name} on {args.device} ...", file=sys.stderr, flush=True)
         results += run_checks(adapter.example_host, name, device=args.device)
     width = max([len(r.check) for r in results] + [5])
-    print(f"{'host':<16}{'check':<{width + 2}}{'max rel err':>12}{'tolerance':>11}  result")
+    hw = max([len(r.host) for r in results] + [4])
+    print(f"{'host':<{hw + 2}}{'check':<{width + 2}}{'max rel err':>12}{'tolerance':>11}  result")
     for r in results:
-        print(f"{r.host:<16}{r.check:<{width + 2}}{r.error:>12.1e}{r.tolerance:>11.0e}  "
+        print(f"{r.host:<{hw + 2}}{r.check:<{width + 2}}{r.error:>12.1e}{r.tolerance:>11.0e}  "
               f"{'pass' if r.passed else 'FAIL'}{'  ' + r.detail if r.detail else ''}")
     failed = sum(not r.passed for r in results)
     print(f"{len(results) - failed} passed, {failed} failed")
