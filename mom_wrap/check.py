@@ -44,19 +44,23 @@ def main(argv: list[str] | None = None) -> int:
                     f"installed: {', '.join(a.host_class for a in adapters)}")
         adapters = [a for a in adapters if a.host_class in wanted or a.host_class.rpartition('.')[2] in wanted]
     results = []
-    for adapter in adapters:
+    for adapter in adapters:  # each host's rows as soon as they are done: a later host may run out of time
         name = adapter.host_class.rpartition('.')[2]
         print(f"checking {name} on {args.device} ...", file=sys.stderr, flush=True)
-        results += run_checks(adapter.example_host, name, device=args.device)
-    width = max([len(r.check) for r in results] + [5])
-    hw = max([len(r.host) for r in results] + [4])
-    print(f"{'host':<{hw + 2}}{'check':<{width + 2}}{'max rel err':>12}{'tolerance':>11}  result")
-    for r in results:
-        print(f"{r.host:<{hw + 2}}{r.check:<{width + 2}}{r.error:>12.1e}{r.tolerance:>11.0e}  "
-              f"{'pass' if r.passed else 'FAIL'}{'  ' + r.detail if r.detail else ''}")
+        rows = run_checks(adapter.example_host, name, device=args.device)
+        _table(rows, header=not results)
+        results += rows
     failed = sum(not r.passed for r in results)
     print(f"{len(results) - failed} passed, {failed} failed")
     return 1 if failed else 0
+
+
+def _table(results, header: bool) -> None:
+    if header:
+        print(f"{'host':<22}{'check':<46}{'max rel err':>12}{'tolerance':>11}  result")
+    for r in results:
+        print(f"{r.host:<22}{r.check:<46}{r.error:>12.1e}{r.tolerance:>11.0e}  "
+              f"{'pass' if r.passed else 'FAIL'}{'  ' + r.detail if r.detail else ''}", flush=True)
 
 
 if __name__ == '__main__':
