@@ -208,21 +208,9 @@ def test_model_beam_search_with_cache_equals_without():
 
 @needs_model_kernels
 def test_model_generate_equals_full_forward_greedy_decoding():
-    model = wrapped_model()
+    from tests.test_models import generate_matches_full_forwards
     ids, mask = left_padded_prompts([9, 6, 3], 9)
-    new = 6
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
-                             pad_token_id=0)
-        seq, m = ids, mask
-        for _ in range(new):
-            logits = model(input_ids=seq, attention_mask=m, use_cache=False).logits[:, -1]
-            top2 = logits.topk(2, -1).values
-            assert (top2[:, 0] - top2[:, 1]).min() > 1e-3  # no near-tie to flip
-            nxt = logits.argmax(-1, keepdim=True)
-            seq, m = torch.cat([seq, nxt], 1), torch.cat([m, torch.ones_like(nxt)], 1)
-    assert out.shape == seq.shape
-    assert torch.equal(out, seq), (out, seq)
+    generate_matches_full_forwards(wrapped_model(), ids, mask, new=6)
 
 
 def test_inference_weight_cache_follows_weight_changes():

@@ -1,0 +1,64 @@
+"""Whole fla models of every supported host, their attention layers wrapped: ``model.generate()`` with the
+MoM cache equals greedy decoding by full forwards (no cache), on a left-padded batch."""
+import os
+
+import pytest
+import torch
+
+from mom_wrap import MixtureOfMemories
+from tests.test_generation import left_padded_prompts
+
+pytestmark = pytest.mark.skipif(os.environ.get('TRITON_INTERPRET') != '1' and not torch.cuda.is_available(),
+                                reason="fla's model norms and MLP need TRITON_INTERPRET=1 or CUDA")
+
+MODELS = {  # host -> (config class, model class, config options beyond the common ones)
+    'GatedDeltaNet': ('GatedDeltaNetConfig', 'GatedDeltaNetForCausalLM', dict(head_dim=16, expand_v=1)),
+    'GatedLinearAttention': ('GLAConfig', 'GLAForCausalLM', {}),
+    'DeltaNet': ('DeltaNetConfig', 'DeltaNetForCausalLM', {}),
+    'RWKV6Attention': ('RWKV6Config', 'RWKV6ForCausalLM', dict(proj_low_rank_dim=8, gate_low_rank_dim=8)),
+}
+
+
+def wrapped_model(host):
+    import fla.models as models
+    config_cls, model_cls, extra = MODELS[host]
+    cfg = getattr(models, config_cls)(vocab_size=64, hidden_size=64, num_hidden_layers=2, num_heads=2,
+                                      intermediate_size=128, fuse_cross_entropy=False, **extra)
+    torch.manual_seed(0)
+    model = getattr(models, model_cls)(cfg).eval()
+    model.generation_config.eos_token_id = None  # a sampled end token must not stop generate() early
+    # well-separated logits: with the default 0.02 init they nearly tie, and argmax would then compare
+    # rounding differences between any two exact computations rather than the caching
+    for w in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
+        torch.nn.init.normal_(w, std=1.0)
+    for layer in model.model.layers:
+        assert type(layer.attn).__name__ == host
+        layer.attn = MixtureOfMemories(layer.attn, num_memories=4, topk=2, init='random')
+        torch.nn.init.normal_(layer.attn.router.weight, std=0.5)
+    return model
+
+
+def generate_matches_full_forwards(model, ids, mask, new):
+    """model.generate() with the MoM cache vs greedy decoding by full forwards without a cache: the same tokens
+    and, step by step, the same logits (the tokens alone can agree by luck: the residual stream carries the
+    current token's embedding straight to the logits, so a decode step that lost its state often still picks
+    the right token)."""
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
+                             pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+        seq, m = ids, mask
+        for step in range(new):
+            logits = model(input_ids=seq, attention_mask=m, use_cache=False).logits[:, -1]
+            err = (out.scores[step] - logits).abs().max().item()
+            assert err <= 1e-4 * max(logits.abs().max().item(), 1.0), (step, err)
+            top2 = logits.topk(2, -1).values
+            assert (top2[:, 0] - top2[:, 1]).min() > 1e-3  # no near-tie to flip
+            nxt = logits.argmax(-1, keepdim=True)
+            seq, m = torch.cat([seq, nxt], 1), torch.cat([m, torch.ones_like(nxt)], 1)
+    assert torch.equal(out.sequences, seq), (out.sequences, seq)
+
+
+@pytest.mark.parametrize('host', sorted(MODELS))
+def test_wrapped_model_generate_equals_full_forward_greedy_decoding(host):
+    ids, mask = left_padded_prompts([8, 5], 8)
+    generate_matches_full_forwards(wrapped_model(host), ids, mask, new=4)
