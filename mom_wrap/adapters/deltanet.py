@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from mom_wrap.adapters.base import HostAdapter, WriteProjection, register_adapter
-from mom_wrap.adapters.fla_common import l2norm, pad_segments, rms_norm, rms_norm_gated
+from mom_wrap.adapters.fla_common import gated_norm_out, l2norm, pad_segments
 from mom_wrap.dispatch import gather, upload
 from mom_wrap.ops import acc
 
@@ -248,14 +248,4 @@ class DeltaNetAdapter(HostAdapter):
 
     def finish(self, o, read, backend):
         """o [N, H, V] -> [N, hidden]: the gated RMS norm (use_gate) or RMS norm, then o_proj."""
-        h = self.host
-        norm = h.o_norm
-        if h.use_gate:
-            if backend == 'torch':
-                o = rms_norm_gated(o, read['gate'], norm.weight, norm.bias, norm.eps, norm.activation)
-            else:
-                o = norm(o, read['gate'])
-        else:
-            o = rms_norm(o, norm.weight, getattr(norm, 'bias', None), norm.eps).to(o.dtype) \
-                if backend == 'torch' else norm(o)
-        return h.o_proj(o.flatten(1))
+        return gated_norm_out(self.host, o, read.get('gate'), backend)

@@ -37,3 +37,19 @@ def pad_segments(x: torch.Tensor, segment: torch.Tensor, position: torch.Tensor,
     out = x.new_zeros(num_segments, max_len, *x.shape[1:])
     out[segment, position] = x
     return out
+
+
+def gated_norm_out(host, o: torch.Tensor, gate: torch.Tensor | None, backend: str) -> torch.Tensor:
+    """The read side's last step of fla's delta-rule layers: o [N, H, V] -> [N, hidden] through ``o_norm``
+    (gated by ``gate`` when the host has ``use_gate``; fla's fused kernel on the triton backend, the PyTorch
+    version on the torch backend), then ``o_proj``."""
+    norm = host.o_norm
+    if host.use_gate:
+        if backend == 'torch':
+            o = rms_norm_gated(o, gate, norm.weight, norm.bias, norm.eps, norm.activation)
+        else:
+            o = norm(o, gate)
+    else:
+        o = rms_norm(o, norm.weight, getattr(norm, 'bias', None), norm.eps).to(o.dtype) \
+            if backend == 'torch' else norm(o)
+    return host.o_proj(o.flatten(1))
