@@ -52,6 +52,7 @@ class HostAdapter:
     """Base class of the per-host adapters. Subclasses set ``host_class`` and implement the methods."""
 
     host_class: ClassVar[str]  # dotted path, imported lazily so that optional hosts stay optional
+    write_modules: ClassVar[tuple[str, ...]] = ()  # the host's attributes the write side takes over
 
     def __init__(self, host: nn.Module):
         self.host = host
@@ -85,8 +86,11 @@ class HostAdapter:
 
     def detach_write_side(self) -> None:
         """Remove the write-side modules from the host once the core has copied them: they would
-        otherwise sit unused in the wrapper's parameters (and break DDP without find_unused_parameters)."""
-        raise NotImplementedError
+        otherwise sit unused in the wrapper's parameters (and break DDP without find_unused_parameters).
+        Deletes the host attributes named in ``write_modules`` (those the host has: some are optional)."""
+        for name in self.write_modules:
+            if hasattr(self.host, name):
+                delattr(self.host, name)
 
     def state_shape(self) -> tuple[int, ...]:
         """Shape of one memory's recurrent state for one sequence, in the host's own layout."""

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from mom_wrap.adapters.base import HostAdapter, WriteProjection, register_adapter
-from mom_wrap.adapters.fla_common import gated_norm_out, l2norm, pad_segments
+from mom_wrap.adapters.fla_common import gated_norm_out, l2norm, pad_segments, q_conv_shapes
 from mom_wrap.dispatch import gather, upload
 from mom_wrap.ops import acc
 
@@ -119,6 +119,7 @@ def _sum_norm(x: torch.Tensor) -> torch.Tensor:
 @register_adapter
 class DeltaNetAdapter(HostAdapter):
     host_class = 'fla.layers.delta_net.DeltaNet'
+    write_modules = ('k_proj', 'v_proj', 'b_proj', 'k_conv1d', 'v_conv1d')
 
     @classmethod
     def example_host(cls):
@@ -152,18 +153,12 @@ class DeltaNetAdapter(HostAdapter):
             projections.append(WriteProjection('b', h.b_proj))
         return projections
 
-    def detach_write_side(self) -> None:
-        for name in ('k_proj', 'v_proj', 'b_proj', 'k_conv1d', 'v_conv1d'):
-            if hasattr(self.host, name):
-                delattr(self.host, name)
-
     def state_shape(self):
         h = self.host
         return (h.num_heads, h.head_k_dim, h.head_v_dim)
 
     def read_conv_shapes(self):
-        h = self.host
-        return {'q': (h.key_dim, h.conv_size)} if h.use_short_conv else {}
+        return q_conv_shapes(self.host)
 
     def _qk_features(self, x: torch.Tensor, backend: str) -> torch.Tensor:
         """q or k [R, H*K] after its short conv (or the raw projection without convs) -> [R, H, K] features:

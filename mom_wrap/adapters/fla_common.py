@@ -53,3 +53,8 @@ def gated_norm_out(host, o: torch.Tensor, gate: torch.Tensor | None, backend: st
         o = rms_norm(o, norm.weight, getattr(norm, 'bias', None), norm.eps).to(o.dtype) \
             if backend == 'torch' else norm(o)
     return host.o_proj(o.flatten(1))
+
+
+def q_conv_shapes(host) -> dict[str, tuple[int, int]]:
+    """read_conv_shapes of fla layers whose read side has one short conv, on q (when ``use_short_conv``)."""
+    return {'q': (host.key_dim, host.conv_size)} if host.use_short_conv else {}

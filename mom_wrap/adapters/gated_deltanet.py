@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from mom_wrap.adapters.base import HostAdapter, WriteProjection, register_adapter
-from mom_wrap.adapters.fla_common import gated_norm_out, l2norm, pad_segments
+from mom_wrap.adapters.fla_common import gated_norm_out, l2norm, pad_segments, q_conv_shapes
 from mom_wrap.dispatch import gather, upload
 from mom_wrap.ops import acc
 
@@ -59,6 +59,7 @@ def gated_delta_rule_reference(q, k, v, a, b, A_log, dt_bias, cu_seqlens, positi
 @register_adapter
 class GatedDeltaNetAdapter(HostAdapter):
     host_class = 'fla.layers.gated_deltanet.GatedDeltaNet'
+    write_modules = ('k_proj', 'v_proj', 'a_proj', 'b_proj', 'k_conv1d', 'v_conv1d')
 
     @classmethod
     def example_host(cls):
@@ -72,18 +73,12 @@ class GatedDeltaNetAdapter(HostAdapter):
                 WriteProjection('a', h.a_proj),
                 WriteProjection('b', h.b_proj)]
 
-    def detach_write_side(self) -> None:
-        for name in ('k_proj', 'v_proj', 'a_proj', 'b_proj', 'k_conv1d', 'v_conv1d'):
-            if hasattr(self.host, name):
-                delattr(self.host, name)
-
     def state_shape(self):
         h = self.host
         return (h.num_v_heads, h.head_v_dim, h.head_k_dim)
 
     def read_conv_shapes(self):
-        h = self.host
-        return {'q': (h.key_dim, h.conv_size)} if h.use_short_conv else {}
+        return q_conv_shapes(self.host)
 
     def read(self, x, layout, backend, conv_rows=None):
         h = self.host

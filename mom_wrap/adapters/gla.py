@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mom_wrap.adapters.base import HostAdapter, WriteProjection, register_adapter
-from mom_wrap.adapters.fla_common import pad_segments, rms_norm, rms_norm_gated
+from mom_wrap.adapters.fla_common import pad_segments, q_conv_shapes, rms_norm, rms_norm_gated
 from mom_wrap.dispatch import gather
 from mom_wrap.ops import acc
 
@@ -98,6 +98,7 @@ class GatedLinearAttentionAdapter(HostAdapter):
     one tensor (``feature_map`` / ``gate_fn`` ``'bias_gelu'``) or not fla's, and a replaced ``gk_proj``."""
 
     host_class = 'fla.layers.gla.GatedLinearAttention'
+    write_modules = ('k_proj', 'v_proj', 'gk_proj', 'k_conv1d', 'v_conv1d')
 
     @classmethod
     def example_host(cls):
@@ -122,18 +123,12 @@ class GatedLinearAttentionAdapter(HostAdapter):
                 WriteProjection('v', h.v_proj, h.v_conv1d if conv else None),
                 WriteProjection('gk', h.gk_proj[0], second=h.gk_proj[1], activation=None)]
 
-    def detach_write_side(self) -> None:
-        for name in ('k_proj', 'v_proj', 'gk_proj', 'k_conv1d', 'v_conv1d'):
-            if hasattr(self.host, name):
-                delattr(self.host, name)
-
     def state_shape(self):
         h = self.host
         return (h.num_heads, h.head_v_dim, h.head_k_dim)
 
     def read_conv_shapes(self):
-        h = self.host
-        return {'q': (h.key_dim, h.conv_size)} if h.use_short_conv else {}
+        return q_conv_shapes(self.host)
 
     def _activation(self, option: str, backend: str):
         """The function of ``option`` ('feature_map' or 'gate_fn'): the host's own on the triton backend,

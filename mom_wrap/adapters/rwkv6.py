@@ -106,6 +106,7 @@ def _write_projection(name: str, module: nn.Module, input_name: str) -> WritePro
 @register_adapter
 class RWKV6Adapter(HostAdapter):
     host_class = 'fla.layers.rwkv6.RWKV6Attention'
+    write_modules = ('k_proj', 'v_proj', 'w_proj')
 
     def __init__(self, host: nn.Module):
         super().__init__(host)
@@ -144,11 +145,6 @@ class RWKV6Adapter(HostAdapter):
         return [_write_projection('k', h.k_proj, 'xk'),
                 _write_projection('v', h.v_proj, 'xv'),
                 _write_projection('w', h.w_proj, 'xw')]
-
-    def detach_write_side(self) -> None:
-        for name in ('k_proj', 'v_proj', 'w_proj'):
-            if hasattr(self.host, name):
-                delattr(self.host, name)
 
     def state_shape(self):
         h = self.host
