@@ -5,6 +5,7 @@ DDP without ``find_unused_parameters`` needs every parameter's gradient on every
 """
 import os
 import tempfile
+import time
 import warnings
 
 import torch
@@ -38,14 +39,28 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
                 model(x, attention_mask=mask)[0].square().mean().backward()
         torch.save({'grads': {n: p.grad for n, p in mom.named_parameters()},
                     'warnings': [str(w.message) for w in caught]}, os.path.join(out_dir, f'{rank}.pt'))
+        # no gloo work may be in flight when DDP's reducer and the group are destroyed: torch's teardown can
+        # deadlock there (the gloo thread waits for the GIL that the destructor holds; seen once in CI)
+        dist.barrier()
+        del model
     finally:
         dist.destroy_process_group()
 
 
 def test_ddp_with_an_all_padding_rank_matches_one_process():
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_worker, args=(os.path.join(tmp, 'init'), tmp), nprocs=WORLD, join=True)
-        results = [torch.load(os.path.join(tmp, f'{r}.pt')) for r in range(WORLD)]
+        procs = mp.start_processes(_worker, args=(os.path.join(tmp, 'init'), tmp), nprocs=WORLD, join=False,
+                                   start_method='spawn')
+        files = [os.path.join(tmp, f'{r}.pt') for r in range(WORLD)]
+        deadline = time.monotonic() + 300
+        while not procs.join(timeout=5):  # raises if a worker failed
+            if time.monotonic() > deadline:
+                # every rank wrote its results: a hang in torch's process-group teardown is not ours to wait on
+                for p in procs.processes:
+                    p.kill()
+                assert all(os.path.exists(f) for f in files), "a DDP worker hung before writing its results"
+                break
+        results = [torch.load(f) for f in files]
     mom, x = _layer_and_batch()
     mom(x)[0].square().mean().backward()
     for r, res in enumerate(results):
