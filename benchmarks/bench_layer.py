@@ -5,7 +5,8 @@ The paper's 340M layer size (hidden 1024, 4 heads; GatedDeltaNet: 4 x 256, expan
 their default head sizes), M=4, top-2, shared memory, bf16, all layers measured in one run on one GPU;
 ratios are against the plain host layer.
 
-    python benchmarks/bench_layer.py [--host GatedDeltaNet|GatedLinearAttention|DeltaNet|RWKV6Attention]
+    python benchmarks/bench_layer.py [--host GatedDeltaNet|GatedLinearAttention|DeltaNet|RWKV6Attention|
+                                             RWKV7Attention]
                                      [--batch 8 --seq-len 2048 --iters 20] [--profile]
 """
 from __future__ import annotations
@@ -23,9 +24,16 @@ def host_factory(host, hidden, heads, head_dim):
     if host == 'GatedDeltaNet':
         return lambda: L.GatedDeltaNet(hidden_size=hidden, head_dim=head_dim, num_heads=heads, expand_v=1,
                                        layer_idx=0)
-    if host in ('GatedLinearAttention', 'DeltaNet', 'RWKV6Attention', 'RWKV7Attention'):
+    if host == 'RWKV7Attention':  # layer 1 of 2: like most layers of a model, it takes v_first (head_dim 64)
+        return lambda: L.RWKV7Attention(hidden_size=hidden, layer_idx=1, num_hidden_layers=2)
+    if host in ('GatedLinearAttention', 'DeltaNet', 'RWKV6Attention'):
         return lambda: getattr(L, host)(hidden_size=hidden, num_heads=heads, layer_idx=0)
     raise SystemExit(f"--host: unknown host {host!r}")
+
+
+def host_kwargs(host, x):
+    """The host forward's own arguments besides x: RWKV7's layer 1 takes v_first [B, T, hidden]."""
+    return {'v_first': torch.randn_like(x).detach()} if host == 'RWKV7Attention' else {}
 
 
 def layers(hidden, heads, head_dim, memories, topk, dtype, host='GatedDeltaNet'):
@@ -39,11 +47,11 @@ def layers(hidden, heads, head_dim, memories, topk, dtype, host='GatedDeltaNet')
     return {name: m.to('cuda', dtype).train() for name, m in made.items()}
 
 
-def measure(layer, x, dy, iters):
+def measure(layer, x, dy, iters, **kwargs):
     """Mean fwd+bwd milliseconds over ``iters`` (after warm-up) and peak memory above the inputs (MiB)."""
     def step():
         x.grad = None
-        layer(x)[0].backward(dy)
+        layer(x, **kwargs)[0].backward(dy)
     for _ in range(3):
         step()
     torch.cuda.synchronize()
@@ -58,11 +66,11 @@ def measure(layer, x, dy, iters):
     return start.elapsed_time(end) / iters, (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def profile(layer, x, dy, rows=25):
+def profile(layer, x, dy, rows=25, **kwargs):
     from torch.profiler import ProfilerActivity, profile as torch_profile
     with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(3):
-            layer(x)[0].backward(dy)
+            layer(x, **kwargs)[0].backward(dy)
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by='cuda_time_total', row_limit=rows))
 
@@ -87,12 +95,13 @@ def main():
     dtype = torch.bfloat16
     x = torch.randn(args.batch, args.seq_len, args.hidden, device='cuda', dtype=dtype, requires_grad=True)
     dy = torch.randn_like(x)
+    kwargs = host_kwargs(args.host, x)
     results = {}
     for name, layer in layers(args.hidden, args.heads, args.head_dim, args.memories, args.topk, dtype,
                               args.host).items():
-        results[name] = measure(layer, x, dy, args.iters)
+        results[name] = measure(layer, x, dy, args.iters, **kwargs)
         if args.profile and name.startswith('mom_wrap'):
-            profile(layer, x, dy)
+            profile(layer, x, dy, **kwargs)
         del layer
         torch.cuda.empty_cache()
 

@@ -12,15 +12,16 @@ import os
 import sys
 
 
-def _interpret_on_cpu() -> None:
-    """TRITON_INTERPRET=1, and an autotuner that runs each config once instead of timing it."""
+def interpret_on_cpu() -> None:
+    """TRITON_INTERPRET=1, and an autotuner that takes the first of a kernel's configs instead of timing them
+    all: under the interpreter timings mean nothing, and running each config once made a host's first call
+    cost its number of configs times a kernel run (36 for fla's recurrent RWKV7 kernel: half a minute).
+    Call it before Triton (and so fla or mom_wrap's kernels) is imported."""
     os.environ.setdefault('TRITON_INTERPRET', '1')
     from triton.runtime import autotuner
 
-    def run_once(kernel_call, quantiles=None, **kwargs):
-        kernel_call()
-        return [0.0, 0.0, 0.0]
-    autotuner.Autotuner.do_bench = property(lambda self: run_once)
+    prune = autotuner.Autotuner.prune_configs
+    autotuner.Autotuner.prune_configs = lambda self, *args, **kwargs: prune(self, *args, **kwargs)[:1]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,8 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument('--device', choices=('cpu', 'cuda'), default='cpu')
     args = p.parse_args(argv)
     if args.device == 'cpu':
-        _interpret_on_cpu()
-    import torch  # noqa: F401  (after the interpreter is set)
+        interpret_on_cpu()
 
     from mom_wrap.adapters.base import _REGISTRY
     from mom_wrap.testing import run_checks

@@ -1,7 +1,9 @@
 """Per-host parity checks, public: the evidence that a host's adapter is right, for our hosts and yours.
 
-``run_checks(factory)`` builds small host layers with ``factory()`` (a fresh layer with ``layer_idx=0``
-each call), wraps them and returns a list of :class:`Result`. ``python -m mom_wrap.check`` runs it for every
+``run_checks(factory)`` builds small host layers with ``factory()`` (a fresh layer each call), wraps them
+and returns a list of :class:`Result`. Every forward gets the host's own arguments from its adapter's
+``example_inputs(x)`` (RWKV7 after layer 0: ``v_first``), and the checks against the host compare the
+host's extra outputs too. ``python -m mom_wrap.check`` runs it for every
 supported host (see ``mom_wrap/check.py``). The checks, each against a reference that does not go through
 the code it checks:
 
@@ -101,18 +103,21 @@ def memory_write(mom: MixtureOfMemories, inputs: dict[str, torch.Tensor], e: int
     return out
 
 
-def naive_mom(mom: MixtureOfMemories, x: torch.Tensor) -> torch.Tensor:
-    """MoM over x [B, T, hidden], one batch row and one memory at a time, routing written out here."""
+def naive_mom(mom: MixtureOfMemories, x: torch.Tensor, host_kwargs: dict | None = None) -> torch.Tensor:
+    """MoM over x [B, T, hidden], one batch row and one memory at a time, routing written out here.
+    ``host_kwargs``: the host's own forward arguments ([B, ...] tensors, e.g. RWKV7's v_first)."""
     adapter = mom._adapter
     E, M = mom.num_slots_memories, mom.num_memories
     out = []
     with torch.no_grad():
-        for xb in x:
+        for b, xb in enumerate(x):
             T = xb.shape[0]
             probs = F.linear(xb.float(), mom.router.weight.float()).softmax(-1)
             top_p, top_i = probs.topk(mom.topk, dim=-1)
             top_p = top_p / top_p.sum(-1, keepdim=True)
-            read = adapter.read(xb, TokenLayout.build(1, T, xb.device), 'torch')
+            layout = TokenLayout.build(1, T, xb.device)
+            row_kwargs = {k: v[b:b + 1] for k, v in (host_kwargs or {}).items()}
+            read = {**adapter.read(xb, layout, 'torch'), **adapter.host_inputs(row_kwargs, layout)}
             inputs = {'x': xb, **read}
             total = None
             for e in range(E):
@@ -139,14 +144,20 @@ def naive_mom(mom: MixtureOfMemories, x: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------ the checks
 
-def _feed(mom, x, sizes, mask=None):
+def _feed(call, x, sizes, mask=None):
+    """``call(x_chunk, **kwargs)`` over consecutive chunks of x with one fla Cache: the outputs, concatenated."""
     from fla.models.utils import Cache
     cache, outs, start = Cache(), [], 0
     for n in sizes:
         m = None if mask is None else mask[:, :start + n]
-        outs.append(mom(x[:, start:start + n], attention_mask=m, past_key_values=cache, use_cache=True)[0])
+        outs.append(call(x[:, start:start + n], attention_mask=m, past_key_values=cache, use_cache=True)[0])
         start += n
     return torch.cat(outs, 1)
+
+
+def _outputs(result: tuple) -> torch.Tensor:
+    """A forward's output and the host's own extra outputs (after past_key_values), flattened into one."""
+    return torch.cat([t.flatten() for t in (result[0], *result[3:])])
 
 
 def run_checks(factory: Callable[[], nn.Module], name: str | None = None, device: str = 'cpu',
@@ -155,9 +166,13 @@ def run_checks(factory: Callable[[], nn.Module], name: str | None = None, device
     or the CPU under TRITON_INTERPRET=1); without it the checks against the host layer are skipped."""
     host0 = factory().to(device, dtype)
     name = name or type(host0).__name__
-    hidden = adapter_for(host0).hidden_size
+    adapter = adapter_for(host0)
+    hidden = adapter.hidden_size
     tol = TOL[dtype]
     results = []
+
+    def run(layer, x, **kwargs):  # a forward with the example host's own arguments (adapter.example_inputs)
+        return layer(x, **kwargs, **adapter.example_inputs(x))
 
     def record(check, got, want, t=tol, detail=''):
         results.append(Result(name, check, rel_err(got, want), t, detail))
@@ -175,42 +190,44 @@ def run_checks(factory: Callable[[], nn.Module], name: str | None = None, device
         if interpret:
             for backend in ('torch', 'triton'):
                 host = factory().to(device, dtype).eval()
-                want = copy.deepcopy(host)(x)[0]
+                want = _outputs(run(copy.deepcopy(host), x))
                 mom = wrap(host, num_memories=1, topk=1, shared=False, init='copy', backend=backend).eval()
-                record(f'one_memory_equals_host[{backend}]', mom(x)[0], want)
+                record(f'one_memory_equals_host[{backend}]', _outputs(run(mom, x)), want)
             host = factory().to(device, dtype).eval()
-            want = copy.deepcopy(host)(x)[0]
+            want = _outputs(run(copy.deepcopy(host), x))
             mom = wrap(host, num_memories=3, topk=3, shared=False, init='copy').eval()
-            record('topk_copies_equal_host', mom(x)[0], want)
+            record('topk_copies_equal_host', _outputs(run(mom, x)), want)
         for shared in (False, True):
             mom = new(shared=shared)
-            record(f'naive_loop[shared={shared}]', mom(x)[0], naive_mom(mom, x))
+            record(f'naive_loop[shared={shared}]', run(mom, x)[0], naive_mom(mom, x, adapter.example_inputs(x)))
 
         mom = new()
-        full = mom(x)[0]
+        full = run(mom, x)[0]
         y = x.clone()
         y[:, 12:] = randn(2, 8, hidden)
-        record('causal', mom(y)[0][:, :12], full[:, :12])
-        record('batch_rows_independent', torch.cat([mom(x[b:b + 1])[0] for b in range(2)]), full)
+        record('causal', run(mom, y)[0][:, :12], full[:, :12])
+        record('batch_rows_independent', torch.cat([run(mom, x[b:b + 1])[0] for b in range(2)]), full)
         lengths = [20, 11]
         mask = torch.zeros(2, 20, dtype=torch.long, device=device)
         xp = x.clone()
         for b, n in enumerate(lengths):
             mask[b, 20 - n:] = 1
             xp[b, :20 - n] = float('nan')  # padding content must not matter, not even NaN
-        out = mom(xp, attention_mask=mask)[0]
+        out = run(mom, xp, attention_mask=mask)[0]
         record('left_padding', torch.cat([out[b, 20 - n:] for b, n in enumerate(lengths)]),
-               torch.cat([mom(x[b:b + 1, 20 - n:])[0][0] for b, n in enumerate(lengths)]))
+               torch.cat([run(mom, x[b:b + 1, 20 - n:])[0][0] for b, n in enumerate(lengths)]))
         cu = torch.tensor([0, 7, 8, 20], device=device)
-        packed = mom(x[:1], cu_seqlens=cu)[0][0]
-        record('packed_sequences', packed, torch.cat([mom(x[:1, s:e])[0][0] for s, e in zip(cu[:-1], cu[1:])]))
-        record('cached_chunks_equal_full_forward', _feed(mom, x, [9, 1, 1, 6, 1, 2]), full)
-        record('cached_chunks_with_padding', _feed(mom, xp, [9, 1, 1, 6, 1, 2], mask)[mask.bool()],
+        packed = run(mom, x[:1], cu_seqlens=cu)[0][0]
+        record('packed_sequences', packed,
+               torch.cat([run(mom, x[:1, s:e])[0][0] for s, e in zip(cu[:-1], cu[1:])]))
+        call = lambda xc, **kw: run(mom, xc, **kw)  # noqa: E731
+        record('cached_chunks_equal_full_forward', _feed(call, x, [9, 1, 1, 6, 1, 2]), full)
+        record('cached_chunks_with_padding', _feed(call, xp, [9, 1, 1, 6, 1, 2], mask)[mask.bool()],
                out[mask.bool()])
 
     mom = new().train()
     xg = x.clone().requires_grad_()
-    mom(xg)[0].square().mean().backward()
+    run(mom, xg)[0].square().mean().backward()
     missing = [n for n, p in mom.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()
                or p.grad.abs().sum() == 0]
     results.append(Result(name, 'every_parameter_gets_a_gradient', float(bool(missing)), 0.0,
@@ -223,7 +240,8 @@ def run_checks(factory: Callable[[], nn.Module], name: str | None = None, device
 
 def _gpu_checks(factory, name: str, interpret: bool) -> list[Result]:
     results = []
-    hidden = adapter_for(factory()).hidden_size
+    adapter = adapter_for(factory())
+    hidden = adapter.hidden_size
     for dtype in (torch.float32, torch.bfloat16):
         mom = wrap(factory().to('cuda', dtype)).train()
         x = torch.randn(2, 256, hidden, device='cuda', dtype=dtype)
@@ -232,7 +250,7 @@ def _gpu_checks(factory, name: str, interpret: bool) -> list[Result]:
         for backend in ('torch', 'triton'):
             mom.backend = backend
             xi = x.clone().requires_grad_()
-            y = mom(xi)[0]
+            y = mom(xi, **adapter.example_inputs(x))[0]
             y.backward(dy)
             runs[backend] = [y.detach(), xi.grad] + [p.grad.clone() for p in mom.parameters()]
             mom.zero_grad()
@@ -247,7 +265,7 @@ def _gpu_checks(factory, name: str, interpret: bool) -> list[Result]:
         outs = []
         for layer in (ref, mom):
             xi = x.clone().requires_grad_()
-            y = layer(xi)[0]
+            y = layer(xi, **adapter.example_inputs(x))[0]
             y.backward(dy)
             outs.append((y.detach(), xi.grad))
         err = max(_norm_err(a, b) for a, b in zip(outs[1], outs[0]))

@@ -53,7 +53,7 @@ class MixtureOfMemories(nn.Module):
             the backward of its output (``mom_wrap.losses``); 0 turns it off. Settable at any time.
 
     ``forward`` takes and returns what the host does: ``(o, None, past_key_values)``, with the host's cache
-    rules (``mom_wrap.cache``). After a forward, ``router_logits`` holds its fp32 router logits [B, T, M]
+    rules (``mom_wrap.cache``), and the host's own extra arguments and outputs (RWKV7: ``v_first``). After a forward, ``router_logits`` holds its fp32 router logits [B, T, M]
     and ``balance_loss`` its load-balancing term, both detached (for logging).
     """
 
@@ -119,14 +119,16 @@ class MixtureOfMemories(nn.Module):
         x = hidden_states.reshape(B * T, D)
         state = self._start_state(past_key_values, bool(use_cache), layout.num_sequences, x)
 
+        host_inputs = self._adapter.host_inputs(kwargs, layout)
         dispatch, probs = self._route(x, layout, decode=state is not None and layout.one_token_per_sequence)
+        write = None
         if dispatch.num_segments == 0:  # every token is padding: nothing is read or written
             o = self._zeros(hidden_states)
         else:
             if state is not None:
-                read, o = self._memories_cached(x, layout, dispatch, backend, state)
+                read, write, o = self._memories_cached(x, layout, dispatch, backend, state, host_inputs)
             else:
-                read = self._adapter.read(x, layout, backend)
+                read = {**self._adapter.read(x, layout, backend), **host_inputs}
                 write = self.memories({'x': x, **read}, dispatch, backend)
                 o, _ = self._adapter.recurrence(read, write, dispatch, backend)
             o = self._adapter.finish(combine(o, dispatch), read, backend)
@@ -135,7 +137,7 @@ class MixtureOfMemories(nn.Module):
             o = self._attach_balance_loss(o.view(B, T, D), probs)
         if past_key_values is not None:
             cache.store(past_key_values, self.layer_idx, state if use_cache else None, T)
-        return o, None, past_key_values
+        return (o, None, past_key_values, *self._adapter.host_outputs(kwargs, write, dispatch, layout))
 
     def _start_state(self, past_key_values, use_cache: bool, num_sequences: int, x: torch.Tensor) -> dict | None:
         """The states this forward starts from and (with use_cache) updates: the stored ones, zeros for a cache
@@ -183,12 +185,13 @@ class MixtureOfMemories(nn.Module):
         zero = torch.stack([t.reshape(-1)[:0].sum().to(hidden_states.dtype) for t in anchors]).sum()
         return torch.zeros_like(hidden_states) + zero
 
-    def _memories_cached(self, x, layout, dispatch, backend, state):
+    def _memories_cached(self, x, layout, dispatch, backend, state, host_inputs):
         """Read side and memories starting from the cached states, whose new values go back into ``state``
-        (see ``mom_wrap.pool``: in place without autograd). Returns (read-side tensors, per-slot outputs)."""
+        (see ``mom_wrap.pool``: in place without autograd). Returns (read-side tensors, write-side tensors,
+        per-slot outputs)."""
         decode = dispatch.token_major
         read_rows = {n: PoolRows(c, valid=layout.valid if decode else None) for n, c in state['read_conv'].items()}
-        read = self._adapter.read(x, layout, backend, read_rows)
+        read = {**self._adapter.read(x, layout, backend, read_rows), **host_inputs}
         # each segment's row in the pools flattened over (sequence, memory); a padding token's segments stay
         index = dispatch.segment_sequence * self.num_slots_memories + dispatch.segment_memory
         write_rows = {n: PoolRows(c, index, dispatch.segment_valid, lead=2, backend=backend)
@@ -200,7 +203,7 @@ class MixtureOfMemories(nn.Module):
         h.write(h_new)
         state.update(recurrent=h.pool, read_conv={n: r.pool for n, r in read_rows.items()},
                      write_conv={n: r.pool for n, r in write_rows.items()})
-        return read, o
+        return read, write, o
 
     @property
     def balance_loss(self) -> torch.Tensor | None:

@@ -16,16 +16,30 @@ MODELS = {  # host -> (config class, model class, config options beyond the comm
     'GatedLinearAttention': ('GLAConfig', 'GLAForCausalLM', {}),
     'DeltaNet': ('DeltaNetConfig', 'DeltaNetForCausalLM', {}),
     'RWKV6Attention': ('RWKV6Config', 'RWKV6ForCausalLM', dict(proj_low_rank_dim=8, gate_low_rank_dim=8)),
+    # layer 0 returns v_first, layer 1 takes it; fuse_norm (the config's default): fla's GroupNorm and l2_norm
+    'RWKV7Attention': ('RWKV7Config', 'RWKV7ForCausalLM', dict(head_dim=32, decay_low_rank_dim=8, a_low_rank_dim=8,
+                                                               v_low_rank_dim=8, gate_low_rank_dim=8)),
 }
 
 
-def wrapped_model(host):
+def host_model(host):
+    """A 2-layer fla model of the host, with every parameter that its init leaves at zero or one constant (RWKV7's
+    o_proj, LoRA first stages, ...) redrawn: at zero an attention layer would add nothing to check."""
     import fla.models as models
     config_cls, model_cls, extra = MODELS[host]
     cfg = getattr(models, config_cls)(vocab_size=64, hidden_size=64, num_hidden_layers=2, num_heads=2,
                                       intermediate_size=128, fuse_cross_entropy=False, **extra)
     torch.manual_seed(0)
     model = getattr(models, model_cls)(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.numel() > 1 and bool((p == p.flatten()[0]).all()):
+                p.copy_(torch.randn_like(p) * p.shape[-1] ** -0.5 if p.dim() == 2 else p + 0.3 * torch.randn_like(p))
+    return model
+
+
+def wrapped_model(host):
+    model = host_model(host)
     model.generation_config.eos_token_id = None  # a sampled end token must not stop generate() early
     # well-separated logits: with the default 0.02 init they nearly tie, and argmax would then compare
     # rounding differences between any two exact computations rather than the caching
@@ -62,3 +76,19 @@ def generate_matches_full_forwards(model, ids, mask, new):
 def test_wrapped_model_generate_equals_full_forward_greedy_decoding(host):
     ids, mask = left_padded_prompts([8, 5], 8)
     generate_matches_full_forwards(wrapped_model(host), ids, mask, new=4)
+
+
+@pytest.mark.parametrize('host', sorted(MODELS))
+def test_wrapped_model_with_one_memory_copies_equals_the_host_model(host):
+    """Every attention layer wrapped with M=1 copying it: the model's logits stay the host model's (for RWKV7
+    this covers v_first from layer 0 into layer 1)."""
+    model = host_model(host)
+    ids, mask = left_padded_prompts([8, 5], 8)
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask).logits
+        for layer in model.model.layers:
+            layer.attn = MixtureOfMemories(layer.attn, num_memories=1, topk=1, shared_memory=False, init='copy')
+        got = model(input_ids=ids, attention_mask=mask).logits
+    m = mask.bool()
+    err = (got[m] - want[m]).abs().max().item()
+    assert err <= 1e-4 * max(want[m].abs().max().item(), 1.0), err

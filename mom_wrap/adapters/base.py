@@ -11,6 +11,11 @@ An adapter splits its host into
 * the **recurrence**: the host's varlen kernel (backend ``triton``) and a PyTorch reference of it
   (backend ``torch``) over all (memory, sequence) segments at once, with per-segment initial and final
   states.
+* the host's **own forward arguments and outputs** beyond those every host shares (``hidden_states``,
+  ``attention_mask``, ``past_key_values``, ``use_cache``, ``cu_seqlens`` in; ``(o, None, past_key_values)``
+  out): ``host_inputs`` and ``host_outputs``. Grown for every host at once (the others have none), because
+  RWKV7 layers take ``v_first`` from layer 0 and return it: a wrapped layer must keep its host's forward
+  contract to stay a drop-in replacement inside the host's model.
 """
 from __future__ import annotations
 
@@ -76,9 +81,16 @@ class HostAdapter:
 
     @classmethod
     def example_host(cls) -> nn.Module:
-        """A small host layer (hidden 64, ``layer_idx=0``, the host's default options otherwise): what
-        ``mom_wrap.check`` runs the parity checks (``mom_wrap.testing``) on."""
+        """A small host layer (hidden 64, ``layer_idx=0`` or, where later layers have more to check, a later
+        one; the host's default options otherwise): what ``mom_wrap.check`` runs the parity checks
+        (``mom_wrap.testing``) on."""
         raise NotImplementedError
+
+    @classmethod
+    def example_inputs(cls, x: torch.Tensor) -> dict:
+        """The example host's own forward arguments for the input x [B, T, hidden] (see ``host_inputs``), made
+        position by position from x so that they slice, pad and pack along with it. Default: none."""
+        return {}
 
     def write_projections(self) -> list[WriteProjection]:
         """The host's per-memory projections, in the order the core stacks them."""
@@ -109,6 +121,19 @@ class HostAdapter:
         ``read_conv_shapes``) the read-side convs start from them and write their new states back.
         """
         raise NotImplementedError
+
+    def host_inputs(self, kwargs: dict, layout: TokenLayout) -> dict[str, torch.Tensor]:
+        """The host forward's own keyword arguments (``kwargs``: all the wrapper got beyond the shared ones)
+        -> per-token tensors [N, ...] that join ``read``'s outputs under their names; checked here, with a
+        clear error naming the argument. Default: none."""
+        return {}
+
+    def host_outputs(self, kwargs: dict, write: dict[str, torch.Tensor] | None, dispatch: Dispatch,
+                     layout: TokenLayout) -> tuple:
+        """What the host's forward returns after ``(o, attentions, past_key_values)`` (RWKV7: ``v_first``),
+        from the forward's keyword arguments and its write side (name -> [S, out] per sorted slot; None when
+        every token is padding and nothing was written). Default: nothing more."""
+        return ()
 
     def recurrence(self, read: dict[str, torch.Tensor], write: dict[str, torch.Tensor], dispatch: Dispatch,
                    backend: str, initial_state: torch.Tensor | None = None,

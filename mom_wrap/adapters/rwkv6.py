@@ -13,11 +13,7 @@ sees the same mixes, only the projections after them are per memory.
 Read side once per token: the token shift, the x_proj data-dependent mixes (x_proj, x_bias), r_proj, g_proj,
 the bonus u (shared by all memories), g_norm, gate_fn and o_proj.
 State per segment: [H, K, V] (the host's own cache layout, fla's RWKV6 kernels' ``[N, H, K, V]``).
-
-The token shift is a depthwise conv of width 2 whose constant weight picks the previous token (tap 0) and
-drops the current one (tap 1), run through ``TokenLayout.conv``: it then restarts at every sequence of packed
-input, skips left padding, and carries each sequence's last token in the cache (``read_conv_shapes``), as
-fla's ``token_shift`` (cu_seqlens) and the host's ``conv_state`` do.
+The token shift: ``rwkv_common``.
 """
 from __future__ import annotations
 
@@ -27,11 +23,11 @@ import torch.nn.functional as F
 
 from mom_wrap.adapters.base import HostAdapter, WriteProjection, register_adapter
 from mom_wrap.adapters.fla_common import pad_segments
+from mom_wrap.adapters.rwkv_common import (check_group_norm, group_norm, install_token_shift, lora_projection,
+                                           previous_token, token_shift_shapes)
 from mom_wrap.dispatch import gather
 from mom_wrap.ops import acc
 
-SHIFT = 'shift'  # name of the read-side token-shift conv (its cache entry)
-SHIFT_BUFFER = 'mom_token_shift_weight'  # the constant conv weight, a non-persistent buffer of the host
 NUM_MIXES = 5  # x_proj makes the mixes of r, w, k, v, g, in this order
 
 # fla's ACT2FN gates (Triton kernels, but relu) as PyTorch ops for the torch backend; fla's 'gelu' is the
@@ -39,7 +35,6 @@ NUM_MIXES = 5  # x_proj makes the mixes of r, w, k, v, g, in this order
 _TORCH_GATES = {'relu': F.relu, 'sigmoid': torch.sigmoid, 'logsigmoid': F.logsigmoid, 'silu': F.silu,
                 'swish': F.silu, 'sqrelu': lambda t: F.relu(t).square(),
                 'gelu': lambda t: F.gelu(t, approximate='tanh')}
-_LORA_ACTIVATIONS = {nn.Identity: None, nn.Tanh: 'tanh', nn.Sigmoid: 'sigmoid', nn.ReLU: 'relu', nn.SiLU: 'silu'}
 
 
 def rwkv6_reference(r, k, v, w, u, cu_seqlens, position, scale=1.0, initial_state=None, output_final_state=False):
@@ -70,37 +65,10 @@ def rwkv6_reference(r, k, v, w, u, cu_seqlens, position, scale=1.0, initial_stat
     return o, (state if output_final_state else None)
 
 
-def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
-               eps: float, is_rms_norm: bool = False) -> torch.Tensor:
-    """fla's GroupNorm in PyTorch: x [N, D] normalised over each of ``num_groups`` contiguous groups of
-    channels (mean removed unless ``is_rms_norm``), then the per-channel affine. Returns fp32 (or fp64)."""
-    xf = acc(x).unflatten(-1, (num_groups, -1))
-    if not is_rms_norm:
-        xf = xf - xf.mean(-1, keepdim=True)
-    y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).flatten(-2)
-    if weight is not None:
-        y = y * acc(weight)
-    if bias is not None:
-        y = y + acc(bias)
-    return y
-
-
 def _gate_name(fn) -> str | None:
     """The ACT2FN name of the host's gate function (``RWKV6Attention`` keeps the function, not its name)."""
     from fla.modules.activations import ACT2FN
     return next((name for name, f in ACT2FN.items() if f is fn), None)
-
-
-def _write_projection(name: str, module: nn.Module, input_name: str) -> WriteProjection:
-    """A DDLerpLinear's linear stage as a write projection reading the read-side mix ``input_name``: an
-    nn.Linear, or fla's LoRA (Linear without bias -> activation -> Linear with its bias) in two stages."""
-    linear = module.linear
-    if isinstance(linear, nn.Linear):
-        return WriteProjection(name, linear, input=input_name)
-    first, act, second = linear.lora
-    if type(act) not in _LORA_ACTIVATIONS:
-        raise ValueError(f"{name}_proj: unsupported LoRA activation {type(act).__name__}")
-    return WriteProjection(name, first, input=input_name, second=second, activation=_LORA_ACTIVATIONS[type(act)])
 
 
 @register_adapter
@@ -114,16 +82,8 @@ class RWKV6Adapter(HostAdapter):
         if self.gate == 'bias_gelu':  # fla's bias_gelu takes (x, bias): the host's one-argument call fails too
             raise ValueError("gate_fn: 'bias_gelu' needs a bias argument, which RWKV6Attention never passes; "
                              f"use one of {sorted(_TORCH_GATES)}")
-        norm = host.g_norm
-        if getattr(norm, 'num_groups', None) is None:
-            raise ValueError(f"g_norm: expected fla's GroupNorm, got {type(norm).__name__}")
-        if SHIFT_BUFFER not in host._buffers:
-            # tap 0 (the previous token) 1, tap 1 (the current one) 0: the conv returns x_{t-1}. A buffer, so
-            # that it follows the layer's .to(); not persistent, so that state dicts stay the host's
-            ref = next(host.parameters())
-            weight = torch.zeros(host.hidden_size, 1, 2, device=ref.device, dtype=ref.dtype)
-            weight[:, 0, 0] = 1
-            host.register_buffer(SHIFT_BUFFER, weight, persistent=False)
+        check_group_norm(host.g_norm)
+        install_token_shift(host)
 
     @classmethod
     def example_host(cls):
@@ -142,26 +102,24 @@ class RWKV6Adapter(HostAdapter):
 
     def write_projections(self) -> list[WriteProjection]:
         h = self.host
-        return [_write_projection('k', h.k_proj, 'xk'),
-                _write_projection('v', h.v_proj, 'xv'),
-                _write_projection('w', h.w_proj, 'xw')]
+        # each DDLerpLinear's linear stage (an nn.Linear or fla's LoRA) reading its own mix
+        return [lora_projection('k', h.k_proj.linear, 'xk'),
+                lora_projection('v', h.v_proj.linear, 'xv'),
+                lora_projection('w', h.w_proj.linear, 'xw')]
 
     def state_shape(self):
         h = self.host
         return (h.num_heads, h.head_k_dim, h.head_v_dim)
 
     def read_conv_shapes(self):
-        # width 2 holds the last two tokens; only the newest (the next token's previous one) is read
-        return {SHIFT: (self.host.hidden_size, 2)}
+        return token_shift_shapes(self.host)
 
     def read(self, x, layout, backend, conv_rows=None):
         """x [N, hidden] -> r [N, H, K], g [N, value_dim] and the write projections' inputs xk, xv, xw
         [N, hidden] (x + delta * mu of each)."""
         h = self.host
         N = x.shape[0]
-        shifted = layout.conv(x, getattr(h, SHIFT_BUFFER), None, None, backend,
-                              None if conv_rows is None else conv_rows[SHIFT])
-        delta = shifted - x
+        delta = previous_token(h, x, layout, backend, conv_rows) - x
         lerp = h.x_proj[0]
         low = h.x_proj[1](lerp.linear(x + delta * lerp.mu)).view(N, NUM_MIXES, -1)
         # x_proj[2] as the host applies it: block-diagonal, each mix from its own rank slice
@@ -200,8 +158,7 @@ class RWKV6Adapter(HostAdapter):
         o = o.flatten(1)
         g = read['g']
         if backend == 'torch':
-            norm = h.g_norm
-            y = group_norm(o, norm.num_groups, norm.weight, norm.bias, norm.eps, norm.is_rms_norm)
+            y = group_norm(o, h.g_norm)
             gate = _TORCH_GATES[self.gate] if self.gate in _TORCH_GATES else h.gate_fn
             o = (y * acc(gate(acc(g)))).to(o.dtype)
         else:
