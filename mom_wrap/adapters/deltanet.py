@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from mom_wrap.adapters.base import HostAdapter, WriteProjection, register_adapter
-from mom_wrap.adapters.fla_common import gated_norm_out, l2norm, pad_segments, q_conv_shapes
+from mom_wrap.adapters.fla_common import gated_norm_out, l2norm, padded_segments, q_conv_shapes
 from mom_wrap.dispatch import gather, upload
 from mom_wrap.ops import acc
 
@@ -52,10 +52,9 @@ def delta_rule_reference(q, k, v, beta, cu_seqlens, position, qk_l2norm=True, sc
         q, k = l2norm(q), l2norm(k)
     q = q * scale
 
-    segment = torch.searchsorted(cu_seqlens[1:], torch.arange(S, device=q.device), right=True)
-    L = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if G else 0
     # padded steps have k = 0 and beta = 0: they leave the state unchanged, so the final state is exact
-    q, k, v, beta = (pad_segments(t, segment, position, G, L) for t in (q, k, acc(v), acc(beta)))
+    segment, (q, k, v, beta) = padded_segments(cu_seqlens, position, q, k, acc(v), acc(beta))
+    L = q.shape[1]
     state = q.new_zeros(G, H, K, v.shape[-1]) if initial_state is None else initial_state.to(q.dtype).clone()
     out = q.new_zeros(G, L, H, v.shape[-1])
     for t in range(L):

@@ -31,12 +31,20 @@ def rms_norm_gated(x: torch.Tensor, g: torch.Tensor, weight: torch.Tensor | None
     return (y * gate).to(x.dtype)
 
 
-def pad_segments(x: torch.Tensor, segment: torch.Tensor, position: torch.Tensor, num_segments: int,
-                 max_len: int) -> torch.Tensor:
-    """x [S, ...] (sorted slots) -> [G, L, ...] zero-padded per segment; only the reference path pads."""
-    out = x.new_zeros(num_segments, max_len, *x.shape[1:])
-    out[segment, position] = x
-    return out
+def padded_segments(cu_seqlens: torch.Tensor, position: torch.Tensor,
+                    *tensors: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The reference recurrences' layout: each of ``tensors`` [S, ...] (sorted slots) as [G, L, ...],
+    zero-padded per segment (L: the longest), and each slot's segment [S], with which ``out[segment,
+    position]`` takes per-step outputs back to slots. Only the reference path pads (and syncs, for L)."""
+    G = cu_seqlens.numel() - 1
+    segment = torch.searchsorted(cu_seqlens[1:], torch.arange(position.numel(), device=position.device), right=True)
+    L = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if G else 0
+    padded = []
+    for x in tensors:
+        out = x.new_zeros(G, L, *x.shape[1:])
+        out[segment, position] = x
+        padded.append(out)
+    return segment, padded
 
 
 def gated_norm_out(host, o: torch.Tensor, gate: torch.Tensor | None, backend: str) -> torch.Tensor:

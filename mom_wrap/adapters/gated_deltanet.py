@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from mom_wrap.adapters.base import HostAdapter, WriteProjection, register_adapter
-from mom_wrap.adapters.fla_common import gated_norm_out, l2norm, pad_segments, q_conv_shapes
+from mom_wrap.adapters.fla_common import gated_norm_out, l2norm, padded_segments, q_conv_shapes
 from mom_wrap.dispatch import gather, upload
 from mom_wrap.ops import acc
 
@@ -40,10 +40,9 @@ def gated_delta_rule_reference(q, k, v, a, b, A_log, dt_bias, cu_seqlens, positi
     g = -acc(A_log).exp() * F.softplus(acc(a) + acc(dt_bias))
     beta = acc(b).sigmoid() * (2.0 if allow_neg_eigval else 1.0)
 
-    segment = torch.searchsorted(cu_seqlens[1:], torch.arange(S, device=q.device), right=True)
-    L = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if G else 0
     # padded steps have g = 0 and beta = 0: they leave the state unchanged, so the final state is exact
-    q, k, v, g, beta = (pad_segments(t, segment, position, G, L) for t in (q, k, acc(v), g, beta))
+    segment, (q, k, v, g, beta) = padded_segments(cu_seqlens, position, q, k, acc(v), g, beta)
+    L = q.shape[1]
     state = q.new_zeros(G, HV, V, K) if initial_state is None else initial_state.to(q.dtype).clone()
     out = q.new_zeros(G, L, HV, V)
     for t in range(L):

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mom_wrap.adapters.base import HostAdapter, WriteProjection, register_adapter
-from mom_wrap.adapters.fla_common import pad_segments, q_conv_shapes, rms_norm, rms_norm_gated
+from mom_wrap.adapters.fla_common import padded_segments, q_conv_shapes, rms_norm, rms_norm_gated
 from mom_wrap.dispatch import gather
 from mom_wrap.ops import acc
 
@@ -77,10 +77,9 @@ def gla_reference(q, k, v, gk, cu_seqlens, position, scale=None, initial_state=N
     dtype = v.dtype
     G = cu_seqlens.numel() - 1
     scale = K ** -0.5 if scale is None else scale
-    segment = torch.searchsorted(cu_seqlens[1:], torch.arange(S, device=q.device), right=True)
-    L = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if G else 0
     # padded steps have gk = 0, k = 0 and v = 0: they leave the state unchanged, so the final state is exact
-    q, k, v, gk = (pad_segments(acc(t), segment, position, G, L) for t in (q, k, v, gk))
+    segment, (q, k, v, gk) = padded_segments(cu_seqlens, position, acc(q), acc(k), acc(v), acc(gk))
+    L = q.shape[1]
     q = q * scale
     state = q.new_zeros(G, H, V, K) if initial_state is None else acc(initial_state).clone()
     out = q.new_zeros(G, L, H, V)

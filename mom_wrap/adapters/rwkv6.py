@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mom_wrap.adapters.base import HostAdapter, WriteProjection, register_adapter
-from mom_wrap.adapters.fla_common import pad_segments
+from mom_wrap.adapters.fla_common import padded_segments
 from mom_wrap.adapters.rwkv_common import (check_group_norm, group_norm, install_token_shift, lora_projection,
                                            previous_token, token_shift_shapes)
 from mom_wrap.dispatch import gather
@@ -50,10 +50,9 @@ def rwkv6_reference(r, k, v, w, u, cu_seqlens, position, scale=1.0, initial_stat
     V = v.shape[-1]
     dtype = v.dtype
     G = cu_seqlens.numel() - 1
-    segment = torch.searchsorted(cu_seqlens[1:], torch.arange(S, device=r.device), right=True)
-    L = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if G else 0
     # padded steps have k = v = 0 and w = 0 (decay 1): they leave the state unchanged, so the final state is exact
-    r, k, v, w = (pad_segments(t, segment, position, G, L) for t in (acc(r) * scale, acc(k), acc(v), acc(w)))
+    segment, (r, k, v, w) = padded_segments(cu_seqlens, position, acc(r) * scale, acc(k), acc(v), acc(w))
+    L = r.shape[1]
     u = acc(u)
     state = r.new_zeros(G, H, K, V) if initial_state is None else initial_state.to(r.dtype).clone()
     out = r.new_zeros(G, L, H, V)

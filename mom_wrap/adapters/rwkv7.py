@@ -38,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mom_wrap.adapters.base import HostAdapter, register_adapter
-from mom_wrap.adapters.fla_common import l2norm, pad_segments
+from mom_wrap.adapters.fla_common import l2norm, padded_segments
 from mom_wrap.adapters.rwkv_common import (check_group_norm, group_norm, install_token_shift, lora_projection,
                                            previous_token, token_shift_shapes)
 from mom_wrap.dispatch import combine, gather
@@ -64,10 +64,10 @@ def rwkv7_reference(r, w, k, v, a, b, cu_seqlens, position, scale=1.0, initial_s
     V = v.shape[-1]
     dtype = v.dtype
     G = cu_seqlens.numel() - 1
-    segment = torch.searchsorted(cu_seqlens[1:], torch.arange(S, device=r.device), right=True)
-    L = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if G else 0
     # padded steps have w = a = b = k = v = 0: they leave the state unchanged, so the final state is exact
-    r, w, k, v, a, b = (pad_segments(acc(t), segment, position, G, L) for t in (r * scale, w, k, v, a, b))
+    segment, (r, w, k, v, a, b) = padded_segments(cu_seqlens, position, acc(r) * scale,
+                                                  *(acc(t) for t in (w, k, v, a, b)))
+    L = r.shape[1]
     state = r.new_zeros(G, H, K, V) if initial_state is None else initial_state.to(r.dtype).clone()
     out = r.new_zeros(G, L, H, V)
     for t in range(L):
