@@ -12,25 +12,44 @@ import os
 import sys
 
 
-def interpret_on_cpu() -> None:
-    """TRITON_INTERPRET=1, and an autotuner that takes the first of a kernel's configs instead of timing them
-    all: under the interpreter timings mean nothing, and running each config once made a host's first call
-    cost its number of configs times a kernel run (36 for fla's recurrent RWKV7 kernel: half a minute).
-    Call it before Triton (and so fla or mom_wrap's kernels) is imported."""
-    os.environ.setdefault('TRITON_INTERPRET', '1')
+def first_config_only() -> None:
+    """Make Triton's autotuner take the first of each kernel's configs instead of compiling and timing them
+    all. The checks' results do not depend on the config; a fresh GPU then spends seconds per host instead of
+    the minutes autotuning fla's kernels takes (and under the interpreter timings mean nothing: running each
+    config once cost fla's recurrent RWKV7 kernel, 36 configs, half a minute)."""
     from triton.runtime import autotuner
 
     prune = autotuner.Autotuner.prune_configs
     autotuner.Autotuner.prune_configs = lambda self, *args, **kwargs: prune(self, *args, **kwargs)[:1]
 
 
+def interpret_on_cpu() -> None:
+    """TRITON_INTERPRET=1 and ``first_config_only``. Call it before Triton (and so fla or mom_wrap's
+    kernels) is imported."""
+    os.environ.setdefault('TRITON_INTERPRET', '1')
+    first_config_only()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog='python -m mom_wrap.check', description=__doc__.splitlines()[0])
     p.add_argument('hosts', nargs='*', help='host class names or dotted paths (default: every installed one)')
     p.add_argument('--device', choices=('cpu', 'cuda'), default='cpu')
+    p.add_argument('--first-config', action='store_true',
+                   help="on CUDA: run each Triton kernel's first config instead of autotuning (a fresh GPU "
+                        "otherwise autotunes fla's kernels for minutes; the CPU always does this)")
+    p.add_argument('--tf32', action='store_true',
+                   help="on CUDA: leave Triton's fp32 dot products in TF32 (fla's default) instead of IEEE fp32")
     args = p.parse_args(argv)
     if args.device == 'cpu':
         interpret_on_cpu()
+    else:
+        # IEEE fp32 dots (before any kernel compiles), so that the fp32 checks test the code, not TF32's
+        # rounding: with TF32 the decay parameters' gradients at the example shapes differ by up to 5e-2
+        # (GatedDeltaNet's A_log; 9e-5 with IEEE dots, H200). The bf16 checks test the real precision.
+        if not args.tf32:
+            os.environ.setdefault('TRITON_F32_DEFAULT', 'ieee')
+        if args.first_config:
+            first_config_only()
 
     from mom_wrap.adapters.base import _REGISTRY
     from mom_wrap.testing import run_checks

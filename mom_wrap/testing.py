@@ -254,8 +254,9 @@ def _gpu_checks(factory, name: str, interpret: bool) -> list[Result]:
             y.backward(dy)
             runs[backend] = [y.detach(), xi.grad] + [p.grad.clone() for p in mom.parameters()]
             mom.zero_grad()
-        err = max(_norm_err(a, b) for a, b in zip(runs['triton'], runs['torch']))
-        results.append(Result(name, f'triton_vs_torch[{str(dtype)[6:]}]', err, GPU_TOL[dtype]))
+        names = ['output', 'input grad'] + [f'{n} grad' for n, _ in mom.named_parameters()]
+        err, worst = max((_norm_err(a, b), n) for a, b, n in zip(runs['triton'], runs['torch'], names))
+        results.append(Result(name, f'triton_vs_torch[{str(dtype)[6:]}]', err, GPU_TOL[dtype], f'worst: {worst}'))
     if interpret:  # in bf16: some hosts' chunk kernels refuse fp32 (fla 0.6's DeltaNet)
         host = factory().to('cuda', torch.bfloat16).train()
         ref = copy.deepcopy(host)
@@ -268,8 +269,9 @@ def _gpu_checks(factory, name: str, interpret: bool) -> list[Result]:
             y = layer(xi, **adapter.example_inputs(x))[0]
             y.backward(dy)
             outs.append((y.detach(), xi.grad))
-        err = max(_norm_err(a, b) for a, b in zip(outs[1], outs[0]))
-        results.append(Result(name, 'one_memory_equals_host_training[bf16,T=2048]', err, GPU_TOL[torch.bfloat16]))
+        err, worst = max((_norm_err(a, b), n) for a, b, n in zip(outs[1], outs[0], ('output', 'input grad')))
+        results.append(Result(name, 'one_memory_equals_host_training[bf16,T=2048]', err, GPU_TOL[torch.bfloat16],
+                              f'worst: {worst}'))
     return results
 
 

@@ -235,3 +235,17 @@ def test_write_side_moves_out_of_the_host():
     assert set(mom.memories.input_weight) == {'k', 'v', 'w', 'a', 'v_mix'}
     assert set(mom.memories.second) == {'w', 'a', 'v_mix'}
     assert set(MixtureOfMemories(make_host(0), num_memories=2, topk=1).memories.input_weight) == {'k', 'v', 'w', 'a'}
+
+
+@pytest.mark.parametrize('layer_idx', [0, 1])
+def test_bf16_weights_run_close_to_fp32(layer_idx):
+    """The torch backend in bf16: outputs (and layer 0's v_first) in bf16, close to fp32."""
+    mom32 = wrap(make_host(layer_idx), init='random').eval()
+    mom16 = copy.deepcopy(mom32).to(torch.bfloat16)
+    x, v_first = torch.randn(2, 12, 64), torch.randn(2, 12, 64)
+    with torch.no_grad():
+        want = mom32(x, v_first=v_first)
+        got = mom16(x.bfloat16(), v_first=v_first.bfloat16())
+    assert got[0].dtype == got[3].dtype == torch.bfloat16
+    close(got[0].float(), want[0], tol=3e-2)
+    close(got[3].float(), want[3], tol=3e-2)

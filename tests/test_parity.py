@@ -42,3 +42,15 @@ def test_check_command_prints_a_table_and_fails_on_any_failure(monkeypatch, caps
     assert 'good' in out and 'FAIL  why' in out and '1 passed, 2 failed' in out
     with pytest.raises(SystemExit):
         check.main(['NoSuchHost'])
+
+
+def test_check_command_on_cuda_runs_fp32_dots_in_ieee_unless_told(monkeypatch):
+    """On CUDA the command sets TRITON_F32_DEFAULT=ieee before any kernel compiles (--tf32: left alone)."""
+    seen = []
+    monkeypatch.setattr(testing, 'run_checks', lambda *a, **k: seen.append(os.environ.get('TRITON_F32_DEFAULT'))
+                        or [testing.Result('Host', 'good', 0.0, 1e-4)])
+    monkeypatch.setenv('TRITON_F32_DEFAULT', 'tf32')  # recorded, so that teardown restores what was there
+    monkeypatch.delenv('TRITON_F32_DEFAULT')
+    assert check.main(['GatedDeltaNet', '--device', 'cuda', '--tf32']) == 0
+    assert check.main(['GatedDeltaNet', '--device', 'cuda']) == 0
+    assert seen == [None, 'ieee']

@@ -181,6 +181,7 @@ class RWKV7Adapter(HostAdapter):
         """Per slot: w, a, kk, the updated k and (after layer 0) the lerp towards v_first from the memory's own
         projections; then the kernel, and the output correction. Returns [S, H, 2V]: output | correction."""
         h = self.host
+        dtype = write['v'].dtype
         cast = acc if backend == 'torch' else (lambda t: t)  # the reference computes in fp32 (fp64 stays)
         r, k, v = cast(gather(read['r'], dispatch)), cast(write['k']), cast(write['v'])
         w = -DECAY_SCALE * torch.sigmoid(cast(write['w']))
@@ -199,7 +200,7 @@ class RWKV7Adapter(HostAdapter):
         else:
             o, state = self._kernel(r, w, k, v, kk, a, dispatch, initial_state, output_final_state)
         correction = (r * k * h.r_k).sum(-1, keepdim=True) * v
-        return torch.cat([o, correction.to(o.dtype)], -1), state
+        return torch.cat([o, correction], -1).to(dtype), state
 
     def _kernel(self, r, w, k, v, kk, a, dispatch, initial_state, output_final_state):
         """fla's kernels, as the host picks them: chunk whenever gradients flow or in training (fla's recurrent
