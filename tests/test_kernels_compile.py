@@ -14,15 +14,19 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from mom_wrap.kernels import conv_step, rows, segment_conv
+from mom_wrap.kernels import conv_step, rows, scalar_decay, segment_conv
 
 H100 = GPUTarget('cuda', 90, 32)
 
 
+SCALARS = dict(scale='fp32')  # scalar arguments that are not int32
+
+
 def signature(fn, pointers: dict[str, str], constexprs: dict):
-    """Every argument of ``fn``: pointers with their element type, constexprs, the rest int32 scalars."""
-    return {name: ('constexpr' if name in constexprs else '*' + pointers[name] if name in pointers else 'i32')
-            for name in fn.arg_names}
+    """Every argument of ``fn``: pointers with their element type, constexprs, the rest int32 scalars (or as
+    SCALARS says)."""
+    return {name: ('constexpr' if name in constexprs else '*' + pointers[name] if name in pointers else
+                   SCALARS.get(name, 'i32')) for name in fn.arg_names}
 
 
 CONV = dict(x='bf16', wt='bf16', b='bf16', memory='i64', position='i64', y='bf16', dy='bf16', dpre='fp32',
@@ -38,14 +42,41 @@ CASES = [
     (conv_step._conv_step_kernel, dict(x='bf16', pool='bf16', index='i64', w='bf16', b='bf16', memory='i64',
                                        valid='u8', y='bf16'),
      dict(W=4, BW=4, HAS_INDEX=True, HAS_MEMORY=True, HAS_BIAS=True, HAS_VALID=True, SILU=True, BD=128)),
-    (rows._scatter_rows_kernel, dict(dst='fp32', index='i64', src='fp32', valid='u8'), dict(HAS_VALID=True, BLOCK=2048)),
+    (rows._scatter_rows_kernel, dict(dst='fp32', index='i64', src='fp32', valid='u8'),
+     dict(HAS_VALID=True, BLOCK=2048)),
+]
+
+
+def scalar_decay_pointers(dtype: str, dq: str = 'fp32') -> dict[str, str]:
+    """The chunk kernels' pointers: inputs (and o, dv) in ``dtype``, g and states fp32, dq / dk shares in ``dq``."""
+    return dict(q=dtype, k=dtype, v=dtype, g='fp32', cu_seqlens='i64', h0='fp32', o=dtype, ht='fp32', dht='fp32',
+                do=dtype, dq=dq, dk=dq, dv=dtype, qdq='fp32', dg='fp32', dh0='fp32')
+
+
+MAMBA2 = dict(H=8, HG=8, K=128, V=64, BT=64, BK=128, BV=64)  # d_state 128, headdim 64, one group of 8 heads
+SMALL = dict(H=4, HG=1, K=12, V=20, BT=16, BK=16, BV=32)  # K and V not powers of 2, a group per head
+CASES += [
+    (scalar_decay._fwd_kernel, scalar_decay_pointers('bf16'), dict(HAS_H0=True, STORE_HT=True, **MAMBA2),
+     dict(num_warps=8, num_stages=3)),
+    (scalar_decay._fwd_kernel, scalar_decay_pointers('fp32'), dict(HAS_H0=False, STORE_HT=False, **SMALL)),
+    (scalar_decay._bwd_dq_kernel, scalar_decay_pointers('bf16'), dict(HAS_H0=True, **MAMBA2),
+     dict(num_warps=8, num_stages=2)),
+    (scalar_decay._bwd_dq_kernel, scalar_decay_pointers('fp16', 'fp16'), dict(HAS_H0=False, **SMALL)),
+    (scalar_decay._bwd_dkv_kernel, scalar_decay_pointers('bf16'), dict(HAS_DHT=True, STORE_DH0=True, **MAMBA2),
+     dict(num_warps=8, num_stages=3)),
+    (scalar_decay._bwd_dkv_kernel, scalar_decay_pointers('fp32', 'fp32'), dict(HAS_DHT=False, STORE_DH0=False,
+                                                                              **SMALL)),
+    (scalar_decay._step_kernel, dict(q='bf16', k='bf16', v='bf16', g='fp32', pool='fp32', index='i64', valid='u8',
+                                     o='bf16'), dict(H=8, HG=8, K=128, V=64, BK=128, BV=32, HAS_VALID=True)),
+    (scalar_decay._step_kernel, dict(q='fp32', k='fp32', v='fp32', g='fp32', pool='fp32', index='i32', valid='u8',
+                                     o='fp32'), dict(H=4, HG=2, K=12, V=20, BK=16, BV=32, HAS_VALID=False)),
 ]
 
 
 def compile_case(i: int) -> None:
-    fn, pointers, constexprs = CASES[i]
+    fn, pointers, constexprs, *options = CASES[i]  # options: the launch's num_warps / num_stages, if not default
     src = ASTSource(fn=fn, signature=signature(fn, pointers, constexprs), constexprs=constexprs)
-    triton.compile(src, target=H100)
+    triton.compile(src, target=H100, options=options[0] if options else None)
 
 
 @pytest.mark.parametrize('i', range(len(CASES)), ids=[f"{c[0].__name__}-{n}" for n, c in enumerate(CASES)])
