@@ -24,10 +24,22 @@ def first_config_only() -> None:
 
 
 def interpret_on_cpu() -> None:
-    """TRITON_INTERPRET=1 and ``first_config_only``. Call it before Triton (and so fla or mom_wrap's
+    """TRITON_INTERPRET=1 and ``first_config_only``; and for a mamba-ssm built without its CUDA extensions
+    (``MAMBA_SKIP_CUDA_BUILD``): an empty ``selective_scan_cuda`` module (mamba-ssm 2.3 imports it with the
+    package; only Mamba1 calls it) and ``torch.cuda.device`` as a no-op context (mamba-ssm's Triton kernels
+    enter the CUDA device of their input). Call it before Triton (and so fla, mamba-ssm or mom_wrap's
     kernels) is imported."""
+    import contextlib
+    import importlib.util
+    import types
+
+    import torch
+
     os.environ.setdefault('TRITON_INTERPRET', '1')
     first_config_only()
+    if 'selective_scan_cuda' not in sys.modules and importlib.util.find_spec('selective_scan_cuda') is None:
+        sys.modules.setdefault('selective_scan_cuda', types.ModuleType('selective_scan_cuda'))
+    torch.cuda.device = lambda *args, **kwargs: contextlib.nullcontext()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,9 +13,11 @@ the code it checks:
   rows, each memory's write side run on its own tokens with plain ``F.linear`` / ``F.conv1d`` and the
   adapter's reference recurrence (torch backend) on that one segment; no dispatch, sort, grouped GEMM or
   segment conv of ours.
-* ``causal``, ``batch_rows_independent``, ``left_padding``, ``packed_sequences``: layouts against plain runs.
+* ``causal``, ``batch_rows_independent``, ``left_padding``, ``packed_sequences``: layouts against plain runs
+  (left padding only for hosts whose forward takes a padding mask: not mamba-ssm's).
 * ``every_parameter_gets_a_gradient``.
-* ``cached_chunks_equal_full_forward``: prefill, chunked prefill and one-token decode through fla's Cache.
+* ``cached_chunks_equal_full_forward``: prefill, chunked prefill and one-token decode through the cache of
+  the host's family (fla's Cache, mamba-ssm's InferenceParams; ``mom_wrap.calls``).
 * on CUDA, ``triton_vs_torch_{fp32,bf16}``: forward and backward of both backends, and
   ``one_memory_equals_host_training``: M=1 vs the host in training mode (chunk kernels) at T = 2048, bf16.
 
@@ -144,20 +146,20 @@ def naive_mom(mom: MixtureOfMemories, x: torch.Tensor, host_kwargs: dict | None 
 
 # ------------------------------------------------------------------------------------------ the checks
 
-def _feed(call, x, sizes, mask=None):
-    """``call(x_chunk, **kwargs)`` over consecutive chunks of x with one fla Cache: the outputs, concatenated."""
-    from fla.models.utils import Cache
-    cache, outs, start = Cache(), [], 0
+def _feed(convention, call, x, sizes, mask=None):
+    """``call(x_chunk, cache, **kwargs)`` over consecutive chunks of x with one cache of the host's family:
+    the outputs, concatenated. With ``mask``: the mask of everything seen so far, as generate() passes it."""
+    cache, outs, start = convention.new_cache(x.shape[0], x.shape[1]), [], 0
     for n in sizes:
-        m = None if mask is None else mask[:, :start + n]
-        outs.append(call(x[:, start:start + n], attention_mask=m, past_key_values=cache, use_cache=True)[0])
+        kw = {} if mask is None else {'attention_mask': mask[:, :start + n]}
+        outs.append(call(x[:, start:start + n], cache, **kw))
         start += n
     return torch.cat(outs, 1)
 
 
-def _outputs(result: tuple) -> torch.Tensor:
-    """A forward's output and the host's own extra outputs (after past_key_values), flattened into one."""
-    return torch.cat([t.flatten() for t in (result[0], *result[3:])])
+def _flat(outputs: list[torch.Tensor]) -> torch.Tensor:
+    """A forward's output and the host's own extra outputs, flattened into one."""
+    return torch.cat([t.flatten() for t in outputs])
 
 
 def run_checks(factory: Callable[[], nn.Module], name: str | None = None, device: str = 'cpu',
@@ -171,8 +173,11 @@ def run_checks(factory: Callable[[], nn.Module], name: str | None = None, device
     tol = TOL[dtype]
     results = []
 
-    def run(layer, x, **kwargs):  # a forward with the example host's own arguments (adapter.example_inputs)
-        return layer(x, **kwargs, **adapter.example_inputs(x))
+    convention = adapter.convention
+
+    def run(layer, x, **kwargs):
+        """A forward with the example host's own arguments (adapter.example_inputs) -> [output, *extras]."""
+        return convention.outputs(layer(x, **kwargs, **adapter.example_inputs(x)))
 
     def record(check, got, want, t=tol, detail=''):
         results.append(Result(name, check, rel_err(got, want), t, detail))
@@ -190,13 +195,13 @@ def run_checks(factory: Callable[[], nn.Module], name: str | None = None, device
         if interpret:
             for backend in ('torch', 'triton'):
                 host = factory().to(device, dtype).eval()
-                want = _outputs(run(copy.deepcopy(host), x))
+                want = _flat(run(copy.deepcopy(host), x))
                 mom = wrap(host, num_memories=1, topk=1, shared=False, init='copy', backend=backend).eval()
-                record(f'one_memory_equals_host[{backend}]', _outputs(run(mom, x)), want)
+                record(f'one_memory_equals_host[{backend}]', _flat(run(mom, x)), want)
             host = factory().to(device, dtype).eval()
-            want = _outputs(run(copy.deepcopy(host), x))
+            want = _flat(run(copy.deepcopy(host), x))
             mom = wrap(host, num_memories=3, topk=3, shared=False, init='copy').eval()
-            record('topk_copies_equal_host', _outputs(run(mom, x)), want)
+            record('topk_copies_equal_host', _flat(run(mom, x)), want)
         for shared in (False, True):
             mom = new(shared=shared)
             record(f'naive_loop[shared={shared}]', run(mom, x)[0], naive_mom(mom, x, adapter.example_inputs(x)))
@@ -207,23 +212,26 @@ def run_checks(factory: Callable[[], nn.Module], name: str | None = None, device
         y[:, 12:] = randn(2, 8, hidden)
         record('causal', run(mom, y)[0][:, :12], full[:, :12])
         record('batch_rows_independent', torch.cat([run(mom, x[b:b + 1])[0] for b in range(2)]), full)
-        lengths = [20, 11]
-        mask = torch.zeros(2, 20, dtype=torch.long, device=device)
-        xp = x.clone()
-        for b, n in enumerate(lengths):
-            mask[b, 20 - n:] = 1
-            xp[b, :20 - n] = float('nan')  # padding content must not matter, not even NaN
-        out = run(mom, xp, attention_mask=mask)[0]
-        record('left_padding', torch.cat([out[b, 20 - n:] for b, n in enumerate(lengths)]),
-               torch.cat([run(mom, x[b:b + 1, 20 - n:])[0][0] for b, n in enumerate(lengths)]))
         cu = torch.tensor([0, 7, 8, 20], device=device)
-        packed = run(mom, x[:1], cu_seqlens=cu)[0][0]
+        packed = run(mom, x[:1], **convention.packed_kwargs(cu))[0][0]
         record('packed_sequences', packed,
                torch.cat([run(mom, x[:1, s:e])[0][0] for s, e in zip(cu[:-1], cu[1:])]))
-        call = lambda xc, **kw: run(mom, xc, **kw)  # noqa: E731
-        record('cached_chunks_equal_full_forward', _feed(call, x, [9, 1, 1, 6, 1, 2]), full)
-        record('cached_chunks_with_padding', _feed(call, xp, [9, 1, 1, 6, 1, 2], mask)[mask.bool()],
-               out[mask.bool()])
+
+        def call(xc, cache, **kw):
+            return convention.call_cached(mom, xc, cache, **kw, **adapter.example_inputs(xc))
+        record('cached_chunks_equal_full_forward', _feed(convention, call, x, [9, 1, 1, 6, 1, 2]), full)
+        if convention.padding_mask:  # (mamba-ssm's layers take no padding mask)
+            lengths = [20, 11]
+            mask = torch.zeros(2, 20, dtype=torch.long, device=device)
+            xp = x.clone()
+            for b, n in enumerate(lengths):
+                mask[b, 20 - n:] = 1
+                xp[b, :20 - n] = float('nan')  # padding content must not matter, not even NaN
+            out = run(mom, xp, attention_mask=mask)[0]
+            record('left_padding', torch.cat([out[b, 20 - n:] for b, n in enumerate(lengths)]),
+                   torch.cat([run(mom, x[b:b + 1, 20 - n:])[0][0] for b, n in enumerate(lengths)]))
+            record('cached_chunks_with_padding', _feed(convention, call, xp, [9, 1, 1, 6, 1, 2], mask)[mask.bool()],
+                   out[mask.bool()])
 
     mom = new().train()
     xg = x.clone().requires_grad_()
@@ -250,7 +258,7 @@ def _gpu_checks(factory, name: str, interpret: bool) -> list[Result]:
         for backend in ('torch', 'triton'):
             mom.backend = backend
             xi = x.clone().requires_grad_()
-            y = mom(xi, **adapter.example_inputs(x))[0]
+            y = adapter.convention.outputs(mom(xi, **adapter.example_inputs(x)))[0]
             y.backward(dy)
             runs[backend] = [y.detach(), xi.grad] + [p.grad.clone() for p in mom.parameters()]
             mom.zero_grad()
@@ -266,7 +274,7 @@ def _gpu_checks(factory, name: str, interpret: bool) -> list[Result]:
         outs = []
         for layer in (ref, mom):
             xi = x.clone().requires_grad_()
-            y = layer(xi, **adapter.example_inputs(x))[0]
+            y = adapter.convention.outputs(layer(xi, **adapter.example_inputs(x)))[0]
             y.backward(dy)
             outs.append((y.detach(), xi.grad))
         err, worst = max((_norm_err(a, b), n) for a, b, n in zip(outs[1], outs[0], ('output', 'input grad')))

@@ -52,8 +52,9 @@ class MixtureOfMemories(nn.Module):
         balance_loss_weight: weight of the router's load-balancing loss, whose gradient the layer adds in
             the backward of its output (``mom_wrap.losses``); 0 turns it off. Settable at any time.
 
-    ``forward`` takes and returns what the host does: ``(o, None, past_key_values)``, with the host's cache
-    rules (``mom_wrap.cache``), and the host's own extra arguments and outputs (RWKV7: ``v_first``). After a forward, ``router_logits`` holds its fp32 router logits [B, T, M]
+    ``forward`` takes and returns what the host does (``mom_wrap.calls``): for fla's layers
+    ``(o, None, past_key_values)`` and the host's own extra arguments and outputs (RWKV7: ``v_first``), for
+    mamba-ssm's the output tensor; states live in the host's cache with its rules (``mom_wrap.cache``). After a forward, ``router_logits`` holds its fp32 router logits [B, T, M]
     and ``balance_loss`` its load-balancing term, both detached (for logging).
     """
 
@@ -105,21 +106,22 @@ class MixtureOfMemories(nn.Module):
                              "(or TRITON_INTERPRET=1); use backend='torch' on the CPU")
         return self.backend
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                past_key_values=None, use_cache: bool | None = False, output_attentions: bool | None = False,
-                **kwargs):
-        if not isinstance(hidden_states, torch.Tensor):
-            raise TypeError(f"hidden_states: expected a torch.Tensor, got {type(hidden_states).__name__}")
+    def forward(self, *args, **kwargs):
+        """The host's forward contract (``mom_wrap.calls``): fla's layers ``(hidden_states, attention_mask,
+        past_key_values, use_cache, ...) -> (o, None, past_key_values, ...)``, mamba-ssm's ``(u, seqlen,
+        seq_idx, cu_seqlens, inference_params) -> o``."""
+        call = self._adapter.convention.parse(*args, **kwargs)
+        hidden_states = call.hidden_states
         if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.hidden_size:
             raise ValueError(f"hidden_states: expected shape [batch, seq_len, {self.hidden_size}] (the host's "
                              f"hidden size), got {tuple(hidden_states.shape)}")
         backend = self._resolve_backend(hidden_states)
         B, T, D = hidden_states.shape
-        layout = TokenLayout.build(B, T, hidden_states.device, attention_mask, kwargs.get('cu_seqlens'))
+        layout = TokenLayout.build(B, T, hidden_states.device, call.attention_mask, call.cu_seqlens)
         x = hidden_states.reshape(B * T, D)
-        state = self._start_state(past_key_values, bool(use_cache), layout.num_sequences, x)
+        state = self._start_state(call.store, layout.num_sequences, x)
 
-        host_inputs = self._adapter.host_inputs(kwargs, layout)
+        host_inputs = self._adapter.host_inputs(call.host_kwargs, layout)
         dispatch, probs = self._route(x, layout, decode=state is not None and layout.one_token_per_sequence)
         write = None
         if dispatch.num_segments == 0:  # every token is padding: nothing is read or written
@@ -135,22 +137,31 @@ class MixtureOfMemories(nn.Module):
             if layout.valid is not None:
                 o = torch.where(layout.valid[:, None], o, 0)
             o = self._attach_balance_loss(o.view(B, T, D), probs)
-        if past_key_values is not None:
-            cache.store(past_key_values, self.layer_idx, state if use_cache else None, T)
-        return (o, None, past_key_values, *self._adapter.host_outputs(kwargs, write, dispatch, layout))
+        if call.store is not None:
+            call.store.store(self.layer_idx, state if call.store.writes else None, T)
+        return call.returns(o, self._adapter.host_outputs(call.host_kwargs, write, dispatch, layout))
 
-    def _start_state(self, past_key_values, use_cache: bool, num_sequences: int, x: torch.Tensor) -> dict | None:
-        """The states this forward starts from and (with use_cache) updates: the stored ones, zeros for a cache
-        that holds none, a copy of the stored ones without use_cache (they must not change), None without a
-        cache or without anything to start from (the plain forward)."""
-        state = cache.stored_state(past_key_values, self.layer_idx)
-        if state is not None:
-            cache.check_state(state, num_sequences, self.num_slots_memories)
-            return state if use_cache else cache.clone_state(state)
-        if past_key_values is None or not use_cache:
+    def _start_state(self, store, num_sequences: int, x: torch.Tensor) -> dict | None:
+        """The states this forward starts from and (when the store writes) updates: the stored ones, zeros for a
+        store that holds none, a copy of the stored ones when it does not write (they must not change), None
+        without a store or without anything to start from (the plain forward)."""
+        if store is None:
             return None
-        return cache.empty_state(num_sequences, self.num_slots_memories, self._adapter.state_shape(),
-                                 self._adapter.read_conv_shapes(), self.memories.conv_shapes(), x)
+        state = store.stored(self.layer_idx)
+        if state is not None:
+            cache.check_state(state, num_sequences, self.num_slots_memories, store.argument)
+            return state if store.writes else cache.clone_state(state)
+        if not store.writes:
+            return None
+        return self.allocate_inference_cache(num_sequences, dtype=x.dtype)
+
+    def allocate_inference_cache(self, batch_size: int, max_seqlen: int | None = None, dtype=None, **kwargs) -> dict:
+        """Zero states for ``batch_size`` sequences (``mom_wrap.cache``): what mamba-ssm's generation asks each
+        mixer for before decoding (``max_seqlen`` does not matter: the states have a fixed size)."""
+        ref = self.router.weight
+        return cache.empty_state(batch_size, self.num_slots_memories, self._adapter.state_shape(),
+                                 self._adapter.read_conv_shapes(), self.memories.conv_shapes(), ref.device,
+                                 dtype or ref.dtype)
 
     def _route(self, x: torch.Tensor, layout: TokenLayout, decode: bool) -> tuple[Dispatch, torch.Tensor]:
         """Router, then the plan: sorted segments, or for a decode step the sync-free one-slot segments.
@@ -198,9 +209,13 @@ class MixtureOfMemories(nn.Module):
                       for n, c in state['write_conv'].items()}
         write = self.memories({'x': x, **read}, dispatch, backend, write_rows)
         h = PoolRows(state['recurrent'], index, dispatch.segment_valid, lead=2, backend=backend)
-        o, h_new = self._adapter.recurrence(read, write, dispatch, backend, initial_state=h.read(),
-                                            output_final_state=True)
-        h.write(h_new)
+        o = None
+        if decode and backend == 'triton' and not torch.is_grad_enabled():  # rows updated in the pool itself
+            o = self._adapter.decode_in_place(read, write, dispatch, h)
+        if o is None:
+            o, h_new = self._adapter.recurrence(read, write, dispatch, backend, initial_state=h.read(),
+                                                output_final_state=True)
+            h.write(h_new)
         state.update(recurrent=h.pool, read_conv={n: r.pool for n, r in read_rows.items()},
                      write_conv={n: r.pool for n, r in write_rows.items()})
         return read, write, o

@@ -96,3 +96,32 @@ def _tensors(cache):
 def _restore(cache, snapshot):
     for k, v in _tensors(cache):
         v.copy_(snapshot[k])
+
+
+def test_wrapped_mamba2_model_generate_with_cuda_graphs_equals_full_forwards():
+    """mamba-ssm's MambaLMHeadModel, mixers wrapped: generate(cg=True) (decode steps captured as a CUDA graph
+    on the pools ``allocate_inference_cache`` made) gives the tokens and scores of generate(cg=False) and of
+    greedy decoding by full forwards."""
+    pytest.importorskip('mamba_ssm')
+    from mamba_ssm.models.config_mamba import MambaConfig
+    from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+    cfg = MambaConfig(d_model=256, n_layer=2, vocab_size=256, pad_vocab_size_multiple=8, rms_norm=True,
+                      fused_add_norm=False, residual_in_fp32=True,
+                      ssm_cfg=dict(layer='Mamba2', d_state=64, headdim=64, use_mem_eff_path=False))
+    torch.manual_seed(0)
+    model = MambaLMHeadModel(cfg, device='cuda', dtype=torch.float32).eval()
+    for layer in model.backbone.layers:
+        layer.mixer = MixtureOfMemories(layer.mixer, num_memories=4, topk=2, init='random').cuda()
+        torch.nn.init.normal_(layer.mixer.router.weight, std=0.5)
+    ids = torch.randint(1, 256, (2, 16), device='cuda')
+    kw = dict(max_length=24, output_scores=True, return_dict_in_generate=True)
+    graph = model.generate(ids, cg=True, **kw)
+    eager = model.generate(ids, cg=False, **kw)
+    assert torch.equal(graph.sequences, eager.sequences)
+    seq = ids
+    with torch.no_grad():
+        for step in range(8):
+            logits = model(seq).logits[:, -1]
+            assert rel_err(graph.scores[step], logits) < TOL[torch.float32]
+            seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], 1)
+    assert torch.equal(graph.sequences, seq)

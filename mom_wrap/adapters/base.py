@@ -11,11 +11,13 @@ An adapter splits its host into
 * the **recurrence**: the host's varlen kernel (backend ``triton``) and a PyTorch reference of it
   (backend ``torch``) over all (memory, sequence) segments at once, with per-segment initial and final
   states.
-* the host's **own forward arguments and outputs** beyond those every host shares (``hidden_states``,
-  ``attention_mask``, ``past_key_values``, ``use_cache``, ``cu_seqlens`` in; ``(o, None, past_key_values)``
-  out): ``host_inputs`` and ``host_outputs``. Grown for every host at once (the others have none), because
-  RWKV7 layers take ``v_first`` from layer 0 and return it: a wrapped layer must keep its host's forward
-  contract to stay a drop-in replacement inside the host's model.
+* the host's **forward contract**: ``convention`` (``mom_wrap.calls``) parses its call (fla's
+  ``(hidden_states, attention_mask, past_key_values, ...)`` or mamba-ssm's ``(u, seqlen, seq_idx, cu_seqlens,
+  inference_params)``) and formats its return value, with the cache of its family; ``host_inputs`` and
+  ``host_outputs`` carry its own arguments and outputs beyond those of its family. Grown for every host at
+  once, because RWKV7 layers take ``v_first`` from layer 0 and return it, and Mamba2 is called and caches
+  unlike fla's layers: a wrapped layer must keep its host's contract to stay a drop-in replacement inside the
+  host's model.
 """
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn as nn
+
+from mom_wrap.calls import FlaConvention
 
 if TYPE_CHECKING:
     from mom_wrap.dispatch import Dispatch
@@ -58,6 +62,7 @@ class HostAdapter:
 
     host_class: ClassVar[str]  # dotted path, imported lazily so that optional hosts stay optional
     write_modules: ClassVar[tuple[str, ...]] = ()  # the host's attributes the write side takes over
+    convention: ClassVar[type] = FlaConvention  # how the host is called and where its cache is (mom_wrap.calls)
 
     def __init__(self, host: nn.Module):
         self.host = host
@@ -144,6 +149,15 @@ class HostAdapter:
         the final state of every segment [G, ...] in the host's own state layout.
         """
         raise NotImplementedError
+
+    def decode_in_place(self, read: dict[str, torch.Tensor], write: dict[str, torch.Tensor], dispatch: Dispatch,
+                        rows: PoolRows) -> torch.Tensor | None:
+        """A decode step (``dispatch.token_major``: one token per segment; triton backend, no autograd) whose
+        kernel reads and updates the state pool's rows itself (``rows.flat`` [P, *state], ``rows.index`` [G],
+        ``rows.valid`` [G] or None): the per-slot output, or None where the host has no such kernel (the
+        wrapper then reads the rows, runs ``recurrence`` and writes them back: a gather and a scatter of
+        every selected state). Grown for every host at once, for Mamba2 (``scalar_decay_step``)."""
+        return None
 
     def finish(self, o: torch.Tensor, read: dict[str, torch.Tensor], backend: str) -> torch.Tensor:
         """Combined per-token memory output -> [N, hidden] (output norm, gate, output projection)."""
