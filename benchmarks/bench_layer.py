@@ -6,7 +6,7 @@ their default head sizes), M=4, top-2, shared memory, bf16, all layers measured 
 ratios are against the plain host layer.
 
     python benchmarks/bench_layer.py [--host GatedDeltaNet|GatedLinearAttention|DeltaNet|RWKV6Attention|
-                                             RWKV7Attention]
+                                             RWKV7Attention|Mamba2]
                                      [--batch 8 --seq-len 2048 --iters 20] [--profile]
 """
 from __future__ import annotations
@@ -20,6 +20,10 @@ from mom_wrap import MixtureOfMemories
 
 def host_factory(host, hidden, heads, head_dim):
     """A function making the plain host layer (layer_idx 0)."""
+    if host == 'Mamba2':  # mamba-ssm's defaults at this width: 32 heads x 64, d_state 128 (no fused path:
+        # it needs the causal-conv1d CUDA package, and the wrapper computes the layer itself either way)
+        from mamba_ssm.modules.mamba2 import Mamba2
+        return lambda: Mamba2(d_model=hidden, layer_idx=0, use_mem_eff_path=False)
     import fla.layers as L
     if host == 'GatedDeltaNet':
         return lambda: L.GatedDeltaNet(hidden_size=hidden, head_dim=head_dim, num_heads=heads, expand_v=1,
@@ -29,6 +33,11 @@ def host_factory(host, hidden, heads, head_dim):
     if host in ('GatedLinearAttention', 'DeltaNet', 'RWKV6Attention'):
         return lambda: getattr(L, host)(hidden_size=hidden, num_heads=heads, layer_idx=0)
     raise SystemExit(f"--host: unknown host {host!r}")
+
+
+def output(result):
+    """The output tensor of a host's return value: fla's layers return a tuple, mamba-ssm's the tensor."""
+    return result if isinstance(result, torch.Tensor) else result[0]
 
 
 def host_kwargs(host, x):
@@ -51,7 +60,7 @@ def measure(layer, x, dy, iters, **kwargs):
     """Mean fwd+bwd milliseconds over ``iters`` (after warm-up) and peak memory above the inputs (MiB)."""
     def step():
         x.grad = None
-        layer(x, **kwargs)[0].backward(dy)
+        output(layer(x, **kwargs)).backward(dy)
     for _ in range(3):
         step()
     torch.cuda.synchronize()
@@ -70,7 +79,7 @@ def profile(layer, x, dy, rows=25, **kwargs):
     from torch.profiler import ProfilerActivity, profile as torch_profile
     with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(3):
-            layer(x, **kwargs)[0].backward(dy)
+            output(layer(x, **kwargs)).backward(dy)
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by='cuda_time_total', row_limit=rows))
 

@@ -18,12 +18,12 @@ import warnings
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_layer import host_factory, host_kwargs  # noqa: E402
+from bench_layer import host_factory, host_kwargs, output  # noqa: E402
 
 from mom_wrap import MixtureOfMemories  # noqa: E402
 from mom_wrap.check import first_config_only  # noqa: E402
 
-HOSTS = ('GatedLinearAttention', 'RWKV6Attention', 'RWKV7Attention', 'GatedDeltaNet', 'DeltaNet')
+HOSTS = ('GatedLinearAttention', 'RWKV6Attention', 'RWKV7Attention', 'GatedDeltaNet', 'DeltaNet', 'Mamba2')
 PREFILL = 16
 
 
@@ -43,15 +43,17 @@ def count_syncs(fn) -> int:
 
 def measure(layer, x, dy, kwargs) -> tuple[int, int, int]:
     """Syncs of one training forward, one forward+backward and one decode step (each after a warm-up).
-    kwargs: the host forward's own arguments, [B, T, ...] tensors (RWKV7's v_first)."""
-    from fla.models.utils import Cache
+    kwargs: the host forward's own arguments, [B, T, ...] tensors (RWKV7's v_first). The decode step goes
+    through the cache of the host's family (``mom_wrap.calls``: fla's Cache, mamba-ssm's InferenceParams)."""
+    from mom_wrap.adapters import adapter_for
+    convention = layer._adapter.convention if isinstance(layer, MixtureOfMemories) else adapter_for(layer).convention
 
     def forward():
         layer(x, **kwargs)
 
     def forward_backward():
         x.grad = None
-        layer(x, **kwargs)[0].backward(dy)
+        output(layer(x, **kwargs)).backward(dy)
 
     layer.train()
     forward_backward()
@@ -64,14 +66,13 @@ def measure(layer, x, dy, kwargs) -> tuple[int, int, int]:
     token_kw = {k: v[:, PREFILL:PREFILL + 1] for k, v in kwargs.items()}
     with torch.no_grad():
         def prefill():
-            cache = Cache()
-            layer(prompt, past_key_values=cache, use_cache=True, **prompt_kw)
+            cache = convention.new_cache(x.shape[0], PREFILL + 1)
+            convention.call_cached(layer, prompt, cache, **prompt_kw)
             return cache
 
-        warm = prefill()
-        layer(token, past_key_values=warm, use_cache=True, **token_kw)
+        convention.call_cached(layer, token, prefill(), **token_kw)
         cache = prefill()
-        decode = count_syncs(lambda: layer(token, past_key_values=cache, use_cache=True, **token_kw))
+        decode = count_syncs(lambda: convention.call_cached(layer, token, cache, **token_kw))
     return fwd, fwd_bwd, decode
 
 

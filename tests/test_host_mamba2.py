@@ -185,3 +185,14 @@ def test_decode_steps_update_the_pool_in_place_through_the_step_kernel(monkeypat
     close(outs['triton'], outs['torch'], tol=1e-5)
     pool = params.key_value_memory_dict[0]['recurrent']
     assert len(calls) == 3 and all(c.data_ptr() == pool.data_ptr() for c in calls)
+
+
+def test_supported_hosts_lists_mamba2_only_when_mamba_ssm_is_installed(monkeypatch):
+    from mom_wrap import supported_hosts
+    from mom_wrap.adapters.mamba2 import Mamba2Adapter
+    assert 'mamba_ssm.modules.mamba2.Mamba2' in supported_hosts()
+    monkeypatch.setattr(Mamba2Adapter, 'load_host_class', classmethod(lambda cls: None))
+    assert 'mamba_ssm.modules.mamba2.Mamba2' not in supported_hosts()
+    assert 'fla.layers.rwkv7.RWKV7Attention' in supported_hosts()
+    with pytest.raises(ValueError, match=r'not installed here: mamba_ssm.modules.mamba2.Mamba2'):
+        MixtureOfMemories(torch.nn.Linear(4, 4), num_memories=2, topk=1)

@@ -173,7 +173,9 @@ def register_adapter(cls: type[HostAdapter]) -> type[HostAdapter]:
 
 
 def supported_hosts() -> list[str]:
-    return [cls.host_class for cls in _REGISTRY]
+    """Dotted paths of the host classes that can be wrapped here: those with an adapter whose package is
+    installed (mamba-ssm is optional: without it Mamba2 is not listed)."""
+    return [cls.host_class for cls in _REGISTRY if cls.load_host_class() is not None]
 
 
 def adapter_for(host: nn.Module) -> HostAdapter:
@@ -182,5 +184,7 @@ def adapter_for(host: nn.Module) -> HostAdapter:
     for cls in _REGISTRY:
         if cls.matches(host):
             return cls(host)
+    missing = [cls.host_class for cls in _REGISTRY if cls.load_host_class() is None]
     raise ValueError(f"host: no adapter for {type(host).__module__}.{type(host).__name__}; "
-                     f"supported hosts: {', '.join(supported_hosts())}")
+                     f"supported hosts: {', '.join(supported_hosts())}"
+                     + (f" (not installed here: {', '.join(missing)})" if missing else ''))
