@@ -82,6 +82,34 @@ class MemoryBank(nn.Module):
                     self.conv_bias[p.name] = nn.Parameter(_stack(p.conv, 'bias', num_memories, init))
                 self.conv_activation[p.name] = getattr(p.conv, 'activation', None)
 
+    def last_stage(self, name: str, grads: bool = False) -> list[torch.Tensor]:
+        """The last stage of projection ``name`` [E, ...]: its conv when it has one, else its second stage, else
+        its linear; [weight, bias] where they exist (views of ``weight`` for a projection of x), or with
+        ``grads`` their gradients (missing ones left out)."""
+        if name not in self.names:
+            raise ValueError(f"silent_projection: no write projection {name!r}; the adapter's are {self.names}")
+        if name in self.conv:
+            params = [self.conv[name], self.conv_bias.get(name)]
+        elif name in self.second:
+            params = [self.second[name], self.second_bias.get(name)]
+        elif name in self.input_weight:
+            params = [self.input_weight[name], self.proj_bias.get(name)]
+        else:  # a projection of x: its rows of the fused weight
+            rows = self.split(self.weight.grad if grads and self.weight.grad is not None else self.weight)[name]
+            bias = self.proj_bias.get(name)
+            out = [rows if not grads or self.weight.grad is not None else None,
+                   bias.grad if grads and bias is not None else bias]
+            return [t for t in out if t is not None]
+        return [t.grad if grads else t for t in params if t is not None and (not grads or t.grad is not None)]
+
+    @torch.no_grad()
+    def silence(self, name: str, count: int) -> None:
+        """Zero the last stage (``last_stage``) of projection ``name`` for memories 0 .. count-1, bias included:
+        what they write through it is then exactly zero, and that stage still gets gradients (its input is
+        not zero; the stages before it get theirs once it has moved)."""
+        for t in self.last_stage(name):
+            t[:count].zero_()
+
     def split(self, t: torch.Tensor) -> dict[str, torch.Tensor]:
         """t [E, sum(out), ...] (``weight``, its gradient, an optimizer state) -> x-projection name -> [E, out, ...]
         views."""

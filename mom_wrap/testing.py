@@ -9,6 +9,8 @@ the code it checks:
 
 * ``one_memory_equals_host`` (per backend): M=1 copying the host equals the host layer's own eval forward.
 * ``topk_copies_equal_host``: M=3, top-3 copies without shared memory (weights sum to 1) equal the host.
+* ``preserve_equals_host``: ``init="preserve"`` (M=4, top-2 + shared) equals the host, and
+  ``preserve_routed_memories_get_gradients``: the routed memories' silenced stage gets gradients.
 * ``naive_loop`` (with and without shared memory): routed memories equal a loop over memories and batch
   rows, each memory's write side run on its own tokens with plain ``F.linear`` / ``F.conv1d`` and the
   adapter's reference recurrence (torch backend) on that one segment; no dispatch, sort, grouped GEMM or
@@ -73,7 +75,7 @@ def wrap(host: nn.Module, num_memories: int = 4, topk: int = 2, shared: bool = T
     mom = MixtureOfMemories(host, num_memories=num_memories, topk=topk, shared_memory=shared, init=init,
                             backend=backend, balance_loss_weight=0.0)
     nn.init.normal_(mom.router.weight, std=0.5)
-    if init != 'copy':  # copies must stay copies of the host's biases (the copy checks compare with the host)
+    if init == 'random':  # copies must stay copies of the host's biases (the copy checks compare with the host)
         for b in (*mom.memories.conv_bias.values(), *mom.memories.proj_bias.values(),
                   *mom.memories.second_bias.values()):
             nn.init.normal_(b.data, std=0.3)  # fresh biases start at zero: make them count
@@ -202,6 +204,9 @@ def run_checks(factory: Callable[[], nn.Module], name: str | None = None, device
             want = _flat(run(copy.deepcopy(host), x))
             mom = wrap(host, num_memories=3, topk=3, shared=False, init='copy').eval()
             record('topk_copies_equal_host', _flat(run(mom, x)), want)
+            host = factory().to(device, dtype).eval()
+            want = _flat(run(copy.deepcopy(host), x))
+            record('preserve_equals_host', _flat(run(wrap(host, init='preserve').eval(), x)), want)
         for shared in (False, True):
             mom = new(shared=shared)
             record(f'naive_loop[shared={shared}]', run(mom, x)[0], naive_mom(mom, x, adapter.example_inputs(x)))
@@ -240,6 +245,12 @@ def run_checks(factory: Callable[[], nn.Module], name: str | None = None, device
                or p.grad.abs().sum() == 0]
     results.append(Result(name, 'every_parameter_gets_a_gradient', float(bool(missing)), 0.0,
                           ', '.join(missing)))
+    # init="preserve": the routed memories' silenced stage starts at zero and still gets gradients
+    mom = wrap(factory().to(device, dtype), init='preserve').train()
+    run(mom, x.clone().requires_grad_())[0].square().mean().backward()
+    grads = mom.memories.last_stage(adapter.silent_projection, grads=True)
+    moved = bool(grads) and all(g[:mom.num_memories].abs().sum() > 0 for g in grads)
+    results.append(Result(name, 'preserve_routed_memories_get_gradients', float(not moved), 0.0))
 
     if device == 'cuda':
         results += _gpu_checks(factory, name, interpret)

@@ -25,7 +25,7 @@ from mom_wrap.pool import PoolRows
 from mom_wrap.router import Router
 
 BACKENDS = ('auto', 'triton', 'torch')
-INITS = ('copy', 'random')
+INITS = ('copy', 'random', 'preserve')
 
 
 def _check_count(name: str, value, minimum: int) -> None:
@@ -46,7 +46,11 @@ class MixtureOfMemories(nn.Module):
         topk: memories each token is written to and read from.
         shared_memory: add one more memory that sees every token, read with weight 1.
         init: ``"copy"``: every memory starts as a copy of the host's write side; ``"random"``: fresh
-            initialisation the way the host's modules initialise themselves.
+            initialisation the way the host's modules initialise themselves; ``"preserve"``: copies whose
+            routed memories start silent (the last stage of the path the adapter names in
+            ``silent_projection`` zeroed, conv biases included), so that the layer computes exactly what the
+            host did (the shared memory carries it; needs ``shared_memory``), while gradients still reach
+            the routed memories.
         backend: ``"triton"`` (the host's kernels), ``"torch"`` (pure PyTorch reference) or ``"auto"``
             (triton on CUDA tensors, torch otherwise).
         balance_loss_weight: weight of the router's load-balancing loss, whose gradient the layer adds in
@@ -54,8 +58,9 @@ class MixtureOfMemories(nn.Module):
 
     ``forward`` takes and returns what the host does (``mom_wrap.calls``): for fla's layers
     ``(o, None, past_key_values)`` and the host's own extra arguments and outputs (RWKV7: ``v_first``), for
-    mamba-ssm's the output tensor; states live in the host's cache with its rules (``mom_wrap.cache``). After a forward, ``router_logits`` holds its fp32 router logits [B, T, M]
-    and ``balance_loss`` its load-balancing term, both detached (for logging).
+    mamba-ssm's the output tensor; states live in the host's cache with its rules (``mom_wrap.cache``).
+    After a forward, ``router_logits`` holds its fp32 router logits [B, T, M] and ``balance_loss`` its
+    load-balancing term, both detached (for logging).
     """
 
     def __init__(self, host: nn.Module, num_memories: int, topk: int, shared_memory: bool = True,
@@ -67,6 +72,9 @@ class MixtureOfMemories(nn.Module):
             raise ValueError(f"topk: must be <= num_memories ({num_memories}), got {topk}")
         if init not in INITS:
             raise ValueError(f"init: expected one of {INITS}, got {init!r}")
+        if init == 'preserve' and not shared_memory:
+            raise ValueError("init: 'preserve' needs shared_memory=True (the shared memory carries the host's "
+                             "function while the routed memories start silent)")
         if backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
         if isinstance(balance_loss_weight, bool) or not isinstance(balance_loss_weight, (int, float)):
@@ -81,7 +89,10 @@ class MixtureOfMemories(nn.Module):
         self.hidden_size = adapter.hidden_size
         ref = next(host.parameters())
         self.router = Router(self.hidden_size, num_memories, topk, device=ref.device, dtype=ref.dtype)
-        self.memories = MemoryBank(adapter.write_projections(), self.num_slots_memories, init)
+        self.memories = MemoryBank(adapter.write_projections(), self.num_slots_memories,
+                                   'copy' if init == 'preserve' else init)
+        if init == 'preserve':
+            self.memories.silence(adapter.silent_projection, num_memories)
         adapter.detach_write_side()
         self.host = host
         self._adapter = adapter
@@ -107,9 +118,25 @@ class MixtureOfMemories(nn.Module):
         return self.backend
 
     def forward(self, *args, **kwargs):
-        """The host's forward contract (``mom_wrap.calls``): fla's layers ``(hidden_states, attention_mask,
-        past_key_values, use_cache, ...) -> (o, None, past_key_values, ...)``, mamba-ssm's ``(u, seqlen,
-        seq_idx, cu_seqlens, inference_params) -> o``."""
+        """The host's own forward contract (``mom_wrap.calls``).
+
+        fla's layers: ``forward(hidden_states, attention_mask=None, past_key_values=None, use_cache=False,
+        output_attentions=False, cu_seqlens=None, **host's own)`` -> ``(o, None, past_key_values, *host's own)``
+
+        * hidden_states [B, T, hidden]; attention_mask [B, >=T] 0/1 left padding (padded positions output
+          zeros and touch no memory); cu_seqlens [N+1] packed sequences with B = 1;
+        * past_key_values: fla's ``Cache``, read whatever use_cache says, written with use_cache=True
+          (``mom_wrap.cache``); output_attentions is ignored (there are none: the second output is None);
+        * the host's own arguments and outputs: RWKV7's ``v_first`` (taken after layer 0, returned by all).
+
+        mamba-ssm's layers: ``forward(u, seqlen=None, seq_idx=None, cu_seqlens=None, inference_params=None)``
+        -> o shaped as u
+
+        * u [B, T, hidden], or [B * seqlen, hidden] with seqlen; seq_idx [B, T] packed sequences per row
+          (one host sync to find them; cu_seqlens [N+1] with B = 1 avoids it);
+        * inference_params: mamba-ssm's ``InferenceParams``: seqlen_offset 0 starts from zero states, later
+          calls continue from the stored ones (one token, or several).
+        """
         call = self._adapter.convention.parse(*args, **kwargs)
         hidden_states = call.hidden_states
         if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.hidden_size:

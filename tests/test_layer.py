@@ -187,6 +187,7 @@ def test_router_logits_and_balance_loss():
     (dict(num_memories=4, topk=0), 'topk'),
     (dict(init='zeros'), 'init'),
     (dict(backend='cuda'), 'backend'),
+    (dict(init='preserve', shared_memory=False), "init: 'preserve' needs shared_memory=True"),
 ])
 def test_bad_arguments(kw, match):
     with pytest.raises(ValueError, match=match):

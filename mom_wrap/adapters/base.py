@@ -63,6 +63,9 @@ class HostAdapter:
     host_class: ClassVar[str]  # dotted path, imported lazily so that optional hosts stay optional
     write_modules: ClassVar[tuple[str, ...]] = ()  # the host's attributes the write side takes over
     convention: ClassVar[type] = FlaConvention  # how the host is called and where its cache is (mom_wrap.calls)
+    # init="preserve": the write projection whose last stage, zeroed, makes a memory write (and so read)
+    # exactly nothing: the value path for most hosts
+    silent_projection: ClassVar[str] = 'v'
 
     def __init__(self, host: nn.Module):
         self.host = host

@@ -68,6 +68,7 @@ class Mamba2Adapter(HostAdapter):
     host_class = 'mamba_ssm.modules.mamba2.Mamba2'
     write_modules = ('in_proj', 'conv1d')
     convention = MambaConvention
+    silent_projection = 'x'  # init="preserve": x = silu(conv) = 0 makes v = dt x and D x zero
 
     def __init__(self, host: nn.Module):
         super().__init__(host)

@@ -83,6 +83,9 @@ def rwkv7_reference(r, w, k, v, a, b, cu_seqlens, position, scale=1.0, initial_s
 class RWKV7Adapter(HostAdapter):
     host_class = 'fla.layers.rwkv7.RWKV7Attention'
     write_modules = ('k_proj', 'v_proj', 'w_lora', 'a_lora', 'v_lora')
+    # init="preserve" zeroes k, not v: after layer 0 a zero v still lerps towards v_first. With k = 0 nothing is
+    # written (S stays 0, so the kk terms and their gradient vanish too) and the correction (r . k r_k) v is 0
+    silent_projection = 'k'
 
     def __init__(self, host: nn.Module):
         super().__init__(host)
