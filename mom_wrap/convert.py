@@ -1,0 +1,247 @@
+"""Retrofit a pretrained model: wrap every supported host layer of it as a MixtureOfMemories layer, in place,
+and save / load the result.
+
+```python
+model = AutoModelForCausalLM.from_pretrained("fla-hub/gla-1.3B-100B")        # any fla model of a supported host
+mom_wrap.convert(model, num_memories=4, topk=2)                               # init="preserve": same logits
+model.save_pretrained(path)                                                   # config.json: model_type "mom_gla"
+model = AutoModelForCausalLM.from_pretrained(path)                            # after `import mom_wrap`
+
+model = mom_wrap.convert(MambaLMHeadModel.from_pretrained("state-spaces/mamba2-130m"))
+mom_wrap.save_mamba(model, path); model = mom_wrap.load_mamba(path)           # mamba-ssm models
+```
+
+The settings travel in config.json as ``"mom"``: ``num_memories``, ``topk``, ``shared_memory``, ``layers`` (the
+``layer_idx`` of every wrapped layer), ``balance_loss_weight``, ``backend``, and ``init`` (how ``convert`` made
+the memories; loading takes the weights from the checkpoint whatever it was). fla models go through
+transformers (``mom_wrap.hf``), mamba-ssm's ``MambaLMHeadModel`` through ``save_mamba`` / ``load_mamba``
+(safetensors weights).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import torch.nn as nn
+
+from mom_wrap import hf
+from mom_wrap.adapters.base import _REGISTRY, adapter_for
+from mom_wrap.wrapper import MixtureOfMemories
+
+SETTINGS = ('num_memories', 'topk', 'shared_memory', 'balance_loss_weight', 'backend')  # read off the layers
+CONFIG_NAME = 'config.json'
+WEIGHTS_NAME = 'model.safetensors'
+
+
+def host_layers(model: nn.Module) -> list[tuple[list[str], nn.Module]]:
+    """Every submodule of ``model`` that an adapter matches, outside MixtureOfMemories layers (whose ``host`` is
+    one) and not inside another host, in module order, with all the paths it is reachable by (a module shared
+    between parents has several)."""
+    adapters = [cls for cls in _REGISTRY if cls.load_host_class() is not None]
+    found: dict[int, tuple[list[str], nn.Module]] = {}
+    skip: list[str] = []  # paths of the hosts found and of MoM layers: what is inside them is theirs
+    for name, module in model.named_modules(remove_duplicate=False):
+        if any(name.startswith(p + '.') for p in skip):
+            continue
+        if isinstance(module, MixtureOfMemories):
+            skip.append(name)
+        elif id(module) in found:
+            found[id(module)][0].append(name)
+            skip.append(name)
+        elif any(cls.matches(module) for cls in adapters):
+            found[id(module)] = ([name], module)
+            skip.append(name)
+    return list(found.values())
+
+
+def _num_layers(model: nn.Module) -> int | None:
+    config = getattr(model, 'config', None)
+    for attr in ('num_hidden_layers', 'n_layer'):
+        n = getattr(config, attr, None)
+        if isinstance(n, int):
+            return n
+    return None
+
+
+def _select(model: nn.Module, hosts: list, layers) -> list:
+    if layers is None:
+        return hosts
+    if isinstance(layers, (str, bytes)) or not hasattr(layers, '__iter__'):
+        raise TypeError(f"layers: expected a list of layer indices or None, got {type(layers).__name__}")
+    layers = list(layers)
+    if not layers:
+        raise ValueError("layers: empty; pass None to convert every host layer")
+    for i in layers:
+        if isinstance(i, bool) or not isinstance(i, int):
+            raise TypeError(f"layers: expected int layer indices, got {i!r}")
+    by_idx = {getattr(m, 'layer_idx', None) for _, m in hosts}
+    n = _num_layers(model)
+    for i in layers:
+        if n is not None and not 0 <= i < n:
+            raise ValueError(f"layers: layer {i} is out of range (the model has {n} layers)")
+        if i not in by_idx:
+            raise ValueError(f"layers: layer {i} is not a host layer (host layers: "
+                             f"{sorted(j for j in by_idx if j is not None)})")
+    return [(paths, m) for paths, m in hosts if getattr(m, 'layer_idx', None) in set(layers)]
+
+
+def convert(model: nn.Module, num_memories: int = 4, topk: int = 2, shared_memory: bool = True,
+            init: str = 'preserve', layers=None, **kwargs) -> nn.Module:
+    """Wrap every supported host layer of ``model`` (``mom_wrap.supported_hosts()``) in place as
+    ``MixtureOfMemories(layer, num_memories, topk, shared_memory, init, **kwargs)``; returns ``model``.
+
+    Args:
+        model: an fla model (``...ForCausalLM`` / ``...Model`` of GatedDeltaNet, GLA, DeltaNet, RWKV6, RWKV7),
+            mamba-ssm's ``MambaLMHeadModel``, or any module holding host layers. Host layers are found by their
+            class (an adapter matches them), wherever they sit.
+        layers: the ``layer_idx`` of the host layers to wrap; None (default): all of them.
+        init: as ``MixtureOfMemories``; ``"preserve"`` (default) keeps the model's function at the start.
+        kwargs: ``MixtureOfMemories``'s other options (``backend``, ``balance_loss_weight``).
+
+    The settings are recorded on ``model.config`` as ``config.mom`` (a dict, see ``mom_settings``); an fla
+    model of a supported family and its config switch to the ``mom_wrap.hf`` subclasses (``model_type``
+    ``"mom_<fla type>"``), so that ``save_pretrained`` / ``AutoModelForCausalLM.from_pretrained`` bring the
+    converted model back. Raises ``ValueError`` for a model without host layers or already converted, and for
+    ``layers`` out of range or naming a layer that is not a host layer. The arguments and every selected host's
+    options (its adapter) are checked before any layer changes.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    if any(isinstance(m, MixtureOfMemories) for m in model.modules()):
+        raise ValueError("model: already converted (it contains MixtureOfMemories layers)")
+    hosts = host_layers(model)
+    if not hosts:
+        raise ValueError(f"model: no supported host layer in {type(model).__name__}; supported hosts: "
+                         f"{', '.join(cls.host_class for cls in _REGISTRY if cls.load_host_class() is not None)}")
+    if any('' in paths for paths, _ in hosts):
+        raise ValueError("model: is itself a host layer; wrap it with MixtureOfMemories(model, ...)")
+    hosts = _select(model, hosts, layers)
+    for _, layer in hosts:  # the host's options are refused here, before any layer changes
+        adapter_for(layer)
+    for paths, layer in hosts:
+        mom = MixtureOfMemories(layer, num_memories=num_memories, topk=topk, shared_memory=shared_memory,
+                                init=init, **kwargs)
+        for path in paths:
+            parent, _, attr = path.rpartition('.')
+            setattr(model.get_submodule(parent), attr, mom)
+    settings = mom_settings(model)
+    settings['init'] = init
+    _mark(model, settings)
+    return model
+
+
+def _mark(model: nn.Module, settings: dict) -> None:
+    config = getattr(model, 'config', None)
+    if config is None:
+        return
+    try:
+        from transformers import PreTrainedConfig
+    except ImportError:
+        PreTrainedConfig = ()
+    if isinstance(config, PreTrainedConfig):
+        hf.mark_converted(model, settings)
+    else:
+        config.mom = settings
+
+
+def mom_settings(model: nn.Module) -> dict:
+    """The settings of ``model``'s MixtureOfMemories layers, as config.json carries them: ``SETTINGS`` (one value
+    for all layers), ``layers`` (their ``layer_idx``, sorted; None: all host layers, where some have no
+    ``layer_idx``) and ``init`` (as recorded by ``convert``)."""
+    layers = [m for m in model.modules() if isinstance(m, MixtureOfMemories)]
+    if not layers:
+        raise ValueError(f"model: {type(model).__name__} has no MixtureOfMemories layer (convert it first)")
+    settings = {}
+    for key in SETTINGS:
+        values = {getattr(m, key) for m in layers}
+        if len(values) > 1:
+            raise ValueError(f"model: its MixtureOfMemories layers differ in {key} ({sorted(values, key=str)}); "
+                             "a saved model carries one value for all layers")
+        settings[key] = values.pop()
+    idx = [m.layer_idx for m in layers]
+    if all(i is not None for i in idx):
+        settings['layers'] = sorted(set(idx))
+    elif not host_layers(model):  # None: every host layer (the only way to name layers without a layer_idx)
+        settings['layers'] = None
+    else:
+        raise ValueError("model: a MixtureOfMemories layer has no layer_idx while other host layers are not "
+                         "converted; the settings name the converted layers by their layer_idx")
+    recorded = getattr(getattr(model, 'config', None), 'mom', None)
+    settings['init'] = recorded.get('init') if isinstance(recorded, dict) else None
+    return settings
+
+
+def convert_from_settings(model: nn.Module, settings: dict) -> nn.Module:
+    """``convert`` with saved settings (``mom_settings``), for loading: when the parameters are on the meta device
+    (transformers' ``from_pretrained``) or the recorded init is unknown, the memories take init ``"copy"`` (the
+    checkpoint's weights replace them); otherwise the recorded init (a fresh model from a config)."""
+    missing = [k for k in (*SETTINGS[:3], 'layers') if k not in settings]
+    if missing:
+        raise ValueError(f"config: the 'mom' settings lack {missing}")
+    param = next(model.parameters(), None)
+    init = settings.get('init')
+    if init is None or (param is not None and param.device.type == 'meta'):
+        init = 'copy'
+    kwargs = {k: settings[k] for k in SETTINGS[3:] if k in settings}
+    convert(model, settings['num_memories'], settings['topk'], settings['shared_memory'], init=init,
+            layers=settings['layers'], **kwargs)
+    model.config.mom = dict(settings)
+    return model
+
+
+# mamba-ssm ----------------------------------------------------------------------------------------------------
+
+def _mamba_lm_class():
+    try:
+        from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+    except ImportError as e:
+        raise ImportError("mamba-ssm is not installed: pip install 'mom_wrap[mamba]'") from e
+    return MambaLMHeadModel
+
+
+def save_mamba(model: nn.Module, directory: str | os.PathLike) -> None:
+    """Save a converted mamba-ssm ``MambaLMHeadModel``: ``config.json`` (mamba-ssm's ``MambaConfig`` fields and
+    ``"mom"``, the settings: ``mom_settings``) and ``model.safetensors`` (every parameter; a tied lm_head once).
+    ``load_mamba`` reads it back."""
+    from safetensors.torch import save_model
+    if not isinstance(model, _mamba_lm_class()):
+        raise TypeError(f"model: expected mamba-ssm's MambaLMHeadModel, got {type(model).__name__}")
+    settings = mom_settings(model)
+    os.makedirs(directory, exist_ok=True)
+    config = {**dataclasses.asdict(model.config), 'mom': settings}
+    with open(os.path.join(directory, CONFIG_NAME), 'w') as f:
+        json.dump(config, f, indent=2)
+    save_model(model, os.path.join(directory, WEIGHTS_NAME), metadata={'format': 'pt'}, force_contiguous=True)
+    model.config.mom = settings
+
+
+def load_mamba(directory: str | os.PathLike, device=None, dtype=None) -> nn.Module:
+    """The converted ``MambaLMHeadModel`` saved in ``directory`` by ``save_mamba`` (or by mamba-ssm's own
+    ``save_pretrained`` of a converted model: its config.json carries ``"mom"`` too, its weights are
+    ``pytorch_model.bin``), built on ``device`` in ``dtype`` (mamba-ssm's defaults: the CPU, torch's default
+    dtype) and the saved weights copied in (cast to it). Every parameter must be in the file (strict). The model
+    is built with mamba-ssm's random initialisation first, as its own ``from_pretrained`` does."""
+    from mamba_ssm.models.config_mamba import MambaConfig
+    cls = _mamba_lm_class()
+    with open(os.path.join(directory, CONFIG_NAME)) as f:
+        config = json.load(f)
+    settings = config.pop('mom', None)
+    if not isinstance(settings, dict):
+        raise ValueError(f"directory: {os.path.join(directory, CONFIG_NAME)} has no 'mom' settings (not a "
+                         "converted model; load it with MambaLMHeadModel.from_pretrained)")
+    config = MambaConfig(**config)
+    config.mom = settings
+    model = cls(config, device=device, dtype=dtype)
+    convert_from_settings(model, {**settings, 'init': 'copy'})
+    model.config.mom = settings
+    path = os.path.join(directory, WEIGHTS_NAME)
+    if os.path.exists(path):
+        from safetensors.torch import load_model
+        load_model(model, path, strict=True, device=str(device) if device is not None else 'cpu')
+    else:
+        import torch
+        state = torch.load(os.path.join(directory, 'pytorch_model.bin'), map_location=device or 'cpu',
+                           weights_only=True)
+        model.load_state_dict(state, strict=True)
+    return model
