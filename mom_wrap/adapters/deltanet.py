@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from mom_wrap.adapters.base import HostAdapter, WriteProjection, register_adapter
-from mom_wrap.adapters.fla_common import gated_norm_out, l2norm, padded_segments, q_conv_shapes
+from mom_wrap.adapters.fla_common import gated_norm_out, l2norm, padded_segments, q_conv_shapes, q_projection
 from mom_wrap.dispatch import gather, upload
 from mom_wrap.ops import acc
 
@@ -183,11 +183,7 @@ class DeltaNetAdapter(HostAdapter):
     def read(self, x, layout, backend, conv_rows=None):
         """x [N, hidden] -> {'q': [N, H, K] features, 'gate': [N, H, V] with use_gate}."""
         h = self.host
-        q = h.q_proj(x)
-        if h.use_short_conv:
-            conv = h.q_conv1d
-            q = layout.conv(q, conv.weight, conv.bias, conv.activation, backend,
-                            None if conv_rows is None else conv_rows['q'])
+        q = q_projection(h, x, layout, backend, conv_rows)
         read = {'q': self._qk_features(q, backend)}
         if h.use_gate:
             read['gate'] = h.g_proj(x).unflatten(-1, (-1, h.head_v_dim))

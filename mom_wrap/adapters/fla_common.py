@@ -66,3 +66,15 @@ def gated_norm_out(host, o: torch.Tensor, gate: torch.Tensor | None, backend: st
 def q_conv_shapes(host) -> dict[str, tuple[int, int]]:
     """read_conv_shapes of fla layers whose read side has one short conv, on q (when ``use_short_conv``)."""
     return {'q': (host.key_dim, host.conv_size)} if host.use_short_conv else {}
+
+
+def q_projection(host, x: torch.Tensor, layout, backend: str, conv_rows=None) -> torch.Tensor:
+    """x [N, hidden] -> q [N, key_dim] of fla's layers with a q short conv: q_proj, then, with
+    ``use_short_conv``, the conv (its activation included) over each sequence, starting from its cached state
+    with ``conv_rows`` (see ``q_conv_shapes``)."""
+    q = host.q_proj(x)
+    if host.use_short_conv:
+        conv = host.q_conv1d
+        q = layout.conv(q, conv.weight, conv.bias, conv.activation, backend,
+                        None if conv_rows is None else conv_rows['q'])
+    return q

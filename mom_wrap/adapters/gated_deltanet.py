@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from mom_wrap.adapters.base import HostAdapter, WriteProjection, register_adapter
-from mom_wrap.adapters.fla_common import gated_norm_out, l2norm, padded_segments, q_conv_shapes
+from mom_wrap.adapters.fla_common import gated_norm_out, l2norm, padded_segments, q_conv_shapes, q_projection
 from mom_wrap.dispatch import gather, upload
 from mom_wrap.ops import acc
 
@@ -81,12 +81,8 @@ class GatedDeltaNetAdapter(HostAdapter):
 
     def read(self, x, layout, backend, conv_rows=None):
         h = self.host
-        q = h.q_proj(x)
-        if h.use_short_conv:
-            conv = h.q_conv1d
-            q = layout.conv(q, conv.weight, conv.bias, conv.activation, backend,
-                            None if conv_rows is None else conv_rows['q'])
-        else:
+        q = q_projection(h, x, layout, backend, conv_rows)
+        if not h.use_short_conv:  # the host's SiLU without the conv
             q = F.silu(q)
         read = {'q': q.unflatten(-1, (-1, h.head_k_dim))}
         if h.use_gate:

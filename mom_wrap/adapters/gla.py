@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mom_wrap.adapters.base import HostAdapter, WriteProjection, register_adapter
-from mom_wrap.adapters.fla_common import padded_segments, q_conv_shapes, rms_norm, rms_norm_gated
+from mom_wrap.adapters.fla_common import padded_segments, q_conv_shapes, q_projection, rms_norm, rms_norm_gated
 from mom_wrap.dispatch import gather
 from mom_wrap.ops import acc
 
@@ -140,11 +140,7 @@ class GatedLinearAttentionAdapter(HostAdapter):
         """x [N, hidden] -> 'q' [N, H, K] (after the conv and the feature map: elementwise, so once per
         token here rather than per slot) and, for a gated layer, 'gate' [N, value_dim]."""
         h = self.host
-        q = h.q_proj(x)
-        if h.use_short_conv:
-            conv = h.q_conv1d
-            q = layout.conv(q, conv.weight, conv.bias, conv.activation, backend,
-                            None if conv_rows is None else conv_rows['q'])
+        q = q_projection(h, x, layout, backend, conv_rows)
         if self.feature_map is not None:
             q = self._activation('feature_map', backend)(q)
         read = {'q': q.unflatten(-1, (h.num_heads, h.head_k_dim))}
