@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
 
 import torch
 
@@ -22,23 +21,10 @@ from bench_layer import host_factory, host_kwargs, output  # noqa: E402
 
 from mom_wrap import MixtureOfMemories  # noqa: E402
 from mom_wrap.check import first_config_only  # noqa: E402
+from mom_wrap.testing import host_syncs  # noqa: E402
 
 HOSTS = ('GatedLinearAttention', 'RWKV6Attention', 'RWKV7Attention', 'GatedDeltaNet', 'DeltaNet', 'Mamba2')
 PREFILL = 16
-
-
-def count_syncs(fn) -> int:
-    """The synchronizing CUDA operations ``fn()`` makes, as torch's sync debug mode reports them."""
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter('always')
-        torch.cuda.set_sync_debug_mode('warn')
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode('default')
-    # (the mode's own "prototype feature" notice is a warning too: count only the reports)
-    return sum('called a synchronizing CUDA operation' in str(w.message) for w in caught)
 
 
 def measure(layer, x, dy, kwargs) -> tuple[int, int, int]:
@@ -57,8 +43,8 @@ def measure(layer, x, dy, kwargs) -> tuple[int, int, int]:
 
     layer.train()
     forward_backward()
-    fwd = count_syncs(forward)
-    fwd_bwd = count_syncs(forward_backward)
+    fwd = len(host_syncs(forward))
+    fwd_bwd = len(host_syncs(forward_backward))
 
     layer.eval()
     prompt, token = x.detach()[:, :PREFILL], x.detach()[:, PREFILL:PREFILL + 1]
@@ -72,7 +58,7 @@ def measure(layer, x, dy, kwargs) -> tuple[int, int, int]:
 
         convention.call_cached(layer, token, prefill(), **token_kw)
         cache = prefill()
-        decode = count_syncs(lambda: convention.call_cached(layer, token, cache, **token_kw))
+        decode = len(host_syncs(lambda: convention.call_cached(layer, token, cache, **token_kw)))
     return fwd, fwd_bwd, decode
 
 

@@ -296,3 +296,18 @@ def _gpu_checks(factory, name: str, interpret: bool) -> list[Result]:
 
 def _norm_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
+
+
+def host_syncs(fn) -> list[str]:
+    """The synchronizing CUDA operations ``fn()`` makes, as torch's sync debug mode reports them."""
+    import warnings
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        torch.cuda.set_sync_debug_mode('warn')
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode('default')
+    # (the mode's own "prototype feature" notice is a warning too: count only the reports)
+    return [str(w.message) for w in caught if 'called a synchronizing CUDA operation' in str(w.message)]

@@ -15,6 +15,7 @@ import torch
 from fla.layers import GatedDeltaNet
 
 from mom_wrap import MixtureOfMemories
+from mom_wrap.testing import host_syncs
 
 pytestmark = pytest.mark.gpu
 TOL = {torch.float32: 5e-3, torch.bfloat16: 3e-2}
@@ -81,21 +82,6 @@ def test_one_memory_matches_real_host_in_training(dtype):
         errs[ours] = rel_err(got[2][ours].reshape(want[2][theirs].shape), want[2][theirs])
     print(f"\n{dtype} M=1 vs host (training, T=2048) relative errors:", {k: f"{v:.1e}" for k, v in errs.items()})
     assert max(errs.values()) < TOL[dtype], errs
-
-
-def host_syncs(fn) -> list[str]:
-    """The synchronizing CUDA operations ``fn()`` makes, as torch's sync debug mode reports them."""
-    import warnings
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter('always')
-        torch.cuda.set_sync_debug_mode('warn')
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode('default')
-    # (the mode's own "prototype feature" notice is a warning too: count only the reports)
-    return [str(w.message) for w in caught if 'called a synchronizing CUDA operation' in str(w.message)]
 
 
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float32])
