@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from mom_wrap.adapters.base import WriteProjection
 from mom_wrap.dispatch import Dispatch, gather
-from mom_wrap.ops import cached_conv, grouped_linear, segment_conv
+from mom_wrap.ops import add_memory_bias, cached_conv, grouped_linear, segment_conv
 from mom_wrap.pool import PoolRows
 
 
@@ -135,7 +135,7 @@ class MemoryBank(nn.Module):
         else:
             y = grouped_linear(x if per_slot else gather(x, dispatch), weight, dispatch.memory,
                                dispatch.memory_offsets, dispatch.memory_offsets_cpu)
-        return y if bias is None else y + bias[dispatch.memory]
+        return y if bias is None else add_memory_bias(y, bias, dispatch.memory)
 
     def forward(self, inputs: dict[str, torch.Tensor], dispatch: Dispatch, backend: str = 'torch',
                 conv_rows: dict[str, PoolRows] | None = None) -> dict[str, torch.Tensor]:

@@ -91,6 +91,31 @@ class _AlignedGrad(torch.autograd.Function):
         return padded
 
 
+class _MemoryBias(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, bias, memory):
+        ctx.save_for_backward(memory)
+        ctx.dtypes, ctx.E = (y.dtype, bias.dtype), bias.shape[0]
+        return y + bias.index_select(0, memory)
+
+    @staticmethod
+    def backward(ctx, grad):
+        memory, = ctx.saved_tensors
+        dbias = None
+        if ctx.needs_input_grad[1]:  # one [E, S] x [S, out] GEMM, accumulated in fp32
+            dbias = (F.one_hot(memory.long(), ctx.E).to(acc(grad).dtype).t() @ acc(grad)).to(ctx.dtypes[1])
+        return grad.to(ctx.dtypes[0]), dbias, None
+
+
+def add_memory_bias(y: torch.Tensor, bias: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+    """y + bias[memory]: y [R, out], bias [E, out], memory [R].
+
+    The bias gradient sums R rows onto E memories. Autograd's backward of ``bias[memory]`` is an index_put
+    that sorts the R indices first: at 8 x 2048 tokens it took 16 ms of a 34 ms MoM(GLA) training step on
+    an H100. Here it is one small GEMM with the one-hot of ``memory`` (no atomics, deterministic)."""
+    return _MemoryBias.apply(y, bias, memory)
+
+
 def _select_rows(y: torch.Tensor, memory: torch.Tensor, rows: int) -> torch.Tensor:
     """y [R, E, out] (every memory's output for each row) -> [R * j, out]: row r's j memories."""
     out = y.shape[-1]

@@ -265,6 +265,24 @@ def test_grouped_linear_gradients_match_linear_loop(path, counts):
             assert torch.equal(w1.grad[e], torch.zeros(D_out, D_in))
 
 
+def test_add_memory_bias_equals_indexing_and_reduces_its_gradient_in_fp32():
+    torch.manual_seed(0)
+    memory = torch.randint(0, 3, (200,))
+    y, bias = torch.randn(200, 5, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda y, b: ops.add_memory_bias(y, b, memory),
+                                    (y.requires_grad_(), bias.requires_grad_()))
+    out = ops.add_memory_bias(y, bias, memory)
+    torch.testing.assert_close(out, y + bias[memory], rtol=0, atol=0)
+    # bf16: the 200 rows are summed per memory in fp32, then rounded once
+    yb, bb = y.detach().bfloat16().requires_grad_(), bias.detach().bfloat16().requires_grad_()
+    g = torch.randn(200, 5, dtype=torch.bfloat16)
+    out = ops.add_memory_bias(yb, bb, memory)
+    out.backward(g)
+    assert out.dtype == torch.bfloat16 and yb.grad.dtype == torch.bfloat16 and torch.equal(yb.grad, g)
+    expected = torch.zeros(3, 5, dtype=torch.float64).index_add_(0, memory, g.double()).bfloat16()
+    assert torch.equal(bb.grad, expected)
+
+
 def test_grouped_linear_unaligned_rows_take_fallback():
     # 5 fp32 features = 20 bytes per row: not 16-byte aligned, so grouped_linear must not take the grouped path
     g = torch.Generator().manual_seed(4)
