@@ -16,11 +16,31 @@ def first_config_only() -> None:
     """Make Triton's autotuner take the first of each kernel's configs instead of compiling and timing them
     all. The checks' results do not depend on the config; a fresh GPU then spends seconds per host instead of
     the minutes autotuning fla's kernels takes (and under the interpreter timings mean nothing: running each
-    config once cost fla's recurrent RWKV7 kernel, 36 configs, half a minute)."""
-    from triton.runtime import autotuner
+    config once cost fla's recurrent RWKV7 kernel, 36 configs, half a minute).
 
-    prune = autotuner.Autotuner.prune_configs
-    autotuner.Autotuner.prune_configs = lambda self, *args, **kwargs: prune(self, *args, **kwargs)[:1]
+    A config the GPU cannot launch (more shared memory than the card has: mamba-ssm's first configs on an
+    H100/H200) is skipped for the next one. A single config is never timed, so nothing of this reaches
+    Triton's on-disk autotune cache."""
+    from triton.runtime import autotuner
+    from triton.runtime.errors import OutOfResources
+
+    prune, run = autotuner.Autotuner.prune_configs, autotuner.Autotuner.run
+
+    def first(self, *args, **kwargs):
+        configs = prune(self, *args, **kwargs)
+        return configs[min(getattr(self, 'mom_skip', 0), len(configs) - 1):][:1]
+
+    def run_next_if_too_big(self, *args, **kwargs):
+        while True:
+            try:
+                return run(self, *args, **kwargs)
+            except OutOfResources:
+                self.mom_skip = getattr(self, 'mom_skip', 0) + 1
+                if self.mom_skip >= len(self.configs):
+                    raise
+                self.cache.clear()  # forget the config that did not fit
+
+    autotuner.Autotuner.prune_configs, autotuner.Autotuner.run = first, run_next_if_too_big
 
 
 def interpret_on_cpu() -> None:
