@@ -13,13 +13,15 @@ mom_wrap.save_mamba(model, path); model = mom_wrap.load_mamba(path)           # 
 
 The settings travel in config.json as ``"mom"``: ``num_memories``, ``topk``, ``shared_memory``, ``layers`` (the
 ``layer_idx`` of every wrapped layer), ``balance_loss_weight``, ``backend``, and ``init`` (how ``convert`` made
-the memories; loading takes the weights from the checkpoint whatever it was). fla models go through
+the memories; loading takes the weights from the checkpoint whatever it was) and, for layers made with a variant
+adapter (``mom_wrap.fla_mom``'s imports of fla's MoM models), ``adapter``. fla models go through
 transformers (``mom_wrap.hf``), mamba-ssm's ``MambaLMHeadModel`` through ``save_mamba`` / ``load_mamba``
 (safetensors weights).
 """
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import os
 
@@ -97,7 +99,7 @@ def convert(model: nn.Module, num_memories: int = 4, topk: int = 2, shared_memor
             class (an adapter matches them), wherever they sit.
         layers: the ``layer_idx`` of the host layers to wrap; None (default): all of them.
         init: as ``MixtureOfMemories``; ``"preserve"`` (default) keeps the model's function at the start.
-        kwargs: ``MixtureOfMemories``'s other options (``backend``, ``balance_loss_weight``).
+        kwargs: ``MixtureOfMemories``'s other options (``backend``, ``balance_loss_weight``, ``adapter``).
 
     The settings are recorded on ``model.config`` as ``config.mom`` (a dict, see ``mom_settings``); an fla
     model of a supported family and its config switch to the ``mom_wrap.hf`` subclasses (``model_type``
@@ -148,7 +150,8 @@ def _mark(model: nn.Module, settings: dict) -> None:
 def mom_settings(model: nn.Module) -> dict:
     """The settings of ``model``'s MixtureOfMemories layers, as config.json carries them: ``SETTINGS`` (one value
     for all layers), ``layers`` (their ``layer_idx``, sorted; None: all host layers, where some have no
-    ``layer_idx``) and ``init`` (as recorded by ``convert``)."""
+    ``layer_idx``), ``init`` (as recorded by ``convert``) and, only where the layers use a variant adapter,
+    ``adapter`` (its dotted path)."""
     layers = [m for m in model.modules() if isinstance(m, MixtureOfMemories)]
     if not layers:
         raise ValueError(f"model: {type(model).__name__} has no MixtureOfMemories layer (convert it first)")
@@ -159,6 +162,12 @@ def mom_settings(model: nn.Module) -> dict:
             raise ValueError(f"model: its MixtureOfMemories layers differ in {key} ({sorted(values, key=str)}); "
                              "a saved model carries one value for all layers")
         settings[key] = values.pop()
+    paths = {m.adapter_path for m in layers}  # a variant adapter (MixtureOfMemories' adapter=): saved only if one
+    if len(paths) > 1:
+        raise ValueError(f"model: its MixtureOfMemories layers differ in adapter ({sorted(paths, key=str)}); "
+                         "a saved model carries one for all layers")
+    if paths != {None}:
+        settings['adapter'] = paths.pop()
     idx = [m.layer_idx for m in layers]
     if all(i is not None for i in idx):
         settings['layers'] = sorted(set(idx))
@@ -184,10 +193,25 @@ def convert_from_settings(model: nn.Module, settings: dict) -> nn.Module:
     if init is None or (param is not None and param.device.type == 'meta'):
         init = 'copy'
     kwargs = {k: settings[k] for k in SETTINGS[3:] if k in settings}
+    if settings.get('adapter') is not None:
+        kwargs['adapter'] = _adapter_class(settings['adapter'])
     convert(model, settings['num_memories'], settings['topk'], settings['shared_memory'], init=init,
             layers=settings['layers'], **kwargs)
     model.config.mom = dict(settings)
     return model
+
+
+def _adapter_class(path: str) -> type:
+    """The variant adapter class saved as ``path`` (``MixtureOfMemories.adapter_path``); only mom_wrap's own
+    modules are imported for a saved model."""
+    from mom_wrap.adapters.base import HostAdapter
+    module, _, name = str(path).rpartition('.')
+    if not module.startswith('mom_wrap.'):
+        raise ValueError(f"config: the 'mom' settings name adapter {path!r}, not one of mom_wrap's")
+    cls = getattr(importlib.import_module(module), name, None)
+    if not (isinstance(cls, type) and issubclass(cls, HostAdapter)):
+        raise ValueError(f"config: the 'mom' settings name adapter {path!r}, which is no HostAdapter")
+    return cls
 
 
 # mamba-ssm ----------------------------------------------------------------------------------------------------

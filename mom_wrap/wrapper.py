@@ -16,7 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mom_wrap import cache
-from mom_wrap.adapters import adapter_for
+from mom_wrap.adapters import HostAdapter, adapter_for
+from mom_wrap.adapters.base import _REGISTRY
 from mom_wrap.dispatch import Dispatch, combine, plan_decode, plan_dispatch
 from mom_wrap.layout import TokenLayout
 from mom_wrap.losses import AttachAuxLoss, balance_loss
@@ -55,6 +56,11 @@ class MixtureOfMemories(nn.Module):
             (triton on CUDA tensors, torch otherwise).
         balance_loss_weight: weight of the router's load-balancing loss, whose gradient the layer adds in
             the backward of its output (``mom_wrap.losses``); 0 turns it off. Settable at any time.
+        adapter: a ``HostAdapter`` subclass to split the host with instead of the one registered for its class:
+            a variant of that host's MoM (``mom_wrap.fla_mom.FlaMomAdapter``: fla's MomAttention, whose q path
+            is per memory). It must match the host. None (default): the registered adapter. A variant's dotted
+            path is ``adapter_path`` (None for the registered one), which ``mom_wrap.convert`` saves with the
+            settings.
 
     ``forward`` takes and returns what the host does (``mom_wrap.calls``): for fla's layers
     ``(o, None, past_key_values)`` and the host's own extra arguments and outputs (RWKV7: ``v_first``), for
@@ -64,7 +70,7 @@ class MixtureOfMemories(nn.Module):
     """
 
     def __init__(self, host: nn.Module, num_memories: int, topk: int, shared_memory: bool = True,
-                 init: str = 'copy', backend: str = 'auto', balance_loss_weight: float = 0.01):
+                 init: str = 'copy', backend: str = 'auto', balance_loss_weight: float = 0.01, adapter=None):
         super().__init__()
         _check_count('num_memories', num_memories, 1)
         _check_count('topk', topk, 1)
@@ -79,7 +85,18 @@ class MixtureOfMemories(nn.Module):
             raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
         if isinstance(balance_loss_weight, bool) or not isinstance(balance_loss_weight, (int, float)):
             raise TypeError(f"balance_loss_weight: expected a float, got {type(balance_loss_weight).__name__}")
-        adapter = adapter_for(host)
+        if adapter is None:
+            adapter = adapter_for(host)
+        elif not (isinstance(adapter, type) and issubclass(adapter, HostAdapter)):
+            raise TypeError(f"adapter: expected a HostAdapter subclass, got {adapter!r}")
+        elif not adapter.matches(host):
+            raise ValueError(f"adapter: {adapter.__name__} does not take a {type(host).__name__} host "
+                             f"(it takes {adapter.host_class})")
+        else:
+            adapter = adapter(host)
+        # a variant's dotted path (convert saves it), None for the adapter registered for the host's class
+        self.adapter_path = None if type(adapter) in _REGISTRY else \
+            f"{type(adapter).__module__}.{type(adapter).__qualname__}"
         self.num_memories = num_memories
         self.topk = topk
         self.shared_memory = bool(shared_memory)

@@ -89,9 +89,13 @@ class GatedDeltaNetAdapter(HostAdapter):
             read['gate'] = h.g_proj(x).unflatten(-1, (-1, h.head_v_dim))
         return read
 
+    def query(self, read, write, dispatch) -> torch.Tensor:
+        """q [S, H, K] per sorted slot: the token's q (read once per token), gathered to its slots."""
+        return gather(read['q'], dispatch)
+
     def recurrence(self, read, write, dispatch, backend, initial_state=None, output_final_state=False):
         h = self.host
-        q = gather(read['q'], dispatch)
+        q = self.query(read, write, dispatch)
         k, v = write['k'], write['v']
         if not h.use_short_conv:
             k, v = F.silu(k), F.silu(v)
