@@ -201,3 +201,19 @@ def test_supported_hosts_lists_mamba2_only_when_mamba_ssm_is_installed(monkeypat
     assert 'fla.layers.rwkv7.RWKV7Attention' in supported_hosts()
     with pytest.raises(ValueError, match=r'not installed here: mamba_ssm.modules.mamba2.Mamba2'):
         MixtureOfMemories(torch.nn.Linear(4, 4), num_memories=2, topk=1)
+
+
+def test_use_mem_eff_path_does_not_change_the_wrapped_layer():
+    """The wrapper computes the layer itself: a host built with the fused path (which needs causal-conv1d's
+    CUDA kernels to run on its own) wraps to the same layer as one without it."""
+    fused = make_host(use_mem_eff_path=True)
+    plain = copy.deepcopy(fused)
+    plain.use_mem_eff_path = False
+    x = torch.randn(2, 12, 64)
+    outs = []
+    for host in (fused, plain):
+        torch.manual_seed(1)
+        mom = MixtureOfMemories(host, num_memories=3, topk=2, init='random', backend='torch').eval()
+        with torch.no_grad():
+            outs.append(mom(x))
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
