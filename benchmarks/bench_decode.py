@@ -4,15 +4,16 @@ MomAttention, bf16, hidden 1024, 4 heads x 256, M=4, top-2 + shared, batch sizes
 Eager steps for all three layers (taking turns, round by round); ours and the host's also as a replayed
 CUDA graph of one step. Each number is the median of 5 rounds of --steps steps.
 
-    python benchmarks/bench_decode.py [--prompt 512 --batch 1 16 64 --steps 50]
+    python benchmarks/bench_decode.py [--prompt 512 --batch 1 16 64 --steps 50] [--json rows.json]
 """
 from __future__ import annotations
 
 import argparse
 
 import torch
-from bench_layer import layers  # benchmarks/ is the script's directory, so on sys.path
+from bench_layer import layers, role  # benchmarks/ is the script's directory, so on sys.path
 from fla.models.utils import Cache
+from record import Recorder
 
 
 def make_layers(memories, topk):
@@ -85,11 +86,13 @@ def main():
     p.add_argument('--memories', type=int, default=4)
     p.add_argument('--topk', type=int, default=2)
     p.add_argument('--profile', action='store_true', help="also print the CUDA kernels one eager step of ours launches")
+    p.add_argument('--json', metavar='PATH', help='write the rows as JSON (one per layer, batch size and mode)')
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit('bench_decode.py needs a CUDA GPU')
     torch.manual_seed(0)
     layers = make_layers(args.memories, args.topk)
+    rec = Recorder(args.json, 'bench_decode') if args.json else None
     rows = []
     with torch.no_grad():
         for batch in args.batch:
@@ -105,6 +108,8 @@ def main():
                         row['graph'] = f"failed: {type(e).__name__}: {str(e)[:80]}"
                 rows.append(row)
                 print(row, flush=True)  # partial results survive a time limit
+                if rec is not None:  # the host's row comes first
+                    record(rec, args, row, next(r for r in rows if r['B'] == batch and role(r['layer']) == 'host'))
     print(f"\n{torch.cuda.get_device_name()}  bf16  decode after a {args.prompt}-token prompt  hidden 1024  "
           f"4 heads x 256  M={args.memories} top-{args.topk} + shared")
     print(f"{'layer':<24}{'B':>4}{'eager ms':>10}{'x host':>8}{'graph ms':>10}{'x host':>8}")
@@ -118,8 +123,24 @@ def main():
             else:
                 cells.append(f"{'-':>10}{'-':>8}" if v == '-' else f"  {v}")
         print(f"{r['layer']:<24}{r['B']:>4}" + ''.join(cells))
+    if args.json:
+        print(args.json)
     if args.profile:
         profile_step(layers, args.prompt, args.batch)
+
+
+def record(rec, args, r, host):
+    """JSON rows of one printed row ``r``: one per mode (eager, graph), ratios against the host's row."""
+    for mode in ('eager', 'graph'):
+        if mode not in r:
+            continue  # fla's MomAttention is timed eagerly only
+        v, h = r[mode], host.get(mode)
+        case = {'batch': r['B'], 'prompt': args.prompt, 'mode': f'decode step, {mode}', 'dtype': 'bf16',
+                'hidden': 1024, 'heads': 4, 'head_dim': 256, 'memories': args.memories, 'topk': args.topk,
+                'shared_memory': True, 'steps': args.steps, 'rounds': ROUNDS}
+        ok = isinstance(v, float)
+        rec.add(r['layer'], role(r['layer']), 'GatedDeltaNet', case, v if ok else None, None,
+                'ok' if ok else v, ref={'ms': h if isinstance(h, float) else None, 'peak_mib': None})
 
 
 def profile_step(layers, prompt, batches, steps=5):

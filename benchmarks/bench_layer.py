@@ -7,13 +7,25 @@ ratios are against the plain host layer.
 
     python benchmarks/bench_layer.py [--host GatedDeltaNet|GatedLinearAttention|DeltaNet|RWKV6Attention|
                                              RWKV7Attention|Mamba2]
-                                     [--batch 8 --seq-len 2048 --iters 20] [--profile]
+                                     [--batch 8 --seq-len 2048 --iters 20] [--profile] [--json rows.json]
+
+Sequence-length sweep (time and peak memory vs length; --plot needs matplotlib: pip install "mom_wrap[plot]"):
+
+    python benchmarks/bench_layer.py --plot seq_len.png [--seq-lens 2048 8192 16384 65536] [--tokens 65536]
+                                     [--json rows.json]
+
+Every point of a sweep has the same number of tokens, B = tokens // T (at least 1; --tokens 0 for B = 1 at
+every length): a layer whose cost is linear in length draws flat lines. A case that runs out of memory (or
+fails) is recorded as missing and the sweep goes on. ``benchmarks/plot.py rows.json -o seq_len.png`` draws
+the same plot from the JSON, without a GPU.
 """
 from __future__ import annotations
 
 import argparse
+import gc
 
 import torch
+from record import Recorder, plot_seq_len, require_matplotlib  # benchmarks/ is the script's directory
 
 from mom_wrap import MixtureOfMemories
 
@@ -84,6 +96,69 @@ def profile(layer, x, dy, rows=25, **kwargs):
     print(prof.key_averages().table(sort_by='cuda_time_total', row_limit=rows))
 
 
+def role(name):
+    """A layer's role in the rows: the plain host, ours, or fla's MomAttention."""
+    return 'host' if name.endswith('(host)') else 'mom_wrap' if name.startswith('mom_wrap') else 'fla_mom'
+
+
+def run_case(made, args, batch, seq_len, rec):
+    """Measure every layer on B x T = ``batch`` x ``seq_len``, print the table and record the rows. A layer
+    that runs out of memory (or fails) gets a row without numbers; the others are still measured."""
+    dtype = torch.bfloat16
+    torch.manual_seed(0)
+    results, x = {}, None
+    try:
+        x = torch.randn(batch, seq_len, args.hidden, device='cuda', dtype=dtype, requires_grad=True)
+        dy = torch.randn_like(x)
+        kwargs = host_kwargs(args.host, x)
+    except torch.cuda.OutOfMemoryError:
+        results = {name: (None, None, 'oom') for name in made}
+    for name, layer in made.items():
+        if name in results:
+            continue
+        try:
+            ms, mem = measure(layer, x, dy, args.iters, **kwargs)
+            results[name] = (ms, mem, 'ok')
+            if args.profile and role(name) == 'mom_wrap':
+                profile(layer, x, dy, **kwargs)
+        except torch.cuda.OutOfMemoryError:
+            results[name] = (None, None, 'oom')
+        except Exception as e:  # report it, measure the others
+            results[name] = (None, None, f"failed: {type(e).__name__}: {str(e)[:200]}")
+        if x is not None:
+            x.grad = None
+        for prm in layer.parameters():
+            prm.grad = None
+        gc.collect()  # a caught exception's frames may hold tensors
+        torch.cuda.empty_cache()
+    del x
+    gc.collect()
+    torch.cuda.empty_cache()
+
+    host_ms, host_mem, _ = results[f'{args.host} (host)']
+    case = {'batch': batch, 'seq_len': seq_len, 'tokens': batch * seq_len, 'mode': 'fwd+bwd', 'dtype': 'bf16',
+            'hidden': args.hidden, 'heads': args.heads, 'memories': args.memories, 'topk': args.topk,
+            'shared_memory': True, 'iters': args.iters}
+    if args.host == 'GatedDeltaNet':
+        case['head_dim'] = args.head_dim
+    ref = {'ms': host_ms, 'peak_mib': host_mem}
+    print(f"\n{torch.cuda.get_device_name()}  bf16  B x T = {batch} x {seq_len}  hidden {args.hidden}  "
+          f"{args.heads} heads  M={args.memories} top-{args.topk} + shared")
+    print(f"{'layer':<36}{'fwd+bwd ms':>12}{'x host':>9}{'peak MiB':>11}{'x host':>9}")
+    for name, (ms, mem, status) in results.items():
+        row = rec.add(name, role(name), args.host, case, ms, mem, status, ref=ref)
+        if ms is None:
+            print(f"{name:<36}{'-':>12}{'-':>9}{'-':>11}{'-':>9}  {status}")
+            continue
+        cells = [f"{row['ratio']:>9.2f}" if row['ratio'] is not None else f"{'-':>9}",
+                 f"{row['peak_ratio']:>9.2f}" if row['peak_ratio'] is not None else f"{'-':>9}"]
+        print(f"{name:<36}{ms:>12.2f}{cells[0]}{mem:>11.0f}{cells[1]}")
+    ours = results[f'mom_wrap MoM({args.host})'][0]
+    fla_mom = results.get('fla MomAttention', (None,))[0]
+    if ours is not None and fla_mom is not None:
+        print(f"mom_wrap vs fla MomAttention: {fla_mom / ours:.2f}x faster")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--host', default='GatedDeltaNet')
@@ -96,33 +171,30 @@ def main():
     p.add_argument('--topk', type=int, default=2)
     p.add_argument('--iters', type=int, default=20)
     p.add_argument('--profile', action='store_true', help='print the CUDA kernel table of the MoM layer')
+    p.add_argument('--json', metavar='PATH', help='write the rows as JSON (rewritten after every row)')
+    p.add_argument('--seq-lens', type=int, nargs='+', metavar='T',
+                   help='sweep these lengths at --tokens tokens each (default with --plot: 2048 8192 16384 65536)')
+    p.add_argument('--tokens', type=int, default=65536,
+                   help='tokens per point of a sweep: B = tokens // T, at least 1 (default 65536)')
+    p.add_argument('--plot', metavar='PNG', help='sweep the lengths and plot time and peak memory against them')
     args = p.parse_args()
+    if args.plot:
+        require_matplotlib()  # before any GPU time is spent
+        args.seq_lens = args.seq_lens or [2048, 8192, 16384, 65536]
     if not torch.cuda.is_available():
         raise SystemExit('bench_layer.py needs a CUDA GPU')
 
     torch.manual_seed(0)
-    dtype = torch.bfloat16
-    x = torch.randn(args.batch, args.seq_len, args.hidden, device='cuda', dtype=dtype, requires_grad=True)
-    dy = torch.randn_like(x)
-    kwargs = host_kwargs(args.host, x)
-    results = {}
-    for name, layer in layers(args.hidden, args.heads, args.head_dim, args.memories, args.topk, dtype,
-                              args.host).items():
-        results[name] = measure(layer, x, dy, args.iters, **kwargs)
-        if args.profile and name.startswith('mom_wrap'):
-            profile(layer, x, dy, **kwargs)
-        del layer
-        torch.cuda.empty_cache()
-
-    host_ms, host_mem = results[f'{args.host} (host)']
-    print(f"\n{torch.cuda.get_device_name()}  bf16  B x T = {args.batch} x {args.seq_len}  hidden {args.hidden}  "
-          f"{args.heads} heads  M={args.memories} top-{args.topk} + shared")
-    print(f"{'layer':<36}{'fwd+bwd ms':>12}{'x host':>9}{'peak MiB':>11}{'x host':>9}")
-    for name, (ms, mem) in results.items():
-        print(f"{name:<36}{ms:>12.2f}{ms / host_ms:>9.2f}{mem:>11.0f}{mem / host_mem:>9.2f}")
-    if 'fla MomAttention' in results:
-        ours, fla_mom = results[f'mom_wrap MoM({args.host})'][0], results['fla MomAttention'][0]
-        print(f"mom_wrap vs fla MomAttention: {fla_mom / ours:.2f}x faster")
+    rec = Recorder(args.json, 'bench_layer')
+    made = layers(args.hidden, args.heads, args.head_dim, args.memories, args.topk, torch.bfloat16, args.host)
+    cases = ([(max(1, args.tokens // T), T) for T in args.seq_lens] if args.seq_lens
+             else [(args.batch, args.seq_len)])
+    for batch, seq_len in cases:
+        run_case(made, args, batch, seq_len, rec)
+    if args.plot:
+        print(plot_seq_len(rec.rows, args.plot))
+    if args.json:
+        print(args.json)
 
 
 if __name__ == '__main__':

@@ -10,13 +10,14 @@ segments; routed segments of random length around T/2, the shared memory's of T)
   adapter runs for plain forwards), and as a plain batch [24, 2048] (the same number of tokens, no varlen);
 * fla's ``chunk_simple_gla`` (the same recurrence, varlen) on the segments.
 
-    python benchmarks/bench_scalar_decay.py [--batch 8 --seq-len 2048]
+    python benchmarks/bench_scalar_decay.py [--batch 8 --seq-len 2048] [--json rows.json]
 """
 from __future__ import annotations
 
 import argparse
 
 import torch
+from record import Recorder  # benchmarks/ is the script's directory, so on sys.path
 from triton.testing import do_bench
 
 
@@ -36,6 +37,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--batch', type=int, default=8)
     p.add_argument('--seq-len', type=int, default=2048)
+    p.add_argument('--json', metavar='PATH', help='write the rows as JSON (one per kernel and mode: fwd, fwd+bwd)')
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit('bench_scalar_decay.py needs a CUDA GPU')
@@ -76,7 +78,7 @@ def main():
         return chunk_simple_gla(q, k, v[None], g[None], scale=1.0, cu_seqlens=cu, cu_seqlens_cpu=cu_cpu)[0][0]
 
     leaves = (x, dt, B, C, v, g)
-    results = {}
+    results, failed = {}, {}
     kernels = (('mom_wrap chunk_scalar_decay (segments)', ours), ('mamba-ssm scan, seq_idx [1, S]', mamba_packed),
                (f'mamba-ssm scan, plain [{rows}, {args.seq_len}]', mamba_plain),
                ('fla chunk_simple_gla (segments)', fla_simple_gla))
@@ -93,6 +95,7 @@ def main():
             both = do_bench(step, warmup=10, rep=100, return_mode='median')
         except Exception as e:  # a missing or failing library: report it, keep the others
             print(f"{name}: {type(e).__name__}: {e}")
+            failed[name] = f"failed: {type(e).__name__}: {str(e)[:200]}"
             continue
         results[name] = (fwd, both)
     print(f"\n{torch.cuda.get_device_name()}  bf16  {H} heads x {P}, d_state {N}  {S} slots in "
@@ -101,6 +104,18 @@ def main():
     print(f"{'kernel':<44}{'fwd ms':>9}{'fwd+bwd ms':>12}{'x mamba plain':>15}")
     for name, (fwd, both) in results.items():
         print(f"{name:<44}{fwd:>9.3f}{both:>12.3f}{both / ref if ref else float('nan'):>15.2f}")
+    if args.json:
+        rec = Recorder(args.json, 'bench_scalar_decay')
+        plain = results.get(f'mamba-ssm scan, plain [{rows}, {args.seq_len}]', (None, None))
+        for name, _ in kernels:
+            fwd, both = results.get(name, (None, None))
+            for i, (mode, ms) in enumerate((('fwd', fwd), ('fwd+bwd', both))):
+                case = {'batch': args.batch, 'seq_len': args.seq_len, 'slots': S, 'segments': cu_cpu.numel() - 1,
+                        'memories': 4, 'topk': 2, 'shared_memory': True, 'heads': H, 'head_dim': P,
+                        'd_state': N, 'groups': G, 'mode': mode, 'dtype': 'bf16'}
+                rec.add(name, name.split(' ')[0], 'Mamba2', case, ms, None, failed.get(name, 'ok'),
+                        ref={'ms': plain[i], 'peak_mib': None})
+        print(args.json)
 
 
 if __name__ == '__main__':
