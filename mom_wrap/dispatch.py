@@ -19,10 +19,10 @@ gives the grouped GEMM its contiguous per-memory blocks.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
 
 import torch
 
+from mom_wrap.lazy import cached_property
 from mom_wrap.ops import acc
 
 

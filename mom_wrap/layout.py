@@ -7,11 +7,10 @@ without a host sync.
 """
 from __future__ import annotations
 
-from functools import cached_property
-
 import torch
 
 from mom_wrap.dispatch import inverse_permutation
+from mom_wrap.lazy import cached_property
 from mom_wrap.ops import cached_conv, segment_conv, segment_conv_with_state
 from mom_wrap.pool import PoolRows
 

@@ -43,6 +43,8 @@ def _grouped_mm_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """
     if _grouped_mm is None or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return False
+    if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
+        return False  # torch.compile traces grouped_mm through its meta kernel, which takes bf16 only
     if (x.shape[1] * x.element_size()) % 16 or not _aligned(x):  # weight [E, out, in]: rows of `in` too
         return False
     key = (x.device.type, x.dtype)
