@@ -14,7 +14,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from mom_wrap.kernels import conv_step, rows, scalar_decay, segment_conv
+from mom_wrap.kernels import conv_step, delta_step, rows, scalar_decay, segment_conv
 
 H100 = GPUTarget('cuda', 90, 32)
 
@@ -32,6 +32,12 @@ def signature(fn, pointers: dict[str, str], constexprs: dict):
 CONV = dict(x='bf16', wt='bf16', b='bf16', memory='i64', position='i64', y='bf16', dy='bf16', dpre='fp32',
             dx='bf16', dwt='fp32', db='fp32')
 BLOCKS = dict(BT=64, BD=64)
+
+def DELTA_STEP(dtype: str, index: str) -> dict[str, str]:  # noqa: N802 (reads like the other pointer tables)
+    return dict(q=dtype, k=dtype, v=dtype, a='fp32', b=dtype, A_log='fp32', dt_bias='fp32', pool='fp32', index=index,
+                valid='u8', o=dtype)
+
+
 CASES = [
     (segment_conv._conv_fwd_kernel, CONV, dict(W=4, HAS_BIAS=True, HAS_MEMORY=True, SILU=True, **BLOCKS)),
     (segment_conv._conv_fwd_kernel, CONV, dict(W=3, HAS_BIAS=False, HAS_MEMORY=False, SILU=False, **BLOCKS)),
@@ -70,6 +76,12 @@ CASES += [
                                      o='bf16'), dict(H=8, HG=8, K=128, V=64, BK=128, BV=32, HAS_VALID=True)),
     (scalar_decay._step_kernel, dict(q='fp32', k='fp32', v='fp32', g='fp32', pool='fp32', index='i32', valid='u8',
                                      o='fp32'), dict(H=4, HG=2, K=12, V=20, BK=16, BV=32, HAS_VALID=False)),
+    (delta_step._delta_step_kernel, DELTA_STEP('bf16', 'i64'),
+     dict(HV=4, HG=1, K=256, V=256, BK=256, BV=32, GATE=1, BETA_SIGMOID=True, NEG_EIGVAL=False, L2NORM=True,
+          HAS_VALID=True)),
+    (delta_step._delta_step_kernel, DELTA_STEP('fp32', 'i32'),
+     dict(HV=6, HG=2, K=12, V=20, BK=16, BV=32, GATE=0, BETA_SIGMOID=False, NEG_EIGVAL=True, L2NORM=False,
+          HAS_VALID=False)),
 ]
 
 

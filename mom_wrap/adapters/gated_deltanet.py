@@ -4,6 +4,8 @@ Write side per memory: k_proj, v_proj, a_proj (gate input), b_proj (beta logits)
 Read side once per token: q_proj + q short conv, g_proj (output gate), o_norm, o_proj; host constants
 A_log and dt_bias (the in-kernel gate -exp(A_log) * softplus(a + dt_bias) is shared by all memories).
 State per segment: [HV, V, K] (fla's ``state_v_first=True`` layout, as the host caches it).
+A decode step (triton backend, fp32 state pool) runs ``mom_wrap.kernels.delta_step.gated_delta_step`` on the
+pool's rows in place; other steps and prefills run fla's kernels on gathered states.
 """
 from __future__ import annotations
 
@@ -93,14 +95,30 @@ class GatedDeltaNetAdapter(HostAdapter):
         """q [S, H, K] per sorted slot: the token's q (read once per token), gathered to its slots."""
         return gather(read['q'], dispatch)
 
-    def recurrence(self, read, write, dispatch, backend, initial_state=None, output_final_state=False):
+    def decode_in_place(self, read, write, dispatch, rows):
+        """``gated_delta_step`` on the pool's rows (fp32 pools; others take the wrapper's gather / scatter)."""
+        if rows.flat.dtype != torch.float32:
+            return None
+        from mom_wrap.kernels.delta_step import gated_delta_step
         h = self.host
-        q = self.query(read, write, dispatch)
+        q, (k, v) = self.query(read, write, dispatch), self._kv(write)
+        if not q.dtype == k.dtype == v.dtype:  # (under autocast, say): the kernel takes one dtype
+            return None
+        return gated_delta_step(q, k, v, write['b'], rows.flat, rows.index, rows.valid, a=write['a'], A_log=h.A_log,
+                                dt_bias=h.dt_bias, allow_neg_eigval=h.allow_neg_eigval)
+
+    def _kv(self, write):
+        """k [S, H, K], v [S, HV, V] per slot (the host's SiLU where it has no short conv)."""
+        h = self.host
         k, v = write['k'], write['v']
         if not h.use_short_conv:
             k, v = F.silu(k), F.silu(v)
-        k = k.unflatten(-1, (-1, h.head_k_dim))
-        v = v.unflatten(-1, (-1, h.head_v_dim))
+        return k.unflatten(-1, (-1, h.head_k_dim)), v.unflatten(-1, (-1, h.head_v_dim))
+
+    def recurrence(self, read, write, dispatch, backend, initial_state=None, output_final_state=False):
+        h = self.host
+        q = self.query(read, write, dispatch)
+        k, v = self._kv(write)
         a, b = write['a'], write['b']
         if backend == 'torch':
             return gated_delta_rule_reference(q, k, v, a, b, h.A_log, h.dt_bias, dispatch.cu_seqlens,
