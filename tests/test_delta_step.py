@@ -83,3 +83,17 @@ def test_step_errors_name_the_argument():
             gated_delta_step(**{**base, **change})
     with pytest.raises(RuntimeError, match='inference-only'):
         gated_delta_step(**{**base, 'q': q.clone().requires_grad_()})
+
+
+@needs_triton
+def test_step_on_k_major_states_deltanet_form():
+    """DeltaNet's form: states [K, V] per head (``state_v_first=False``), beta given (no sigmoid), no decay, q and
+    k normalised by the caller (``l2norm=False``)."""
+    q, k, v, a, b, A_log, dt_bias, pool, index = inputs(HV=2)
+    qn, kn = (t / t.norm(dim=-1, keepdim=True) for t in (q, k))
+    beta = b.sigmoid()
+    want_o, want_state = reference(qn, kn, v, torch.full_like(a, -1e4), b, A_log, dt_bias, pool, index)
+    kv = pool.transpose(-1, -2).contiguous()  # [P, HV, K, V]
+    o = gated_delta_step(qn, kn, v, beta, kv, index, beta_sigmoid=False, l2norm=False, state_v_first=False)
+    torch.testing.assert_close(o, want_o, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kv[index].transpose(-1, -2), want_state, rtol=1e-5, atol=1e-5)

@@ -208,8 +208,8 @@ class DeltaNetAdapter(HostAdapter):
         h = self.host
         return h.mode == 'chunk' and (torch.is_grad_enabled() or h.training or max_seqlen > CHUNK_SIZE)
 
-    def recurrence(self, read, write, dispatch, backend, initial_state=None, output_final_state=False):
-        """Per-slot q (gathered), k, v, beta -> o [S, H, V] and the final states [G, H, K, V] (fp32)."""
+    def _slots(self, read, write, dispatch, backend):
+        """q (gathered), k [S, H, K], v [S, H, V] and beta [S, H] per slot."""
         h = self.host
         q = gather(read['q'], dispatch)
         k = self._qk_features(write['k'], backend)
@@ -217,7 +217,23 @@ class DeltaNetAdapter(HostAdapter):
         if not h.use_short_conv:  # with convs, v's conv applied its SiLU
             v = F.silu(v)
         v = v.unflatten(-1, (-1, h.head_v_dim))
-        beta = self._beta(write, k, backend)
+        return q, k, v, self._beta(write, k, backend)
+
+    def decode_in_place(self, read, write, dispatch, rows):
+        """``gated_delta_step`` without a decay on the pool's rows ([H, K, V] states; fp32 pools only)."""
+        if rows.flat.dtype != torch.float32:
+            return None
+        from mom_wrap.kernels.delta_step import gated_delta_step
+        q, k, v, beta = self._slots(read, write, dispatch, 'triton')
+        if not q.dtype == k.dtype == v.dtype:
+            return None
+        return gated_delta_step(q, k, v, beta, rows.flat, rows.index, rows.valid, beta_sigmoid=False,
+                                l2norm=self.host.qk_norm == 'l2', state_v_first=False)
+
+    def recurrence(self, read, write, dispatch, backend, initial_state=None, output_final_state=False):
+        """Per-slot q (gathered), k, v, beta -> o [S, H, V] and the final states [G, H, K, V] (fp32)."""
+        h = self.host
+        q, k, v, beta = self._slots(read, write, dispatch, backend)
         l2 = h.qk_norm == 'l2'
         if backend == 'torch':
             return delta_rule_reference(q, k, v, beta, dispatch.cu_seqlens, dispatch.position, qk_l2norm=l2,

@@ -31,7 +31,7 @@ def _softplus(x):
 
 @triton.jit
 def _delta_step_kernel(q, k, v, a, b, A_log, dt_bias, pool, index, valid, o, scale, SQR, SQH, SKR, SKH, SVR, SVH,
-                       SAR, SBR, SP, SPH, SPV, HV: tl.constexpr, HG: tl.constexpr, K: tl.constexpr,
+                       SAR, SBR, SP, SPH, SPV, SPK, HV: tl.constexpr, HG: tl.constexpr, K: tl.constexpr,
                        V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr,
                        BETA_SIGMOID: tl.constexpr, NEG_EIGVAL: tl.constexpr, L2NORM: tl.constexpr,
                        HAS_VALID: tl.constexpr):
@@ -46,7 +46,7 @@ def _delta_step_kernel(q, k, v, a, b, A_log, dt_bias, pool, index, valid, o, sca
         keep = tl.load(valid + r + cv * 0) != 0  # [BV]: one flag, loaded per V entry
         ms = ms & keep[:, None]
     p = tl.load(index + r).to(tl.int64)
-    row = pool + p * SP + h * SPH + cv[:, None] * SPV + ck[None, :]  # int64 row offset, int32 within it
+    row = pool + p * SP + h * SPH + cv[:, None] * SPV + ck[None, :] * SPK  # int64 row offset, int32 in it
     state = tl.load(row, mask=ms, other=0.)
     qr = tl.load(q + r * SQR + hq * SQH + ck, mask=k_ok, other=0.).to(tl.float32)
     kr = tl.load(k + r * SKR + hq * SKH + ck, mask=k_ok, other=0.).to(tl.float32)
@@ -88,14 +88,16 @@ FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def gated_delta_step(q, k, v, b, pool, index, valid=None, a=None, A_log=None, dt_bias=None, scale=None,
-                     beta_sigmoid=True, allow_neg_eigval=False, l2norm=True):
+                     beta_sigmoid=True, allow_neg_eigval=False, l2norm=True, state_v_first=True):
     """One decode token per row r of the gated delta rule, on the states pool[index[r]] in place.
 
     q, k [R, H, K]; v [R, HV, V] (HV a multiple of H; fp16, bf16 or fp32, one dtype; the last dim contiguous);
     b [R, HV] beta (its logits with ``beta_sigmoid``); a [R, HV]: with A_log and dt_bias [HV] the gate's raw
     input (GatedDeltaNet: g = -exp(A_log) softplus(a + dt_bias)), without them the log decay g itself, None: no
-    decay (DeltaNet); pool [P, HV, V, K] fp32 (last dim contiguous); index [R] int64 or int32 (distinct rows);
-    valid [R] bool or None: a False row outputs 0 and leaves the pool untouched; scale: K^-0.5 by default.
+    decay (DeltaNet); pool [P, HV, V, K] fp32 (``state_v_first``, GatedDeltaNet's layout) or [P, HV, K, V]
+    (DeltaNet's); index [R] int64 or int32 (distinct rows);
+    valid [R] bool or None: a False row outputs 0 and leaves the pool untouched; scale: K^-0.5 by default;
+    l2norm: fla's in-kernel q/k normalisation (q, k are taken as they are without it).
     Returns o [R, HV, V] in v's dtype. Inference only; no host sync, so it can be captured in a CUDA graph.
     """
     if not isinstance(q, torch.Tensor) or q.dim() != 3:
@@ -121,10 +123,12 @@ def gated_delta_step(q, k, v, b, pool, index, valid=None, a=None, A_log=None, dt
         _tensor('dt_bias', dt_bias, FLOATS, (HV,), dev)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, a, b, A_log, dt_bias)):
         raise RuntimeError("gated_delta_step is inference-only (no autograd)")
-    _tensor('pool', pool, (torch.float32,), (pool.shape[0], HV, V, K) if isinstance(pool, torch.Tensor) else (),
+    state = (V, K) if state_v_first else (K, V)
+    _tensor('pool', pool, (torch.float32,), (pool.shape[0], HV) + state if isinstance(pool, torch.Tensor) else (),
             dev)
-    if pool.stride(-1) != 1 or (HV - 1) * pool.stride(1) + (V - 1) * pool.stride(2) + K >= 2**31:
-        raise ValueError(f"pool: a row needs its last dim contiguous and int32 offsets (strides {pool.stride()})")
+    SPV, SPK = pool.stride()[2:] if state_v_first else pool.stride()[:1:-1]
+    if (HV - 1) * pool.stride(1) + (V - 1) * SPV + (K - 1) * SPK >= 2**31:
+        raise ValueError(f"pool: a row's elements need int32 offsets (strides {pool.stride()})")
     _tensor('index', index, (torch.int64, torch.int32), (R,), dev)
     if valid is not None:
         _tensor('valid', valid, (torch.bool,), (R,), dev)
@@ -139,7 +143,7 @@ def gated_delta_step(q, k, v, b, pool, index, valid=None, a=None, A_log=None, dt
         _delta_step_kernel[(R, HV, triton.cdiv(V, BV))](
             q, k, v, a, b, A_log, dt_bias, pool, index.contiguous(), valid, o,
             float(K ** -0.5 if scale is None else scale), q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-            v.stride(0), v.stride(1), a.stride(0), b.stride(0), pool.stride(0), pool.stride(1), pool.stride(2),
+            v.stride(0), v.stride(1), a.stride(0), b.stride(0), pool.stride(0), pool.stride(1), SPV, SPK,
             HV=HV, HG=HV // H, K=K, V=V, BK=triton.next_power_of_2(K), BV=BV, GATE=gate,
             BETA_SIGMOID=bool(beta_sigmoid), NEG_EIGVAL=bool(allow_neg_eigval), L2NORM=bool(l2norm),
             HAS_VALID=valid is not None)
