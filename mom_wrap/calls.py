@@ -29,6 +29,7 @@ class Call:
     store: StateStore | None               # where states come from and go to
     returns: Callable[[torch.Tensor, tuple], Any]  # (o [B, T, hidden], host's extra outputs) -> the return value
     host_kwargs: dict = field(default_factory=dict)  # the host's own arguments (``HostAdapter.host_inputs``)
+    argument: str = 'hidden_states'        # the input's name in the host's forward, for error messages
 
 
 def _tensor(name: str, value) -> torch.Tensor:
@@ -108,14 +109,21 @@ class MambaConvention:
         u = _tensor('u', u)
         shape = u.shape
         if seqlen is not None:
+            if isinstance(seqlen, bool) or not isinstance(seqlen, int):
+                raise TypeError(f"seqlen: expected an int, got {type(seqlen).__name__}")
+            if seqlen < 1:
+                raise ValueError(f"seqlen: must be >= 1, got {seqlen}")
             if u.dim() != 2 or u.shape[0] % seqlen:
                 raise ValueError(f"u: with seqlen={seqlen} expected shape [batch * seqlen, hidden], got "
                                  f"{tuple(u.shape)}")
             u = u.view(-1, seqlen, u.shape[-1])
-        if seq_idx is not None and cu_seqlens is None:
+        if seq_idx is not None and cu_seqlens is None and u.dim() == 3:  # (any other u: the wrapper names it)
             seq_idx = _tensor('seq_idx', seq_idx)
             if seq_idx.shape != u.shape[:2]:
                 raise ValueError(f"seq_idx: expected shape {list(u.shape[:2])}, got {list(seq_idx.shape)}")
+            if seq_idx.is_floating_point() or seq_idx.is_complex() or seq_idx.dtype == torch.bool:
+                raise TypeError(f"seq_idx: expected an integer tensor, got {seq_idx.dtype}")
+        if seq_idx is not None and cu_seqlens is None and u.dim() == 3 and seq_idx.numel():  # (else: no packing)
             B, T = seq_idx.shape
             starts = torch.ones(B, T, dtype=torch.bool, device=seq_idx.device)
             starts[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
@@ -123,4 +131,4 @@ class MambaConvention:
                                     torch.full((1,), B * T, device=seq_idx.device)])
             u = u.reshape(1, B * T, u.shape[-1])
         store = None if inference_params is None else InferenceParamsCache(inference_params)
-        return Call(u, None, cu_seqlens, store, lambda o, extras: o.reshape(shape))
+        return Call(u, None, cu_seqlens, store, lambda o, extras: o.reshape(shape), argument='u')

@@ -84,6 +84,7 @@ class Dispatch:
     max_seqlen: int
     segment_valid: torch.Tensor | None = None  # [G] False: a padding token's segment (decode plans only)
     token_major: bool = False     # slots in token order, s per token (decode plans): restore is the identity
+    padded: bool = False          # some token may have no slots (padding): gathers through restore mask them
 
     @property
     def num_slots(self) -> int:
@@ -147,6 +148,7 @@ def plan_dispatch(memory: torch.Tensor, weight: torch.Tensor, sequence: torch.Te
         segment_memory=nonempty_dev // Q,
         segment_sequence=nonempty_dev % Q,
         max_seqlen=int(lengths.max()) if lengths.numel() else 0,
+        padded=valid is not None,
     )
 
 
@@ -170,14 +172,26 @@ def plan_decode(memory: torch.Tensor, weight: torch.Tensor, valid: torch.Tensor 
         segment_valid=None if valid is None else valid[token], token_major=True)
 
 
-def _sum_slots(y: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def _slot_row(y: torch.Tensor, idx: torch.Tensor, present: torch.Tensor | None, j: int) -> torch.Tensor:
+    """y's row of each token's slot j, fp32 [N, ...]; with ``present`` [N, s] (1/0), zeros for a token without
+    that slot (padding), whose clamped index reads another token's row: weight 0 x that row would let a NaN or
+    Inf of another sequence through (into this token's output, or in the backward its gradient)."""
+    row = acc(y.index_select(0, idx[:, j]))
+    if present is None:
+        return row
+    return torch.where(present[:, j].view((-1,) + (1,) * (y.dim() - 1)) > 0, row, 0)
+
+
+def _sum_slots(y: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
+               present: torch.Tensor | None = None) -> torch.Tensor:
     """sum_j weight[n, j] * y[idx[n, j]] -> [N, ...], accumulated in fp32. A loop over the s slots of a
     token (top-k + 1), not over memories; each step is one row gather (``index_select``: whole rows, several
-    times faster on CUDA than advanced indexing, which addresses every element on its own)."""
+    times faster on CUDA than advanced indexing, which addresses every element on its own). ``present``: see
+    ``_slot_row`` (None: every token has all its slots)."""
     shape = (-1,) + (1,) * (y.dim() - 1)
-    total = acc(y.index_select(0, idx[:, 0])) * weight[:, 0].view(shape)
+    total = _slot_row(y, idx, present, 0) * weight[:, 0].view(shape)
     for j in range(1, idx.shape[1]):
-        total += acc(y.index_select(0, idx[:, j])) * weight[:, j].view(shape)
+        total += _slot_row(y, idx, present, j) * weight[:, j].view(shape)
     return total.to(y.dtype)
 
 
@@ -185,23 +199,25 @@ class _Gather(torch.autograd.Function):
     """x[token] whose backward sums each token's slots with row gathers (no atomic index_put)."""
 
     @staticmethod
-    def forward(ctx, x, token, idx, present):
+    def forward(ctx, x, token, idx, present, padded):
         ctx.save_for_backward(idx, present)
+        ctx.padded = padded
         return x.index_select(0, token)
 
     @staticmethod
     def backward(ctx, grad):
         idx, present = ctx.saved_tensors
-        return _sum_slots(grad, idx, present), None, None, None
+        return _sum_slots(grad, idx, present, present if ctx.padded else None), None, None, None, None
 
 
 class _Combine(torch.autograd.Function):
     """sum over a token's slots of weight * y[slot]; backward is a gather (dy) and a row dot (dweight)."""
 
     @staticmethod
-    def forward(ctx, y, weight, idx, present, token, slot):
+    def forward(ctx, y, weight, idx, present, token, slot, padded):
         ctx.save_for_backward(y, weight, idx, present, token, slot)
-        return _sum_slots(y, idx, weight)
+        ctx.padded = padded
+        return _sum_slots(y, idx, weight, present if padded else None)
 
     @staticmethod
     def backward(ctx, grad):
@@ -211,17 +227,18 @@ class _Combine(torch.autograd.Function):
         dweight = None
         if ctx.needs_input_grad[1]:
             g = acc(grad).flatten(1)
-            dweight = torch.stack([(g * acc(y.index_select(0, idx[:, j])).flatten(1)).sum(1)
+            rows = present if ctx.padded else None
+            dweight = torch.stack([(g * _slot_row(y, idx, rows, j).flatten(1)).sum(1)
                                    for j in range(idx.shape[1])], 1)
             dweight = (dweight * present).to(weight.dtype)
-        return dy, dweight, None, None, None, None
+        return dy, dweight, None, None, None, None, None
 
 
 def gather(x: torch.Tensor, dispatch: Dispatch) -> torch.Tensor:
     """x [N, ...] per flat token -> [S, ...] per sorted slot."""
     if not (torch.is_grad_enabled() and x.requires_grad):  # inference: no backward to prepare for
         return x.index_select(0, dispatch.token)
-    return _Gather.apply(x, dispatch.token, *dispatch.slot_rows)
+    return _Gather.apply(x, dispatch.token, *dispatch.slot_rows, dispatch.padded)
 
 
 def combine(y: torch.Tensor, dispatch: Dispatch) -> torch.Tensor:
@@ -237,4 +254,5 @@ def combine(y: torch.Tensor, dispatch: Dispatch) -> torch.Tensor:
         ya = acc(y).view(N, s, -1)
         total = torch.bmm(dispatch.token_weight.to(ya.dtype).unsqueeze(1), ya)
         return total.view(N, *y.shape[1:]).to(y.dtype)
-    return _Combine.apply(y, dispatch.token_weight, *dispatch.slot_rows, dispatch.token, dispatch.slot)
+    return _Combine.apply(y, dispatch.token_weight, *dispatch.slot_rows, dispatch.token, dispatch.slot,
+                          dispatch.padded)

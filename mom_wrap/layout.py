@@ -26,37 +26,63 @@ class TokenLayout:
     """
 
     def __init__(self, batch_size: int, seq_len: int, num_sequences: int, device: torch.device,
-                 mask: torch.Tensor | None = None, packed: torch.Tensor | None = None):
+                 mask: torch.Tensor | None = None, packed: torch.Tensor | None = None, history_len: int = 0):
         self.batch_size, self.seq_len, self.num_sequences, self.device = batch_size, seq_len, num_sequences, device
         self._mask = mask        # [B, T] bool padding mask, or None
         self._packed = packed    # [N+1] cu_seqlens of packed input, or None
         self.valid = None if mask is None else mask.reshape(-1)
+        # attention_mask columns before this input's: earlier tokens, whose states a cache must hold
+        self.history_len = history_len
+
+    @property
+    def has_history(self) -> bool:
+        """The attention_mask covers valid tokens before this input (generate() passes the mask of everything
+        seen so far): a forward that has no stored states for them would silently drop them. Known for masks on
+        the CPU only (elsewhere reading it back would be a host sync): False there."""
+        return self.history_len > 0
 
     @classmethod
     def build(cls, batch_size: int, seq_len: int, device: torch.device,
               attention_mask: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None) -> TokenLayout:
+        """Checks the arguments (TypeError / ValueError naming them). Values are checked only where that costs
+        no host sync: for tensors on the CPU."""
         if cu_seqlens is not None:
+            if not isinstance(cu_seqlens, torch.Tensor):
+                raise TypeError(f"cu_seqlens: expected a torch.Tensor, got {type(cu_seqlens).__name__}")
             if batch_size != 1:
                 raise ValueError(f"cu_seqlens: packed input needs batch size 1, got hidden_states batch {batch_size}")
             if attention_mask is not None:
                 raise ValueError("attention_mask and cu_seqlens cannot both be given")
+            if cu_seqlens.is_floating_point() or cu_seqlens.is_complex() or cu_seqlens.dtype == torch.bool:
+                raise TypeError(f"cu_seqlens: expected an integer tensor, got {cu_seqlens.dtype}")
             if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
                 raise ValueError(f"cu_seqlens: expected shape [N+1] with N >= 1, got {tuple(cu_seqlens.shape)}")
-            if cu_seqlens.is_floating_point():
-                raise TypeError(f"cu_seqlens: expected an integer tensor, got {cu_seqlens.dtype}")
-            # values are checked only where that costs no sync: on the host
             if cu_seqlens.device.type == 'cpu' and (cu_seqlens[0] != 0 or cu_seqlens[-1] != seq_len
                                                     or bool((cu_seqlens.diff() < 0).any())):
                 raise ValueError(f"cu_seqlens: expected non-decreasing offsets from 0 to seq_len={seq_len}, "
                                  f"got {cu_seqlens.tolist()}")
-            cu = cu_seqlens.to(device=device, dtype=torch.long)
+            cu = cu_seqlens.to(device=device, dtype=torch.long).contiguous()  # (searchsorted warns on strides)
             return cls(batch_size, seq_len, cu.numel() - 1, device, packed=cu)
         if attention_mask is None:
             return cls(batch_size, seq_len, batch_size, device)
+        if not isinstance(attention_mask, torch.Tensor):
+            raise TypeError(f"attention_mask: expected a torch.Tensor, got {type(attention_mask).__name__}")
         if attention_mask.dim() != 2 or attention_mask.shape[0] != batch_size or attention_mask.shape[1] < seq_len:
             raise ValueError(f"attention_mask: expected a 0/1 padding mask of shape [{batch_size}, >={seq_len}], "
                              f"got {tuple(attention_mask.shape)}")
-        return cls(batch_size, seq_len, batch_size, device, mask=attention_mask[:, -seq_len:].to(device=device).bool())
+        if attention_mask.is_complex():
+            raise TypeError(f"attention_mask: expected 0/1 values (bool, integer or floating), got "
+                            f"{attention_mask.dtype}")
+        start = attention_mask.shape[1] - seq_len  # (not [:, -seq_len:], which is the whole mask at seq_len 0)
+        history_len = 0
+        if attention_mask.device.type == 'cpu' and not torch.compiler.is_compiling():  # (no graph break for it)
+            if attention_mask.dtype != torch.bool and bool(((attention_mask != 0) & (attention_mask != 1)).any()):
+                raise ValueError("attention_mask: expected a 0/1 padding mask (1: token, 0: padding), got values "
+                                 f"{attention_mask.unique().tolist()[:8]}")
+            if start:  # the most earlier tokens any row has
+                history_len = int((attention_mask[:, :start] != 0).sum(1).max()) if batch_size else 0
+        mask = attention_mask[:, start:].to(device=device).bool()
+        return cls(batch_size, seq_len, batch_size, device, mask=mask, history_len=history_len)
 
     @property
     def one_token_per_sequence(self) -> bool:

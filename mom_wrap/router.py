@@ -1,4 +1,5 @@
-"""Token router: a bias-free linear layer, softmax over fp32 logits, top-k, renormalised weights."""
+"""Token router: a bias-free linear layer, softmax over fp32 logits, top-k (ties to the lower memory index),
+renormalised weights."""
 from __future__ import annotations
 
 import torch
@@ -21,11 +22,15 @@ class Router(nn.Linear):
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: [N, hidden] -> logits [N, M] fp32, probs [N, M] fp32, weights [N, k] fp32, indices [N, k] int64.
 
-        ``weights`` are the top-k probabilities renormalised to sum to 1 per token.
+        ``weights`` are the top-k probabilities renormalised to sum to 1 per token. ``indices`` are in
+        descending probability; ties (equal probabilities, e.g. a zero router) go to the lower memory index,
+        on every device and every time: a stable sort, where ``torch.topk`` leaves ties to its algorithm (on
+        the CPU it picked memories 6, 5, 4 of 8 equal ones, and other ones at other batch sizes).
         """
         with torch.autocast(x.device.type, enabled=False):  # autocast would take the logits back to bf16
             logits = F.linear(x.float(), self.weight.float())
         probs = logits.softmax(dim=-1)
-        top_p, indices = probs.topk(self.topk, dim=-1)
+        top_p, indices = probs.sort(dim=-1, descending=True, stable=True)
+        top_p, indices = top_p[..., :self.topk], indices[..., :self.topk]
         weights = top_p / top_p.sum(dim=-1, keepdim=True)
         return logits, probs, weights, indices

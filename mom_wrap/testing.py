@@ -107,6 +107,19 @@ def memory_write(mom: MixtureOfMemories, inputs: dict[str, torch.Tensor], e: int
     return out
 
 
+def routed(probs: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The documented routing rule, written out: a memory's rank is the number of memories before it, those
+    of a higher probability and those of an equal one and a lower index; a token's top-k are ranks 0 to k-1.
+    probs [T, M] -> memories [T, k] by rank and their probabilities renormalised to sum to 1 (summed by rank,
+    as the router sums them: fp32 sums in another order differ in the last bit)."""
+    p, e = probs[:, :, None], torch.arange(probs.shape[1], device=probs.device)
+    before = (probs[:, None, :] > p) | ((probs[:, None, :] == p) & (e[None, None, :] < e[None, :, None]))
+    rank = before.sum(-1)  # [T, M], a permutation of 0..M-1 per token
+    top_i = torch.stack([(rank == r).float().argmax(-1) for r in range(topk)], -1)
+    top_p = probs.gather(1, top_i)
+    return top_p / top_p.sum(-1, keepdim=True), top_i
+
+
 def naive_mom(mom: MixtureOfMemories, x: torch.Tensor, host_kwargs: dict | None = None) -> torch.Tensor:
     """MoM over x [B, T, hidden], one batch row and one memory at a time, routing written out here.
     ``host_kwargs``: the host's own forward arguments ([B, ...] tensors, e.g. RWKV7's v_first)."""
@@ -117,8 +130,7 @@ def naive_mom(mom: MixtureOfMemories, x: torch.Tensor, host_kwargs: dict | None 
         for b, xb in enumerate(x):
             T = xb.shape[0]
             probs = F.linear(xb.float(), mom.router.weight.float()).softmax(-1)
-            top_p, top_i = probs.topk(mom.topk, dim=-1)
-            top_p = top_p / top_p.sum(-1, keepdim=True)
+            top_p, top_i = routed(probs, mom.topk)
             layout = TokenLayout.build(1, T, xb.device)
             row_kwargs = {k: v[b:b + 1] for k, v in (host_kwargs or {}).items()}
             read = {**adapter.read(xb, layout, 'torch'), **adapter.host_inputs(row_kwargs, layout)}

@@ -156,16 +156,20 @@ class MixtureOfMemories(nn.Module):
         """
         call = self._adapter.convention.parse(*args, **kwargs)
         hidden_states = call.hidden_states
-        if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.hidden_size:
-            raise ValueError(f"hidden_states: expected shape [batch, seq_len, {self.hidden_size}] (the host's "
-                             f"hidden size), got {tuple(hidden_states.shape)}")
+        self._check_input(hidden_states, call.argument)
         backend = self._resolve_backend(hidden_states)
         B, T, D = hidden_states.shape
         layout = TokenLayout.build(B, T, hidden_states.device, call.attention_mask, call.cu_seqlens)
         x = hidden_states.reshape(B * T, D)
-        state = self._start_state(call.store, layout.num_sequences, x)
+        state = self._start_state(call.store, layout, x)
 
         host_inputs = self._adapter.host_inputs(call.host_kwargs, layout)
+        if layout.valid is not None:
+            # padding content must not matter, not even NaN: in the backward too, where the per-token read side
+            # (norms, gates) would multiply a padding token's zero output gradient by its NaN local derivative
+            x = torch.where(layout.valid[:, None], x, 0)
+            host_inputs = {n: torch.where(layout.valid.view(-1, *[1] * (t.dim() - 1)), t, 0)
+                           if t.shape[:1] == layout.valid.shape else t for n, t in host_inputs.items()}
         dispatch, probs = self._route(x, layout, decode=state is not None and layout.one_token_per_sequence)
         write = None
         if dispatch.num_segments == 0:  # every token is padding: nothing is read or written
@@ -185,27 +189,53 @@ class MixtureOfMemories(nn.Module):
             call.store.store(self.layer_idx, state if call.store.writes else None, T)
         return call.returns(o, self._adapter.host_outputs(call.host_kwargs, write, dispatch, layout))
 
-    def _start_state(self, store, num_sequences: int, x: torch.Tensor) -> dict | None:
+    def _check_input(self, hidden_states: torch.Tensor, argument: str) -> None:
+        """The input's shape [batch, seq_len, hidden] and dtype (floating; the weights' dtype unless autocast
+        runs: a mismatch would otherwise fail inside a matmul or a Triton kernel, without the argument's name)."""
+        if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.hidden_size:
+            raise ValueError(f"{argument}: expected shape [batch, seq_len, {self.hidden_size}] (the host's "
+                             f"hidden size), got {tuple(hidden_states.shape)}")
+        if not hidden_states.is_floating_point():
+            raise TypeError(f"{argument}: expected a floating-point tensor, got {hidden_states.dtype}")
+        weight = self.router.weight
+        if hidden_states.dtype != weight.dtype and not torch.is_autocast_enabled(hidden_states.device.type):
+            raise TypeError(f"{argument}: dtype {hidden_states.dtype} differs from the layer's weights "
+                            f"({weight.dtype}); convert one to the other, or run under torch.autocast")
+
+    def _state_spec(self, num_sequences: int) -> cache.StateSpec:
+        """What this layer's cached states for ``num_sequences`` sequences look like (``mom_wrap.cache``)."""
+        return cache.StateSpec(num_sequences, self.num_memories, self.shared_memory, type(self._adapter).__name__,
+                               tuple(self._adapter.state_shape()), dict(self._adapter.read_conv_shapes()),
+                               dict(self.memories.conv_shapes()))
+
+    def _start_state(self, store, layout: TokenLayout, x: torch.Tensor) -> dict | None:
         """The states this forward starts from and (when the store writes) updates: the stored ones, zeros for a
         store that holds none, a copy of the stored ones when it does not write (they must not change), None
-        without a store or without anything to start from (the plain forward)."""
+        without a store or without anything to start from (the plain forward). Stored states of another layer
+        configuration, number of memories or batch size are refused (``StateSpec.check``), and so is a store
+        without states for an input whose attention_mask covers earlier tokens (they would be lost)."""
         if store is None:
             return None
-        state = store.stored(self.layer_idx)
+        spec = self._state_spec(layout.num_sequences)
+        state = store.stored(self.layer_idx, spec)
         if state is not None:
-            cache.check_state(state, num_sequences, self.num_slots_memories, store.argument)
+            if state['recurrent'].device != x.device:
+                raise ValueError(f"{store.argument}: the states of layer {self.layer_idx} are on "
+                                 f"{state['recurrent'].device}, the input on {x.device}")
             return state if store.writes else cache.clone_state(state)
+        if layout.has_history:
+            raise ValueError(f"attention_mask: covers {layout.history_len} earlier tokens, but {store.argument} "
+                             f"holds no state for layer {self.layer_idx}: their states are missing (pass the "
+                             "cache the earlier tokens were run with, or a mask of this input's width)")
         if not store.writes:
             return None
-        return self.allocate_inference_cache(num_sequences, dtype=x.dtype)
+        return spec.empty(x.device, x.dtype)
 
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int | None = None, dtype=None, **kwargs) -> dict:
         """Zero states for ``batch_size`` sequences (``mom_wrap.cache``): what mamba-ssm's generation asks each
         mixer for before decoding (``max_seqlen`` does not matter: the states have a fixed size)."""
         ref = self.router.weight
-        return cache.empty_state(batch_size, self.num_slots_memories, self._adapter.state_shape(),
-                                 self._adapter.read_conv_shapes(), self.memories.conv_shapes(), ref.device,
-                                 dtype or ref.dtype)
+        return self._state_spec(batch_size).empty(ref.device, dtype or ref.dtype)
 
     def _route(self, x: torch.Tensor, layout: TokenLayout, decode: bool) -> tuple[Dispatch, torch.Tensor]:
         """Router, then the plan: sorted segments, or for a decode step the sync-free one-slot segments.

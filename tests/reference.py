@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from fla.ops.gated_delta_rule.naive import naive_recurrent_gated_delta_rule
 
+from mom_wrap.testing import routed
+
 
 def _conv(x, conv_weight, conv_bias):
     """Causal depthwise conv + SiLU over x [T, D] with weight [D, 1, W] (one sequence)."""
@@ -97,8 +99,9 @@ def naive_mom(mom, x):
     out = []
     for xb in x:
         probs = F.linear(xb.float(), mom.router.weight.float()).softmax(-1)
-        top_p, top_i = probs.topk(k, dim=-1)
-        top_p = top_p / top_p.sum(-1, keepdim=True)
+        # the documented rule (ties to the lower memory index), written out by ranks in mom_wrap.testing.routed:
+        # a tie at probability 0 (fp32 underflow) still decides which memory is written
+        top_p, top_i = routed(probs, k)
         q, gate = gdn_read(host, xb)
         o = torch.zeros(xb.shape[0], host.num_v_heads, host.head_v_dim)
         for e in range(M):

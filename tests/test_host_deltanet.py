@@ -19,6 +19,7 @@ from fla.ops.delta_rule.naive import delta_rule_recurrence
 from mom_wrap import MixtureOfMemories
 from mom_wrap.adapters.deltanet import DeltaNetAdapter, delta_rule_reference
 from mom_wrap.dispatch import plan_dispatch
+from mom_wrap.testing import routed
 from tests.test_layer import HIDDEN, close, wrap
 
 needs_kernels = pytest.mark.skipif(os.environ.get('TRITON_INTERPRET') != '1' and not torch.cuda.is_available(),
@@ -154,8 +155,7 @@ def naive_mom(mom, x):
     out = []
     for xb in x:
         probs = F.linear(xb, mom.router.weight).softmax(-1)
-        top_p, top_i = probs.topk(mom.topk, dim=-1)
-        top_p = top_p / top_p.sum(-1, keepdim=True)
+        top_p, top_i = routed(probs, mom.topk)  # the router's rule, ties included
         q, gate = dn_read(host, xb)
         o = torch.zeros(xb.shape[0], host.num_heads, host.head_v_dim)
         for e in range(M):

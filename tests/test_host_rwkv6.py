@@ -18,6 +18,7 @@ from fla.ops.rwkv6.recurrent_naive import naive_recurrent_rwkv6
 
 from mom_wrap import MixtureOfMemories, supported_hosts
 from mom_wrap.adapters.rwkv6 import rwkv6_reference
+from mom_wrap.testing import routed
 from tests.test_generation import run_chunks
 from tests.test_layer import close
 
@@ -115,8 +116,7 @@ def naive_mom(mom, x):
     out = []
     for xb in x:
         probs = F.linear(xb.float(), mom.router.weight.float()).softmax(-1)
-        top_p, top_i = probs.topk(mom.topk, dim=-1)
-        top_p = top_p / top_p.sum(-1, keepdim=True)
+        top_p, top_i = routed(probs, mom.topk)  # the router's rule, ties included
         r, g, mixes = host_read(host, xb)
         o = torch.zeros(xb.shape[0], host.num_heads, host.head_v_dim, dtype=x.dtype)
         for e in range(M):

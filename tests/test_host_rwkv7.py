@@ -18,7 +18,7 @@ from fla.ops.generalized_delta_rule.dplr.naive import dplr_recurrence
 
 from mom_wrap import MixtureOfMemories
 from mom_wrap.adapters.rwkv7 import DECAY_SCALE, RWKV7Adapter, rwkv7_reference
-from mom_wrap.testing import wrap
+from mom_wrap.testing import routed, wrap
 from tests.test_layer import close
 
 interpreter = pytest.mark.skipif(os.environ.get('TRITON_INTERPRET') != '1' and not torch.cuda.is_available(),
@@ -114,9 +114,9 @@ def v_by_hand(mom, x):
         mix = xb + (F.pad(xb, (0, 0, 1, 0))[:-1] - xb) * host.x_v.view(-1)
         vs = torch.stack([F.linear(mix, bank.proj['v'][e]) for e in range(mom.num_slots_memories)], 1)
         # the router's fp32 probabilities (in fp64 they could order memories differently)
-        top_p, top_i = F.linear(xb.float(), mom.router.weight.float()).softmax(-1).topk(mom.topk, -1)
+        top_p, top_i = routed(F.linear(xb.float(), mom.router.weight.float()).softmax(-1), mom.topk)
         weight = torch.zeros(xb.shape[0], mom.num_slots_memories, dtype=x.dtype)
-        weight[:, :M].scatter_(1, top_i, (top_p / top_p.sum(-1, keepdim=True)).to(x.dtype))
+        weight[:, :M].scatter_(1, top_i, top_p.to(x.dtype))
         if mom.shared_memory:
             weight[:, M] = 1
         out.append((weight[..., None] * vs).sum(1) / weight.sum(-1, keepdim=True))
