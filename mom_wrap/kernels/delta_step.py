@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from mom_wrap.kernels.rows import pool_tile
+
 MAX_K = 256
 BLOCK_V = 32  # value rows per program: one [BV, K] fp32 tile of the state in registers
 
@@ -38,15 +40,8 @@ def _delta_step_kernel(q, k, v, a, b, A_log, dt_bias, pool, index, valid, o, sca
     r = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     hq = h // HG
-    ck = tl.arange(0, BK)
-    cv = tl.program_id(2) * BV + tl.arange(0, BV)
-    k_ok, v_ok = ck < K, cv < V
-    ms = v_ok[:, None] & k_ok[None, :]
-    if HAS_VALID:  # a padding token's row keeps its state (and its index need not name a pool row)
-        keep = tl.load(valid + r + cv * 0) != 0  # [BV]: one flag, loaded per V entry
-        ms = ms & keep[:, None]
-    p = tl.load(index + r).to(tl.int64)
-    row = pool + p * SP + h * SPH + cv[:, None] * SPV + ck[None, :] * SPK  # int64 row offset, int32 in it
+    row, ms, keep, ck, cv, k_ok, v_ok = pool_tile(pool, index, valid, r, h, SP, SPH, SPV, SPK, K, V, BK, BV,
+                                                  HAS_VALID)
     state = tl.load(row, mask=ms, other=0.)
     qr = tl.load(q + r * SQR + hq * SQH + ck, mask=k_ok, other=0.).to(tl.float32)
     kr = tl.load(k + r * SKR + hq * SKH + ck, mask=k_ok, other=0.).to(tl.float32)

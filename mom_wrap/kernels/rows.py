@@ -1,4 +1,5 @@
-"""Triton kernel: scatter whole rows into a pool, in place: ``dst[index[g]] = src[g]`` unless valid[g] is False.
+"""Triton kernels on rows of a state pool: scatter whole rows in place (``dst[index[g]] = src[g]`` unless
+valid[g] is False), and ``pool_tile``, the tile of a pool row that the in-place decode steps read and write.
 
 torch's ``index_copy_`` / ``index_put_`` address every element on its own and run at a fraction of the
 memory bandwidth on rows of a recurrent state (1 MiB each for the paper's layer); this copies each row in
@@ -23,6 +24,27 @@ def _scatter_rows_kernel(dst, index, src, valid, F, HAS_VALID: tl.constexpr, BLO
     r = tl.load(index + g).to(tl.int64)
     x = tl.load(src + g * F + cols, mask=ok)
     tl.store(dst + r * F + cols, x, mask=ok)
+
+
+@triton.jit
+def pool_tile(pool, index, valid, r, h, SP, SPH, SPV, SPK, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
+              BV: tl.constexpr, HAS_VALID: tl.constexpr):
+    """Program (r, h, V block)'s [BV, BK] tile of state pool[index[r], h] ([V, K] by the strides SPV, SPK):
+    its pointers, load/store mask, per-V-entry keep flag (False: a padding token's row, which keeps its state
+    and whose index need not name a pool row), the K and V offsets and their bounds."""
+    ck = tl.arange(0, BK)
+    cv = tl.program_id(2) * BV + tl.arange(0, BV)
+    k_ok, v_ok = ck < K, cv < V
+    ms = v_ok[:, None] & k_ok[None, :]
+    keep = v_ok
+    if HAS_VALID:
+        keep = tl.load(valid + r + cv * 0) != 0  # one flag, loaded per V entry
+        ms = ms & keep[:, None]
+    p = tl.load(index + r).to(tl.int64)
+    # int64 row offset (p * SP passes 2**31 in a pool over 2**31 elements); within a row int32 (the launchers
+    # check it)
+    row = pool + p * SP + h * SPH + cv[:, None] * SPV + ck[None, :] * SPK
+    return row, ms, keep, ck, cv, k_ok, v_ok
 
 
 def scatter_rows_(dst: torch.Tensor, index: torch.Tensor, src: torch.Tensor, valid: torch.Tensor | None = None) -> None:

@@ -47,6 +47,8 @@ import torch
 import triton
 import triton.language as tl
 
+from mom_wrap.kernels.rows import pool_tile
+
 BLOCK_V = 64  # V block of the chunk kernels: the state tile [BLOCK_V, K] lives in registers
 STEP_BLOCK_V = 32  # V block of the decode step (a memory-bound kernel: more programs, fewer registers)
 MAX_K = 256  # the whole K dimension is one tile (the state's [BV, BK] in registers)
@@ -245,16 +247,8 @@ def _step_kernel(q, k, v, g, pool, index, valid, o, scale, SQR, SQG, SKR, SKG, S
     r = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     hq = h // HG
-    ck = tl.arange(0, BK)
-    cv = tl.program_id(2) * BV + tl.arange(0, BV)
-    k_ok, v_ok = ck < K, cv < V
-    ms = v_ok[:, None] & k_ok[None, :]
-    if HAS_VALID:  # a padding token's row keeps its state (and its index need not name a pool row)
-        keep = tl.load(valid + r + cv * 0) != 0  # [BV]: one flag, loaded per V entry
-        ms = ms & keep[:, None]
-    p = tl.load(index + r).to(tl.int64)
-    # int64 row offset (p * SP passes 2**31 in a pool over 2**31 elements); within a row int32 (launcher)
-    row = pool + p * SP + h * SPH + cv[:, None] * SPV + ck[None, :]
+    row, ms, keep, ck, cv, k_ok, v_ok = pool_tile(pool, index, valid, r, h, SP, SPH, SPV, 1, K, V, BK, BV,
+                                                  HAS_VALID)
     state = tl.load(row, mask=ms, other=0.)
     qr = tl.load(q + r * SQR + hq * SQG + ck, mask=k_ok, other=0.).to(tl.float32)
     kr = tl.load(k + r * SKR + hq * SKG + ck, mask=k_ok, other=0.).to(tl.float32)
