@@ -15,14 +15,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mom_wrap import cache
+from mom_wrap import cached
 from mom_wrap.adapters import HostAdapter, adapter_for
 from mom_wrap.adapters.base import _REGISTRY
 from mom_wrap.dispatch import Dispatch, combine, plan_decode, plan_dispatch
 from mom_wrap.layout import TokenLayout
 from mom_wrap.losses import AttachAuxLoss, balance_loss
 from mom_wrap.memories import MemoryBank
-from mom_wrap.pool import PoolRows
 from mom_wrap.router import Router
 
 BACKENDS = ('auto', 'triton', 'torch')
@@ -161,7 +160,7 @@ class MixtureOfMemories(nn.Module):
         B, T, D = hidden_states.shape
         layout = TokenLayout.build(B, T, hidden_states.device, call.attention_mask, call.cu_seqlens)
         x = hidden_states.reshape(B * T, D)
-        state = self._start_state(call.store, layout, x)
+        state = cached.start_state(self, call.store, layout, x)
 
         host_inputs = self._adapter.host_inputs(call.host_kwargs, layout)
         if layout.valid is not None:
@@ -176,7 +175,7 @@ class MixtureOfMemories(nn.Module):
             o = self._zeros(hidden_states)
         else:
             if state is not None:
-                read, write, o = self._memories_cached(x, layout, dispatch, backend, state, host_inputs)
+                read, write, o = cached.memories_cached(self, x, layout, dispatch, backend, state, host_inputs)
             else:
                 read = {**self._adapter.read(x, layout, backend), **host_inputs}
                 write = self.memories({'x': x, **read}, dispatch, backend)
@@ -202,40 +201,11 @@ class MixtureOfMemories(nn.Module):
             raise TypeError(f"{argument}: dtype {hidden_states.dtype} differs from the layer's weights "
                             f"({weight.dtype}); convert one to the other, or run under torch.autocast")
 
-    def _state_spec(self, num_sequences: int) -> cache.StateSpec:
-        """What this layer's cached states for ``num_sequences`` sequences look like (``mom_wrap.cache``)."""
-        return cache.StateSpec(num_sequences, self.num_memories, self.shared_memory, type(self._adapter).__name__,
-                               tuple(self._adapter.state_shape()), dict(self._adapter.read_conv_shapes()),
-                               dict(self.memories.conv_shapes()))
-
-    def _start_state(self, store, layout: TokenLayout, x: torch.Tensor) -> dict | None:
-        """The states this forward starts from and (when the store writes) updates: the stored ones, zeros for a
-        store that holds none, a copy of the stored ones when it does not write (they must not change), None
-        without a store or without anything to start from (the plain forward). Stored states of another layer
-        configuration, number of memories or batch size are refused (``StateSpec.check``), and so is a store
-        without states for an input whose attention_mask covers earlier tokens (they would be lost)."""
-        if store is None:
-            return None
-        spec = self._state_spec(layout.num_sequences)
-        state = store.stored(self.layer_idx, spec)
-        if state is not None:
-            if state['recurrent'].device != x.device:
-                raise ValueError(f"{store.argument}: the states of layer {self.layer_idx} are on "
-                                 f"{state['recurrent'].device}, the input on {x.device}")
-            return state if store.writes else cache.clone_state(state)
-        if layout.has_history:
-            raise ValueError(f"attention_mask: covers {layout.history_len} earlier tokens, but {store.argument} "
-                             f"holds no state for layer {self.layer_idx}: their states are missing (pass the "
-                             "cache the earlier tokens were run with, or a mask of this input's width)")
-        if not store.writes:
-            return None
-        return spec.empty(x.device, x.dtype)
-
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int | None = None, dtype=None, **kwargs) -> dict:
         """Zero states for ``batch_size`` sequences (``mom_wrap.cache``): what mamba-ssm's generation asks each
         mixer for before decoding (``max_seqlen`` does not matter: the states have a fixed size)."""
         ref = self.router.weight
-        return self._state_spec(batch_size).empty(ref.device, dtype or ref.dtype)
+        return cached.state_spec(self, batch_size).empty(ref.device, dtype or ref.dtype)
 
     def _route(self, x: torch.Tensor, layout: TokenLayout, decode: bool) -> tuple[Dispatch, torch.Tensor]:
         """Router, then the plan: sorted segments, or for a decode step the sync-free one-slot segments.
@@ -269,30 +239,6 @@ class MixtureOfMemories(nn.Module):
             return torch.zeros_like(hidden_states)
         zero = torch.stack([t.reshape(-1)[:0].sum().to(hidden_states.dtype) for t in anchors]).sum()
         return torch.zeros_like(hidden_states) + zero
-
-    def _memories_cached(self, x, layout, dispatch, backend, state, host_inputs):
-        """Read side and memories starting from the cached states, whose new values go back into ``state``
-        (see ``mom_wrap.pool``: in place without autograd). Returns (read-side tensors, write-side tensors,
-        per-slot outputs)."""
-        decode = dispatch.token_major
-        read_rows = {n: PoolRows(c, valid=layout.valid if decode else None) for n, c in state['read_conv'].items()}
-        read = {**self._adapter.read(x, layout, backend, read_rows), **host_inputs}
-        # each segment's row in the pools flattened over (sequence, memory); a padding token's segments stay
-        index = dispatch.segment_sequence * self.num_slots_memories + dispatch.segment_memory
-        write_rows = {n: PoolRows(c, index, dispatch.segment_valid, lead=2, backend=backend)
-                      for n, c in state['write_conv'].items()}
-        write = self.memories({'x': x, **read}, dispatch, backend, write_rows)
-        h = PoolRows(state['recurrent'], index, dispatch.segment_valid, lead=2, backend=backend)
-        o = None
-        if decode and backend == 'triton' and not torch.is_grad_enabled():  # rows updated in the pool itself
-            o = self._adapter.decode_in_place(read, write, dispatch, h)
-        if o is None:
-            o, h_new = self._adapter.recurrence(read, write, dispatch, backend, initial_state=h.read(),
-                                                output_final_state=True)
-            h.write(h_new)
-        state.update(recurrent=h.pool, read_conv={n: r.pool for n, r in read_rows.items()},
-                     write_conv={n: r.pool for n, r in write_rows.items()})
-        return read, write, o
 
     @property
     def balance_loss(self) -> torch.Tensor | None:
