@@ -131,8 +131,9 @@ def setup(args):
     return device
 
 
-def build_model(args, device):
-    """The converted model, the same on every rank (seeded on the CPU, then moved)."""
+def converted_model(args, **convert_kwargs):
+    """args.family's fla model (vocab, hidden, heads, layers from args), built on the CPU after seeding with
+    args.seed and converted with args' num_memories, topk, init and balance_loss_weight (and convert_kwargs)."""
     import fla.models as models
 
     import mom_wrap
@@ -142,8 +143,14 @@ def build_model(args, device):
                                          **extra(args.hidden, args.heads))
     torch.manual_seed(args.seed)
     model = getattr(models, model_cls)(config)
-    mom_wrap.convert(model, num_memories=args.num_memories, topk=args.topk, init=args.init,
-                     balance_loss_weight=args.balance_loss_weight)
+    return mom_wrap.convert(model, num_memories=args.num_memories, topk=args.topk, init=args.init,
+                            balance_loss_weight=args.balance_loss_weight, **convert_kwargs)
+
+
+def build_model(args, device):
+    """The converted model, the same on every rank (seeded on the CPU, then moved)."""
+    import mom_wrap
+    model = converted_model(args)
     with torch.no_grad():  # routing away from uniform, the same on every rank
         g = torch.Generator().manual_seed(args.seed + 1)
         for m in model.modules():

@@ -59,7 +59,7 @@ import time
 import warnings
 
 import torch
-from distributed_train import FAMILIES  # benchmarks/ is the script's directory, so on sys.path
+from distributed_train import FAMILIES, converted_model  # benchmarks/ is the script's directory, so on sys.path
 from record import Recorder, write_rows
 
 MODES = ('dense', 'padded', 'packed')
@@ -266,17 +266,7 @@ class Memory:
 # the model and the batches --------------------------------------------------------------------------------------
 
 def build_model(args, device):
-    import fla.models as models
-
-    import mom_wrap
-    config_cls, model_cls, extra = FAMILIES[args.family]
-    config = getattr(models, config_cls)(vocab_size=args.vocab, hidden_size=args.hidden,
-                                         num_hidden_layers=args.layers, fuse_cross_entropy=False,
-                                         **extra(args.hidden, args.heads))
-    torch.manual_seed(args.seed)
-    model = getattr(models, model_cls)(config)
-    mom_wrap.convert(model, num_memories=args.num_memories, topk=args.topk, init=args.init,
-                     backend=args.backend, balance_loss_weight=args.balance_loss_weight)
+    model = converted_model(args, backend=args.backend)
     model.generation_config.eos_token_id = None  # greedy rounds run their full length
     model.generation_config.pad_token_id = 0
     return model.to(device)
