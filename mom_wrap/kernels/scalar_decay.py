@@ -115,18 +115,27 @@ def _causal_decay(b, t, TRANSPOSED: tl.constexpr = False):
 
 
 @triton.jit
-def _fwd_kernel(q, k, v, g, cu_seqlens, h0, o, ht, scale, SQ, SQH, SK, SKH, SV, SVH, SG, SGH,
-                H: tl.constexpr, HG: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-                BK: tl.constexpr, BV: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr):
+def _segment_tile(cu_seqlens, HG: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                  BK: tl.constexpr, BV: tl.constexpr):
+    """Program (segment n, head h, V block vb) of the chunk kernels: n, h, vb, the q/k group hq, the row, K
+    and V offsets in a chunk, the state tile's mask, and the segment's first row (int64) and length."""
     n = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
-    hq = h // HG
+    vb = tl.program_id(2)
     t = tl.arange(0, BT)
     ck = tl.arange(0, BK)
-    cv = tl.program_id(2) * BV + tl.arange(0, BV)
+    cv = vb * BV + tl.arange(0, BV)
     ms = (cv < V)[:, None] & (ck < K)[None, :]
     bos = tl.load(cu_seqlens + n).to(tl.int64)
     T = (tl.load(cu_seqlens + n + 1).to(tl.int64) - bos).to(tl.int32)
+    return n, h, vb, h // HG, t, ck, cv, ms, bos, T
+
+
+@triton.jit
+def _fwd_kernel(q, k, v, g, cu_seqlens, h0, o, ht, scale, SQ, SQH, SK, SKH, SV, SVH, SG, SGH,
+                H: tl.constexpr, HG: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                BK: tl.constexpr, BV: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr):
+    n, h, vb, hq, t, ck, cv, ms, bos, T = _segment_tile(cu_seqlens, HG, K, V, BT, BK, BV)
     s_off = (n * H + h) * V * K + cv[:, None] * K + ck[None, :]
     state = tl.zeros((BV, BK), dtype=tl.float32)
     if HAS_H0:
@@ -152,16 +161,7 @@ def _bwd_dq_kernel(q, k, v, g, cu_seqlens, h0, do, dq, qdq, scale, S, SQ, SQH, S
                    BK: tl.constexpr, BV: tl.constexpr, HAS_H0: tl.constexpr):
     """The forward sweep: this V block's share of dq, per head (dq [NV, S, H, K]), and of q . dq per row
     (qdq [NV, S, H], fp32), recomputing each chunk's starting state as the forward did."""
-    n = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1)
-    vb = tl.program_id(2)
-    hq = h // HG
-    t = tl.arange(0, BT)
-    ck = tl.arange(0, BK)
-    cv = vb * BV + tl.arange(0, BV)
-    ms = (cv < V)[:, None] & (ck < K)[None, :]
-    bos = tl.load(cu_seqlens + n).to(tl.int64)
-    T = (tl.load(cu_seqlens + n + 1).to(tl.int64) - bos).to(tl.int32)
+    n, h, vb, hq, t, ck, cv, ms, bos, T = _segment_tile(cu_seqlens, HG, K, V, BT, BK, BV)
     state = tl.zeros((BV, BK), dtype=tl.float32)
     if HAS_H0:
         state = tl.load(h0 + (n * H + h) * V * K + cv[:, None] * K + ck[None, :], mask=ms, other=0.)
@@ -190,16 +190,7 @@ def _bwd_dkv_kernel(q, k, v, g, cu_seqlens, ht, dht, do, qdq, dk, dv, dg, dh0, s
                     STORE_DH0: tl.constexpr):
     """The reverse sweep: dv, this V block's share of dk per head (dk [NV, S, H, K]) and of dg (dg [NV, S, H],
     fp32), and dh0; dS, the adjoint of the state, starts from dht at the segment's end."""
-    n = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1)
-    vb = tl.program_id(2)
-    hq = h // HG
-    t = tl.arange(0, BT)
-    ck = tl.arange(0, BK)
-    cv = vb * BV + tl.arange(0, BV)
-    ms = (cv < V)[:, None] & (ck < K)[None, :]
-    bos = tl.load(cu_seqlens + n).to(tl.int64)
-    T = (tl.load(cu_seqlens + n + 1).to(tl.int64) - bos).to(tl.int32)
+    n, h, vb, hq, t, ck, cv, ms, bos, T = _segment_tile(cu_seqlens, HG, K, V, BT, BK, BV)
     s_off = (n * H + h) * V * K + cv[:, None] * K + ck[None, :]
     dstate = tl.zeros((BV, BK), dtype=tl.float32)
     carry = 0.  # sum of dG over the rows after this chunk: dg's reverse cumulative sum across chunks
