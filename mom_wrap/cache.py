@@ -166,14 +166,13 @@ class StateSpec:
                 **{f'write_conv.{n}': (N, E, d, w) for n, (d, w) in self.write_conv.items()}}
 
     def empty(self, device: torch.device, dtype: torch.dtype) -> dict:
-        """Zero states; recurrent states in at least fp32, conv states in ``dtype``."""
-        N, E = self.num_sequences, self.num_memories + int(self.shared_memory)
+        """Zero states of ``shapes``; recurrent states in at least fp32, conv states in ``dtype``."""
+        shapes = self.shapes
         return {
-            'recurrent': torch.zeros(N, E, *self.state_shape, device=device,
+            'recurrent': torch.zeros(shapes['recurrent'], device=device,
                                      dtype=torch.promote_types(dtype, torch.float32)),
-            'read_conv': {n: torch.zeros(N, d, w, device=device, dtype=dtype) for n, (d, w) in self.read_conv.items()},
-            'write_conv': {n: torch.zeros(N, E, d, w, device=device, dtype=dtype)
-                           for n, (d, w) in self.write_conv.items()},
+            **{part: {n: torch.zeros(shapes[f'{part}.{n}'], device=device, dtype=dtype) for n in convs}
+               for part, convs in (('read_conv', self.read_conv), ('write_conv', self.write_conv))},
             'mom': self.tag,
         }
 

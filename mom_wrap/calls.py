@@ -123,12 +123,12 @@ class MambaConvention:
                 raise ValueError(f"seq_idx: expected shape {list(u.shape[:2])}, got {list(seq_idx.shape)}")
             if seq_idx.is_floating_point() or seq_idx.is_complex() or seq_idx.dtype == torch.bool:
                 raise TypeError(f"seq_idx: expected an integer tensor, got {seq_idx.dtype}")
-        if seq_idx is not None and cu_seqlens is None and u.dim() == 3 and seq_idx.numel():  # (else: no packing)
-            B, T = seq_idx.shape
-            starts = torch.ones(B, T, dtype=torch.bool, device=seq_idx.device)
-            starts[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
-            cu_seqlens = torch.cat([starts.flatten().nonzero().flatten(),
-                                    torch.full((1,), B * T, device=seq_idx.device)])
-            u = u.reshape(1, B * T, u.shape[-1])
+            if seq_idx.numel():  # (empty input: nothing to pack)
+                B, T = seq_idx.shape
+                starts = torch.ones(B, T, dtype=torch.bool, device=seq_idx.device)
+                starts[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
+                cu_seqlens = torch.cat([starts.flatten().nonzero().flatten(),
+                                        torch.full((1,), B * T, device=seq_idx.device)])
+                u = u.reshape(1, B * T, u.shape[-1])
         store = None if inference_params is None else InferenceParamsCache(inference_params)
         return Call(u, None, cu_seqlens, store, lambda o, extras: o.reshape(shape), argument='u')
