@@ -131,12 +131,13 @@ def _conv_bwd_dx_kernel(wt, memory, position, dpre, dx, S, D, W: tl.constexpr, H
 
 
 @triton.jit
-def _conv_bwd_dw_kernel(x, memory, position, dpre, dwt, db, S, D, SX, W: tl.constexpr, BW: tl.constexpr,
-                        HAS_BIAS: tl.constexpr, HAS_MEMORY: tl.constexpr, ROWS: tl.constexpr, BT: tl.constexpr,
-                        BD: tl.constexpr):
+def _conv_bwd_dw_kernel(x, memory, position, dpre, dwt, db, S, D, SX, ROWS, W: tl.constexpr, BW: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, HAS_MEMORY: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
     """dw[e, :, W-1-j] = sum over the rows r of memory e of dpre[r] * x[r - j] (same segment); db[e] = sum of
     dpre[r]. Each program reduces ROWS rows in registers and adds one partial sum per memory among them:
-    with rows sorted memory-major that is one memory (rarely two), so few atomic adds land on each weight."""
+    with rows sorted memory-major that is one memory (rarely two), so few atomic adds land on each weight.
+    ROWS is a runtime value (a multiple of BT): it depends on S for short inputs, and as a constexpr it compiled
+    the kernel again for every new length (26 times in a soak run after warm-up)."""
     r0 = tl.program_id(0).to(tl.int64) * ROWS  # as in the tile kernels: 64-bit to r0, int32 from there
     x += r0 * SX
     dpre += r0 * D
