@@ -9,8 +9,9 @@ The plan sorts all slots by (memory, sequence, time) with a stable sort, so that
 
 The primitives, each small and tested on its own: ``segment_keys`` (which segment a slot belongs to),
 ``histogram`` (slots per segment), ``sort_slots`` (the stable permutation), ``gather`` / ``combine``
-(into the sorted order and weighted back). ``plan_dispatch`` strings them together and makes the one
-host-device sync of a layer forward: the segment lengths, which the varlen kernels need on the host.
+(into the sorted order and weighted back). ``plan_dispatch`` strings them together; the one
+host-device sync of a layer forward, the segment lengths that the varlen kernels need on the host, waits until
+they are first used (``HostCounts``, ``Dispatch.segments``).
 ``plan_decode`` is the plan of a one-token step: every slot its own segment, no sort and no sync.
 
 Memory-major rather than sequence-major order: segments are the same either way, and memory-major also
@@ -19,6 +20,7 @@ gives the grouped GEMM its contiguous per-memory blocks.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -60,14 +62,69 @@ def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
 def upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A host tensor to ``device`` through pinned memory, asynchronously: a plain ``.to(device)`` of
     pageable memory blocks the host until the stream drains, a sync of its own."""
-    if torch.device(device).type != 'cuda':
+    if torch.device(device).type != 'cuda' or torch.compiler.is_compiling():  # (compile traces no pin_memory)
         return host.to(device)
     return host.pin_memory().to(device, non_blocking=True)
 
 
+class HostCounts:
+    """Counts [n] int64 on the device on their way to the host. On CUDA the copy goes into pinned memory
+    asynchronously, behind an event; ``get`` waits for that event: the plan's one host-device sync, taken
+    where host values are first needed. The device meanwhile runs the work queued before that point, so the
+    host's wait costs no idle device time (a blocking copy at planning time left the device idle while the
+    host queued the rest of the forward)."""
+
+    def __init__(self, counts: torch.Tensor):
+        self._event = None
+        if counts.is_cuda and not torch.compiler.is_compiling():
+            self._host = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True)
+            self._host.copy_(counts, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = counts.cpu()
+
+    def get(self) -> torch.Tensor:
+        if self._event is not None:
+            self._event.synchronize()
+            self._event = None
+        return self._host
+
+
+@dataclass
+class Segments:
+    """The plan's host-side layout: what the varlen kernels take. G: non-empty segments, E: memories."""
+
+    cu_seqlens: torch.Tensor      # [G+1] int64 on the device
+    cu_seqlens_cpu: torch.Tensor  # [G+1] int64 on the host
+    segment_memory: torch.Tensor  # [G] memory of each segment (device)
+    segment_sequence: torch.Tensor  # [G] sequence of each segment (device)
+    max_seqlen: int
+    memory_offsets_cpu: torch.Tensor | None  # [E] end of each memory's block on the host; None: not memory-major
+
+    @staticmethod
+    def from_counts(counts: torch.Tensor, num_memories: int, num_sequences: int, device) -> Segments:
+        """counts [E * Q] slots per (memory, sequence) on the host -> the layout over the non-empty ones."""
+        E, Q = num_memories, num_sequences
+        nonempty = counts.nonzero().squeeze(1)
+        lengths = counts[nonempty]
+        cu_seqlens_cpu = torch.zeros(nonempty.numel() + 1, dtype=torch.long)
+        torch.cumsum(lengths, 0, out=cu_seqlens_cpu[1:])
+        host = upload(torch.cat([cu_seqlens_cpu, nonempty]), device)
+        cu_seqlens, nonempty_dev = host[:cu_seqlens_cpu.numel()], host[cu_seqlens_cpu.numel():]
+        return Segments(cu_seqlens=cu_seqlens, cu_seqlens_cpu=cu_seqlens_cpu, segment_memory=nonempty_dev // Q,
+                        segment_sequence=nonempty_dev % Q, max_seqlen=int(lengths.max()) if lengths.numel() else 0,
+                        memory_offsets_cpu=counts.view(E, Q).sum(1).cumsum(0))
+
+
 @dataclass
 class Dispatch:
-    """The routing plan of one layer forward. S: routed slots, G: non-empty segments, E: memories."""
+    """The routing plan of one layer forward. S: routed slots, G: non-empty segments, E: memories.
+
+    The device-side plan (slot order, positions, memory blocks) is complete when made; the host-side layout
+    (``Segments``: cu_seqlens, segment memories, max_seqlen) is made on first use, from the counts on their
+    way to the host (``HostCounts``): the projections and convolutions of the write side need none of it and
+    are queued before the host waits."""
 
     token: torch.Tensor           # [S] flat token index of each sorted slot
     slot: torch.Tensor            # [S] flat slot index (token * s + j) of each sorted slot
@@ -76,15 +133,41 @@ class Dispatch:
     restore: torch.Tensor         # [N, s] row in the sorted order of each token's slot (S: none)
     token_weight: torch.Tensor    # [N, s] fp32 combine weight of each token's slot (0 for padding)
     memory_offsets: torch.Tensor | None  # [E] int32 end of each memory's block; None: not memory-major
-    memory_offsets_cpu: torch.Tensor | None  # [E] the same ends on the host
-    cu_seqlens: torch.Tensor      # [G+1] int64 on the device
-    cu_seqlens_cpu: torch.Tensor  # [G+1] int64 on the host
-    segment_memory: torch.Tensor  # [G] memory of each segment (device)
-    segment_sequence: torch.Tensor  # [G] sequence of each segment (device)
-    max_seqlen: int
+    pending: Callable[[], Segments] | Segments  # the host-side layout, or the function that makes it
     segment_valid: torch.Tensor | None = None  # [G] False: a padding token's segment (decode plans only)
     token_major: bool = False     # slots in token order, s per token (decode plans): restore is the identity
     padded: bool = False          # some token may have no slots (padding): gathers through restore mask them
+    kernels: bool = False         # the gathers' backward and the combine on mom_wrap's Triton kernels (CUDA)
+
+    @property
+    def segments(self) -> Segments:
+        if not isinstance(self.pending, Segments):
+            self.pending = self.pending()
+        return self.pending
+
+    @property
+    def cu_seqlens(self) -> torch.Tensor:
+        return self.segments.cu_seqlens
+
+    @property
+    def cu_seqlens_cpu(self) -> torch.Tensor:
+        return self.segments.cu_seqlens_cpu
+
+    @property
+    def segment_memory(self) -> torch.Tensor:
+        return self.segments.segment_memory
+
+    @property
+    def segment_sequence(self) -> torch.Tensor:
+        return self.segments.segment_sequence
+
+    @property
+    def max_seqlen(self) -> int:
+        return self.segments.max_seqlen
+
+    @property
+    def memory_offsets_cpu(self) -> torch.Tensor | None:
+        return self.segments.memory_offsets_cpu
 
     @property
     def num_slots(self) -> int:
@@ -103,20 +186,25 @@ class Dispatch:
 
 
 def plan_dispatch(memory: torch.Tensor, weight: torch.Tensor, sequence: torch.Tensor,
-                  valid: torch.Tensor | None, num_sequences: int, num_memories: int) -> Dispatch:
+                  valid: torch.Tensor | None, num_sequences: int, num_memories: int,
+                  kernels: bool = False) -> Dispatch:
     """Build the plan.
 
     memory [N, s] int64, weight [N, s] fp32, sequence [N] int64 (which sequence each flat token is in),
     valid [N] bool or None (padding tokens get no slot). Flat tokens must be in (sequence, time) order.
+    kernels: run the gathers' backward and the combine on mom_wrap's Triton kernels (the triton backend).
+
+    The one host-device sync of a layer forward: the segment lengths, which the varlen kernels take on the
+    host. Without padding every token has its s slots, so the plan's sizes are known and the sync waits
+    until the host layout is first used (``Dispatch.segments``); with padding the number of real slots sizes
+    the plan, and the host waits here.
     """
     N, s = memory.shape
     E, Q = num_memories, num_sequences
     key = segment_keys(memory, sequence, valid, Q, E)
     counts = histogram(key, E * Q + 1)
-    # The one host-device sync of a layer forward: the varlen kernels take segment lengths on the host.
-    counts_cpu = counts.cpu()
-    seg_counts_cpu = counts_cpu[:-1]
-    num_slots = int(seg_counts_cpu.sum())
+    host_counts = HostCounts(counts)
+    num_slots = N * s if valid is None else int(host_counts.get()[:-1].sum())
 
     perm = sort_slots(key)
     restore = inverse_permutation(perm).view(N, s)
@@ -124,13 +212,6 @@ def plan_dispatch(memory: torch.Tensor, weight: torch.Tensor, sequence: torch.Te
     key_sorted = key[perm]
     starts = torch.cumsum(counts, 0) - counts
     position = torch.arange(num_slots, device=key.device) - starts[key_sorted]
-
-    nonempty = seg_counts_cpu.nonzero().squeeze(1)
-    lengths = seg_counts_cpu[nonempty]
-    cu_seqlens_cpu = torch.zeros(nonempty.numel() + 1, dtype=torch.long)
-    torch.cumsum(lengths, 0, out=cu_seqlens_cpu[1:])
-    host = upload(torch.cat([cu_seqlens_cpu, nonempty]), key.device)
-    cu_seqlens, nonempty_dev = host[:cu_seqlens_cpu.numel()], host[cu_seqlens_cpu.numel():]
 
     memory_counts = counts[:-1].view(E, Q).sum(1)
     token_weight = weight if valid is None else weight * valid[:, None]
@@ -142,13 +223,9 @@ def plan_dispatch(memory: torch.Tensor, weight: torch.Tensor, sequence: torch.Te
         restore=restore,
         token_weight=token_weight,
         memory_offsets=memory_counts.cumsum(0).to(torch.int32),
-        memory_offsets_cpu=seg_counts_cpu.view(E, Q).sum(1).cumsum(0),
-        cu_seqlens=cu_seqlens,
-        cu_seqlens_cpu=cu_seqlens_cpu,
-        segment_memory=nonempty_dev // Q,
-        segment_sequence=nonempty_dev % Q,
-        max_seqlen=int(lengths.max()) if lengths.numel() else 0,
+        pending=lambda: Segments.from_counts(host_counts.get()[:-1], E, Q, key.device),
         padded=valid is not None,
+        kernels=kernels,
     )
 
 
@@ -163,12 +240,13 @@ def plan_decode(memory: torch.Tensor, weight: torch.Tensor, valid: torch.Tensor 
     dev = memory.device
     slots = torch.arange(N * s, device=dev)
     token = slots // s
+    segments = Segments(cu_seqlens=torch.arange(N * s + 1, device=dev), cu_seqlens_cpu=torch.arange(N * s + 1),
+                        segment_memory=memory.reshape(-1), segment_sequence=token, max_seqlen=1,
+                        memory_offsets_cpu=None)
     return Dispatch(
         token=token, slot=slots, memory=memory.reshape(-1), position=torch.zeros_like(slots),
         restore=slots.view(N, s), token_weight=weight if valid is None else weight * valid[:, None],
-        memory_offsets=None, memory_offsets_cpu=None,
-        cu_seqlens=torch.arange(N * s + 1, device=dev), cu_seqlens_cpu=torch.arange(N * s + 1),
-        segment_memory=memory.reshape(-1), segment_sequence=token, max_seqlen=1,
+        memory_offsets=None, pending=segments,
         segment_valid=None if valid is None else valid[token], token_major=True)
 
 
@@ -195,33 +273,53 @@ def _sum_slots(y: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
     return total.to(y.dtype)
 
 
+def _kernels(t: torch.Tensor, dispatch: Dispatch) -> bool:
+    """Whether the gathers' backward and the combine run mom_wrap's Triton kernels (``kernels.combine``): for
+    the triton backend's plans on CUDA, outside torch.compile (which traces the PyTorch ops instead)."""
+    return dispatch.kernels and t.is_cuda and not torch.compiler.is_compiling()
+
+
 class _Gather(torch.autograd.Function):
     """x[token] whose backward sums each token's slots with row gathers (no atomic index_put)."""
 
     @staticmethod
-    def forward(ctx, x, token, idx, present, padded):
+    def forward(ctx, x, token, idx, present, padded, kernels):
         ctx.save_for_backward(idx, present)
-        ctx.padded = padded
+        ctx.padded, ctx.kernels = padded, kernels
         return x.index_select(0, token)
 
     @staticmethod
     def backward(ctx, grad):
         idx, present = ctx.saved_tensors
-        return _sum_slots(grad, idx, present, present if ctx.padded else None), None, None, None, None
+        rows = present if ctx.padded else None
+        if ctx.kernels:  # one pass: each token's slot rows summed in fp32
+            from mom_wrap.kernels.combine import weighted_rows_sum
+            dx = weighted_rows_sum(grad.reshape(grad.shape[0], -1), idx, present, rows)
+            return dx.view(idx.shape[0], *grad.shape[1:]), None, None, None, None, None
+        return _sum_slots(grad, idx, present, rows), None, None, None, None, None
 
 
 class _Combine(torch.autograd.Function):
     """sum over a token's slots of weight * y[slot]; backward is a gather (dy) and a row dot (dweight)."""
 
     @staticmethod
-    def forward(ctx, y, weight, idx, present, token, slot, padded):
+    def forward(ctx, y, weight, idx, present, token, slot, padded, kernels):
         ctx.save_for_backward(y, weight, idx, present, token, slot)
-        ctx.padded = padded
+        ctx.padded, ctx.kernels = padded, kernels
+        if kernels:
+            from mom_wrap.kernels.combine import weighted_rows_sum
+            out = weighted_rows_sum(y.reshape(y.shape[0], -1), idx, weight, present if padded else None)
+            return out.view(idx.shape[0], *y.shape[1:])
         return _sum_slots(y, idx, weight, present if padded else None)
 
     @staticmethod
     def backward(ctx, grad):
         y, weight, idx, present, token, slot = ctx.saved_tensors
+        if ctx.kernels:  # one pass over the tokens: dy scattered to the slot rows, dweight as row dots
+            from mom_wrap.kernels.combine import combine_backward
+            dy, dweight = combine_backward(grad.reshape(grad.shape[0], -1), y.reshape(y.shape[0], -1), idx,
+                                           weight, present if ctx.padded else None, ctx.needs_input_grad[1])
+            return dy.view_as(y), dweight, None, None, None, None, None, None
         shape = (-1,) + (1,) * (y.dim() - 1)
         dy = (acc(grad.index_select(0, token)) * weight.reshape(-1)[slot].view(shape)).to(y.dtype)
         dweight = None
@@ -231,14 +329,14 @@ class _Combine(torch.autograd.Function):
             dweight = torch.stack([(g * _slot_row(y, idx, rows, j).flatten(1)).sum(1)
                                    for j in range(idx.shape[1])], 1)
             dweight = (dweight * present).to(weight.dtype)
-        return dy, dweight, None, None, None, None, None
+        return dy, dweight, None, None, None, None, None, None
 
 
 def gather(x: torch.Tensor, dispatch: Dispatch) -> torch.Tensor:
     """x [N, ...] per flat token -> [S, ...] per sorted slot."""
     if not (torch.is_grad_enabled() and x.requires_grad):  # inference: no backward to prepare for
         return x.index_select(0, dispatch.token)
-    return _Gather.apply(x, dispatch.token, *dispatch.slot_rows, dispatch.padded)
+    return _Gather.apply(x, dispatch.token, *dispatch.slot_rows, dispatch.padded, _kernels(x, dispatch))
 
 
 def combine(y: torch.Tensor, dispatch: Dispatch) -> torch.Tensor:
@@ -255,4 +353,4 @@ def combine(y: torch.Tensor, dispatch: Dispatch) -> torch.Tensor:
         total = torch.bmm(dispatch.token_weight.to(ya.dtype).unsqueeze(1), ya)
         return total.view(N, *y.shape[1:]).to(y.dtype)
     return _Combine.apply(y, dispatch.token_weight, *dispatch.slot_rows, dispatch.token, dispatch.slot,
-                          dispatch.padded)
+                          dispatch.padded, _kernels(y, dispatch))

@@ -15,6 +15,7 @@ memory gets no token.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -38,6 +39,27 @@ def _stack(module: nn.Module, attr: str, num: int, init: str) -> torch.Tensor:
         m.reset_parameters()
         fresh.append(getattr(m, attr).detach())
     return torch.stack(fresh)
+
+
+@contextlib.contextmanager
+def regathered(xs: torch.Tensor, x: torch.Tensor, token: torch.Tensor):
+    """Inside: where autograd saves ``xs`` (= x[token], [S, in] per slot) for the backward, it keeps x [N, in]
+    (kept anyway: the read side's projections save it) and gathers again when the backward needs it. The
+    grouped GEMM saves its input for the weight gradient; without this the per-slot copy, S = (top-k + 1) x N
+    rows, stayed allocated from the forward to the end of the backward, through its peak. Off under
+    torch.compile, which traces no saved-tensor hooks here."""
+    if torch.compiler.is_compiling() or not torch.is_grad_enabled():
+        yield
+        return
+    ptr, shape = xs.data_ptr(), xs.shape
+
+    def pack(t):
+        return (x, token) if t.data_ptr() == ptr and t.shape == shape and t.dtype == xs.dtype else t
+
+    def unpack(saved):
+        return saved[0].index_select(0, saved[1]) if isinstance(saved, tuple) else saved
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield
 
 
 STAGE_ACTIVATIONS = {None: lambda t: t, 'tanh': torch.tanh, 'sigmoid': torch.sigmoid, 'relu': F.relu,
@@ -132,9 +154,13 @@ class MemoryBank(nn.Module):
         [N, in] (gathered here) or, with ``per_slot``, already per sorted slot [S, in]."""
         if dispatch.token_major:  # a decode step: each token once, with all its memories
             y = grouped_linear(x, weight, dispatch.memory)
+        elif per_slot:
+            y = grouped_linear(x, weight, dispatch.memory, dispatch.memory_offsets, lambda: dispatch.memory_offsets_cpu)
         else:
-            y = grouped_linear(x if per_slot else gather(x, dispatch), weight, dispatch.memory,
-                               dispatch.memory_offsets, dispatch.memory_offsets_cpu)
+            xs = gather(x, dispatch)
+            with regathered(xs, x, dispatch.token):
+                y = grouped_linear(xs, weight, dispatch.memory, dispatch.memory_offsets,
+                                   lambda: dispatch.memory_offsets_cpu)
         return y if bias is None else add_memory_bias(y, bias, dispatch.memory)
 
     def forward(self, inputs: dict[str, torch.Tensor], dispatch: Dispatch, backend: str = 'torch',

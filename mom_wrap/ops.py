@@ -4,6 +4,8 @@ Both take one stacked weight for all memories and never loop over memories in Py
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -125,14 +127,14 @@ def _select_rows(y: torch.Tensor, memory: torch.Tensor, rows: int) -> torch.Tens
 
 
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, memory: torch.Tensor, ends: torch.Tensor | None = None,
-                   ends_cpu: torch.Tensor | None = None) -> torch.Tensor:
+                   ends_cpu: torch.Tensor | Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
     """Each row of x goes through the weights of its memories.
 
     x [R, in], weight [E, out, in], memory [R * j]: the j memories of each row (j = 1: one slot per row),
     -> [R * j, out], row r's j outputs consecutive.
 
     Memory-major rows (j = 1, sorted by memory; ``ends`` [E] int32 on x's device and ``ends_cpu`` [E] on the
-    host: the end of each memory's block): one grouped GEMM where torch has a sync-free one for this input;
+    host, or a function returning it, called only where it is needed: the end of each memory's block): one grouped GEMM where torch has a sync-free one for this input;
     otherwise one product per memory block (E launches, no extra FLOPs). Rows in any order (``ends`` None:
     a decode step, a few tokens, each with its j memories): up to ``DENSE_MAX_ROWS`` rows, every memory's
     product for every row, then a select (E times the FLOPs, but each weight read once, which is what bounds
@@ -149,6 +151,8 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, memory: torch.Tensor, 
         return _select_rows((x @ weight.reshape(E * out, -1).t()).view(rows, E, out), memory, rows)
     if _grouped_mm_ok(x, weight):
         return _AlignedGrad.apply(_grouped_mm(x, weight.transpose(1, 2), offs=ends))
+    if callable(ends_cpu):  # read only here: the grouped GEMM path never waits for the host copy
+        ends_cpu = ends_cpu()
     if ends_cpu is None:
         raise ValueError("ends_cpu: the block fallback needs the memory blocks' ends on the host")
     bounds = [0] + ends_cpu.tolist()

@@ -311,15 +311,25 @@ def _norm_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def host_syncs(fn) -> list[str]:
-    """The synchronizing CUDA operations ``fn()`` makes, as torch's sync debug mode reports them."""
+    """The synchronizing CUDA operations ``fn()`` makes, as torch's sync debug mode reports them, and every
+    wait for a CUDA event (``torch.cuda.Event.synchronize``, which that mode does not report: the plan's
+    deferred sync, ``mom_wrap.dispatch.HostCounts``, is one)."""
     import warnings
     torch.cuda.synchronize()
+    waits = []
+    real = torch.cuda.Event.synchronize
+
+    def synchronize(event):
+        waits.append('torch.cuda.Event.synchronize')
+        return real(event)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always')
         torch.cuda.set_sync_debug_mode('warn')
+        torch.cuda.Event.synchronize = synchronize
         try:
             fn()
         finally:
+            torch.cuda.Event.synchronize = real
             torch.cuda.set_sync_debug_mode('default')
     # (the mode's own "prototype feature" notice is a warning too: count only the reports)
-    return [str(w.message) for w in caught if 'called a synchronizing CUDA operation' in str(w.message)]
+    return [str(w.message) for w in caught if 'called a synchronizing CUDA operation' in str(w.message)] + waits

@@ -169,9 +169,10 @@ class MixtureOfMemories(nn.Module):
             x = torch.where(layout.valid[:, None], x, 0)
             host_inputs = {n: torch.where(layout.valid.view(-1, *[1] * (t.dim() - 1)), t, 0)
                            if t.shape[:1] == layout.valid.shape else t for n, t in host_inputs.items()}
-        dispatch, probs = self._route(x, layout, decode=state is not None and layout.one_token_per_sequence)
+        dispatch, probs = self._route(x, layout, decode=state is not None and layout.one_token_per_sequence,
+                                      kernels=backend == 'triton')
         write = None
-        if dispatch.num_segments == 0:  # every token is padding: nothing is read or written
+        if dispatch.num_slots == 0:  # every token is padding: nothing is read or written
             o = self._zeros(hidden_states)
         else:
             if state is not None:
@@ -207,9 +208,11 @@ class MixtureOfMemories(nn.Module):
         ref = self.router.weight
         return cached.state_spec(self, batch_size).empty(ref.device, dtype or ref.dtype)
 
-    def _route(self, x: torch.Tensor, layout: TokenLayout, decode: bool) -> tuple[Dispatch, torch.Tensor]:
+    def _route(self, x: torch.Tensor, layout: TokenLayout, decode: bool,
+               kernels: bool = False) -> tuple[Dispatch, torch.Tensor]:
         """Router, then the plan: sorted segments, or for a decode step the sync-free one-slot segments.
-        Returns the plan and the router probabilities [N, M] (with their graph, for the balancing loss)."""
+        Returns the plan and the router probabilities [N, M] (with their graph, for the balancing loss).
+        kernels: the plan's gathers and combine on mom_wrap's Triton kernels (the triton backend, CUDA)."""
         logits, probs, weights, indices = self.router.route(x)
         self.router_logits = logits.detach().view(layout.batch_size, layout.seq_len, self.num_memories)
         self._routing = (probs.detach(), indices, layout.valid)
@@ -220,7 +223,7 @@ class MixtureOfMemories(nn.Module):
             dispatch = plan_decode(indices, weights, layout.valid)
         else:
             dispatch = plan_dispatch(indices, weights, layout.sequence, layout.valid, layout.num_sequences,
-                                     self.num_slots_memories)
+                                     self.num_slots_memories, kernels)
         return dispatch, probs
 
     def _attach_balance_loss(self, o: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from mom_wrap.kernels import conv_step, delta_step, rows, scalar_decay, segment_conv
+from mom_wrap.kernels import combine, conv_step, delta_step, rows, scalar_decay, segment_conv
 
 H100 = GPUTarget('cuda', 90, 32)
 
@@ -43,8 +43,8 @@ CASES = [
     (segment_conv._conv_fwd_kernel, CONV, dict(W=3, HAS_BIAS=False, HAS_MEMORY=False, SILU=False, **BLOCKS)),
     (segment_conv._conv_bwd_pre_kernel, CONV, dict(W=4, HAS_BIAS=True, HAS_MEMORY=True, SILU=True, **BLOCKS)),
     (segment_conv._conv_bwd_dx_kernel, CONV, dict(W=4, HAS_MEMORY=True, **BLOCKS)),
-    (segment_conv._conv_bwd_dw_kernel, CONV, dict(W=4, BW=4, HAS_BIAS=True, HAS_MEMORY=True, ROWS=1024, **BLOCKS)),
-    (segment_conv._conv_bwd_dw_kernel, CONV, dict(W=3, BW=4, HAS_BIAS=False, HAS_MEMORY=False, ROWS=64, **BLOCKS)),
+    (segment_conv._conv_bwd_dw_kernel, CONV, dict(W=4, BW=4, HAS_BIAS=True, HAS_MEMORY=True, **BLOCKS)),
+    (segment_conv._conv_bwd_dw_kernel, CONV, dict(W=3, BW=4, HAS_BIAS=False, HAS_MEMORY=False, **BLOCKS)),
     (conv_step._conv_step_kernel, dict(x='bf16', pool='bf16', index='i64', w='bf16', b='bf16', memory='i64',
                                        valid='u8', y='bf16'),
      dict(W=4, BW=4, HAS_INDEX=True, HAS_MEMORY=True, HAS_BIAS=True, HAS_VALID=True, SILU=True, BD=128)),
@@ -82,6 +82,22 @@ CASES += [
     (delta_step._delta_step_kernel, DELTA_STEP('fp32', 'i32'),
      dict(HV=6, HG=2, K=12, V=20, BK=16, BV=32, GATE=0, BETA_SIGMOID=False, NEG_EIGVAL=True, L2NORM=False,
           HAS_VALID=False)),
+]
+
+
+def combine_pointers(dtype: str, weight: str = 'fp32') -> dict[str, str]:
+    """The combine kernels' pointers: rows and gradients in ``dtype``, idx int64, weight (the accumulation
+    dtype) and present float, dweight fp32."""
+    return dict(y=dtype, idx='i64', weight=weight, present='fp32', out=dtype, grad=dtype, dy=dtype, dweight='fp32')
+
+
+CASES += [
+    (combine._combine_fwd_kernel, combine_pointers('bf16'), dict(HAS_PRESENT=True, BN=32, BD=128)),
+    (combine._combine_fwd_kernel, combine_pointers('fp64', 'fp64'), dict(HAS_PRESENT=False, BN=32, BD=128)),
+    (combine._combine_bwd_kernel, combine_pointers('bf16'),
+     dict(HAS_PRESENT=True, NEED_DWEIGHT=True, BN=32, BD=64, BS=4)),
+    (combine._combine_bwd_kernel, combine_pointers('fp64', 'fp64'),
+     dict(HAS_PRESENT=False, NEED_DWEIGHT=False, BN=32, BD=64, BS=64)),
 ]
 
 
