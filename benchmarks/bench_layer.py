@@ -7,7 +7,8 @@ ratios are against the plain host layer.
 
     python benchmarks/bench_layer.py [--host GatedDeltaNet|GatedLinearAttention|DeltaNet|RWKV6Attention|
                                              RWKV7Attention|Mamba2]
-                                     [--batch 8 --seq-len 2048 --iters 20] [--profile] [--json rows.json]
+                                     [--batch 8 --seq-len 2048 --iters 20] [--profile] [--memory]
+                                     [--json rows.json]
 
 Sequence-length sweep (time and peak memory vs length; --plot needs matplotlib: pip install "mom_wrap[plot]"):
 
@@ -88,12 +89,85 @@ def measure(layer, x, dy, iters, **kwargs):
 
 
 def profile(layer, x, dy, rows=25, **kwargs):
+    """The CUDA kernels of 3 fwd+bwd steps, most time first; then the operators that launched them, by input
+    shapes (which tensor an elementwise kernel or a gather works on), by their own CUDA time."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
-    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         for _ in range(3):
             output(layer(x, **kwargs)).backward(dy)
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by='cuda_time_total', row_limit=rows))
+    events = prof.key_averages()
+    try:  # the kernels alone (the operators' rows would sort among them by their inclusive time)
+        from torch.autograd import DeviceType
+        from torch.autograd.profiler_util import EventList
+        events = EventList([e for e in events if e.device_type == DeviceType.CUDA], use_device='cuda')
+    except Exception:  # (profiler internals of another torch version): every row
+        pass
+    print(events.table(sort_by='cuda_time_total', row_limit=rows))
+    print(prof.key_averages(group_by_input_shape=True).table(sort_by='self_cuda_time_total', row_limit=40,
+                                                             max_name_column_width=40, max_shapes_column_width=70))
+
+
+def memory_report(layer, x, dy, rows=14, **kwargs):
+    """Where the peak memory goes: allocated after the forward (what autograd keeps) and the peaks of forward
+    and backward, above the inputs; then the tensors saved for the backward (parameters and inputs left out;
+    each storage counted once, at its full size), grouped by shape and dtype, largest first."""
+    own = {p.untyped_storage().data_ptr() for p in layer.parameters()} | {x.untyped_storage().data_ptr()}
+    saved = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in own and ptr not in saved:
+            saved[ptr] = (tuple(t.shape), str(t.dtype).replace('torch.', ''), t.untyped_storage().nbytes())
+        return t
+    x.grad = None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = output(layer(x, **kwargs))
+    torch.cuda.synchronize()
+    kept, peak_fwd = (torch.cuda.memory_allocated() - base) / 2**20, (torch.cuda.max_memory_allocated() - base) / 2**20
+    nodes = _backward_peaks(y, base)
+    y.backward(dy)
+    del y
+    torch.cuda.synchronize()
+    peak = max([peak_fwd] + [p for _, p in nodes])
+    groups = {}
+    for shape, dtype, nbytes in saved.values():
+        count, total = groups.get((shape, dtype), (0, 0))
+        groups[(shape, dtype)] = (count + 1, total + nbytes)
+    print(f"kept after forward {kept:.0f} MiB, peak forward {peak_fwd:.0f} MiB, peak fwd+bwd {peak:.0f} MiB; "
+          f"saved for backward {sum(n for *_, n in saved.values()) / 2**20:.0f} MiB in {len(saved)} storages:")
+    for (shape, dtype), (count, total) in sorted(groups.items(), key=lambda kv: -kv[1][1])[:rows]:
+        print(f"  {str(list(shape)):<28}{dtype:<10}x{count:<4}{total / 2**20:>9.1f} MiB")
+    print("backward steps with the highest peaks (MiB above the inputs):")
+    for name, mib in sorted(nodes, key=lambda n: -n[1])[:6]:
+        print(f"  {name:<50}{mib:>9.0f}")
+
+
+def _backward_peaks(y, base):
+    """Hooks on every node of y's autograd graph: the peak allocated memory (MiB above ``base``) while each
+    node's backward runs, [(name, MiB)] filled in by the backward."""
+    nodes, seen, todo, peaks = [], set(), [y.grad_fn], []
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        nodes.append(node)
+        todo.extend(f for f, _ in node.next_functions)
+
+    def before(grad_outputs):
+        torch.cuda.reset_peak_memory_stats()  # the peak restarts from what is allocated now
+
+    def after(node):
+        return lambda grad_inputs, grad_outputs: peaks.append(
+            (node.name(), (torch.cuda.max_memory_allocated() - base) / 2**20))
+    for node in nodes:
+        node.register_prehook(before)
+        node.register_hook(after(node))
+    return peaks
 
 
 def role(name):
@@ -119,6 +193,9 @@ def run_case(made, args, batch, seq_len, rec):
         try:
             ms, mem = measure(layer, x, dy, args.iters, **kwargs)
             results[name] = (ms, mem, 'ok')
+            if args.memory and role(name) != 'host':
+                print(f"\n{name}:")
+                memory_report(layer, x, dy, **kwargs)
             if args.profile and role(name) == 'mom_wrap':
                 profile(layer, x, dy, **kwargs)
         except torch.cuda.OutOfMemoryError:
@@ -171,6 +248,8 @@ def main():
     p.add_argument('--topk', type=int, default=2)
     p.add_argument('--iters', type=int, default=20)
     p.add_argument('--profile', action='store_true', help='print the CUDA kernel table of the MoM layer')
+    p.add_argument('--memory', action='store_true',
+                   help='print where the peak memory of the MoM layers goes (what autograd saves, by shape)')
     p.add_argument('--json', metavar='PATH', help='write the rows as JSON (rewritten after every row)')
     p.add_argument('--seq-lens', type=int, nargs='+', metavar='T',
                    help='sweep these lengths at --tokens tokens each (default with --plot: 2048 8192 16384 65536)')
