@@ -128,8 +128,10 @@ def memory_report(layer, x, dy, rows=14, **kwargs):
         y = output(layer(x, **kwargs))
     torch.cuda.synchronize()
     kept, peak_fwd = (torch.cuda.memory_allocated() - base) / 2**20, (torch.cuda.max_memory_allocated() - base) / 2**20
-    nodes = _backward_peaks(y, base)
+    nodes, hooks = _backward_peaks(y, base)
     y.backward(dy)
+    for hook in hooks:  # the leaves' AccumulateGrad nodes outlive the graph: x's would reset later peaks
+        hook.remove()
     del y
     torch.cuda.synchronize()
     peak = max([peak_fwd] + [p for _, p in nodes])
@@ -148,7 +150,7 @@ def memory_report(layer, x, dy, rows=14, **kwargs):
 
 def _backward_peaks(y, base):
     """Hooks on every node of y's autograd graph: the peak allocated memory (MiB above ``base``) while each
-    node's backward runs, [(name, MiB)] filled in by the backward."""
+    node's backward runs, [(name, MiB)] filled in by the backward, and the hooks' handles (remove them after)."""
     nodes, seen, todo, peaks = [], set(), [y.grad_fn], []
     while todo:
         node = todo.pop()
@@ -164,10 +166,10 @@ def _backward_peaks(y, base):
     def after(node):
         return lambda grad_inputs, grad_outputs: peaks.append(
             (node.name(), (torch.cuda.max_memory_allocated() - base) / 2**20))
+    hooks = []
     for node in nodes:
-        node.register_prehook(before)
-        node.register_hook(after(node))
-    return peaks
+        hooks += [node.register_prehook(before), node.register_hook(after(node))]
+    return peaks, hooks
 
 
 def role(name):

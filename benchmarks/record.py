@@ -17,8 +17,8 @@ several files can be concatenated and compared):
                 scan); null when either is missing
     peak_ratio  peak_mib / the reference's peak_mib, or null
     status      "ok", "oom", or "failed: <error>" (then ms and peak_mib are null)
-    run         gpu, cuda, torch, triton, fla, mamba_ssm versions (null: not installed), git_commit (null
-                when the tree has no git; $MOM_WRAP_COMMIT supplies it), git_dirty, date (UTC), python, argv
+    run         gpu, cuda, torch, triton, fla, mamba_ssm versions (null: not installed), git_commit
+                ($MOM_WRAP_COMMIT if set, else git's HEAD; null without either), git_dirty, date (UTC), python, argv
 """
 from __future__ import annotations
 
@@ -62,12 +62,13 @@ def run_metadata():
     torch = sys.modules.get('torch')
     if torch is not None and torch.cuda.is_available():
         gpu, cuda = torch.cuda.get_device_name(), torch.version.cuda
-    commit = _git('rev-parse', 'HEAD')
-    dirty = None
-    if commit is not None:
-        dirty = bool(_git('status', '--porcelain', '--untracked-files=no'))
-    else:
-        commit = os.environ.get('MOM_WRAP_COMMIT') or None
+    # $MOM_WRAP_COMMIT first: a copy of the tree may carry a .git whose HEAD is not the code that runs (the
+    # device tool's copies reported a commit four behind the tree they ran)
+    commit, dirty = os.environ.get('MOM_WRAP_COMMIT') or None, None
+    if commit is None:
+        commit = _git('rev-parse', 'HEAD')
+        if commit is not None:
+            dirty = bool(_git('status', '--porcelain', '--untracked-files=no'))
     return {'gpu': gpu, 'cuda': cuda,
             'torch': _version('torch', 'torch'), 'triton': _version('triton', 'triton'),
             'fla': _version('fla', ('flash-linear-attention', 'fla-core')),

@@ -28,6 +28,14 @@ BACKENDS = ('auto', 'triton', 'torch')
 INITS = ('copy', 'random', 'preserve')
 
 
+@torch.compiler.disable
+def _run_eagerly(layer: MixtureOfMemories, *args, **kwargs):
+    """The layer's forward outside torch.compile's tracing. Inductor traced our Triton kernels' launches into
+    wrong outputs (H100, torch 2.11: 92% of a compiled layer's outputs off, by up to 1.5, against eager), and
+    fla's kernel functions are compile-disabled anyway; the host's kernels and ours run as they do eagerly."""
+    return layer._forward(*args, **kwargs)
+
+
 def _check_count(name: str, value, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
@@ -152,7 +160,16 @@ class MixtureOfMemories(nn.Module):
           (one host sync to find them; cu_seqlens [N+1] with B = 1 avoids it);
         * inference_params: mamba-ssm's ``InferenceParams``: seqlen_offset 0 starts from zero states, later
           calls continue from the stored ones (one token, or several).
+
+        Under ``torch.compile`` the ``"torch"`` backend is traced (with graph breaks where the varlen plan
+        needs host values); the ``"triton"`` and ``"auto"`` backends run eagerly (``_run_eagerly``: one graph
+        break per layer; the model around them compiles as usual).
         """
+        if self.backend != 'torch' and torch.compiler.is_compiling():
+            return _run_eagerly(self, *args, **kwargs)
+        return self._forward(*args, **kwargs)
+
+    def _forward(self, *args, **kwargs):
         call = self._adapter.convention.parse(*args, **kwargs)
         hidden_states = call.hidden_states
         self._check_input(hidden_states, call.argument)

@@ -2,7 +2,23 @@
 import pytest
 import torch
 
-from mom_wrap.kernels.combine import combine_backward, weighted_rows_sum
+from mom_wrap.kernels import combine
+
+DEVICE = 'cuda' if torch.cuda.is_available() else 'cpu'
+
+
+def _on_device(fn):
+    """fn on DEVICE: the tests build their tensors on the CPU; on a GPU machine the kernels run on CUDA."""
+    def call(*args, **kwargs):
+        args = [a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in args]
+        kwargs = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+        out = fn(*args, **kwargs)
+        return out.cpu() if isinstance(out, torch.Tensor) else tuple(o if o is None else o.cpu() for o in out)
+    return call
+
+
+weighted_rows_sum = _on_device(combine.weighted_rows_sum)
+combine_backward = _on_device(combine.combine_backward)
 
 N, SLOTS = 13, 3
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-12, atol=1e-12),
@@ -188,21 +204,22 @@ def test_plan_gather_and_combine_on_the_kernels_equal_the_pytorch_path(padded, m
     x = torch.randn(N, 4, 6, dtype=torch.float64)
     if padded:
         x[0] = float('nan')
+    memory, weight, sequence, valid, x = (t.to(DEVICE) for t in (memory, weight, sequence, valid, x))
     results = []
     for kernels in (False, True):
         d = plan_dispatch(memory, weight, sequence, valid if padded else None, Q, E, kernels=kernels)
         xi = x.clone().requires_grad_(True)
         w = d.token_weight.double().requires_grad_(True)
         d.token_weight = w
-        y = gather(xi, d) * torch.linspace(0.5, 1.5, d.num_slots, dtype=x.dtype)[:, None, None]
+        y = gather(xi, d) * torch.linspace(0.5, 1.5, d.num_slots, dtype=x.dtype, device=DEVICE)[:, None, None]
         out = combine(y, d)
-        out.backward(torch.randn_like(out, generator=torch.Generator().manual_seed(1)))
-        results.append((out.detach(), xi.grad, w.grad))
+        out.backward(torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(1)).to(DEVICE))
+        results.append((out.detach().cpu(), xi.grad.cpu(), w.grad.cpu()))
     for want, got in zip(*results):
         ok = ~torch.isnan(want)
         assert torch.equal(ok, ~torch.isnan(got))
         torch.testing.assert_close(got[ok], want[ok], rtol=1e-12, atol=1e-12)
     if padded:
-        keep = valid.clone()
+        keep = valid.cpu()
         keep[0] = False
         assert torch.isfinite(results[1][0][keep]).all() and torch.isfinite(results[1][1][keep]).all()

@@ -58,9 +58,11 @@ def test_step_valid_rows_log_decay_no_gate_and_strided_inputs():
     g = -A_log.exp() * F.softplus(a + dt_bias)
     valid = torch.tensor([True, False, True, True])
     for gate in ('log', None):
-        p = pool.clone()
-        vs = torch.stack([v, v], -1)[..., 0]  # last dim strided: copied, as the docstring says
-        o = gated_delta_step(q, k, vs, b, p, index, valid=valid, a=g if gate == 'log' else None)
+        p = pool.clone().to(DEVICE)
+        vs = torch.stack([v, v], -1).to(DEVICE)[..., 0]  # last dim strided: copied, as the docstring says
+        o = gated_delta_step(q.to(DEVICE), k.to(DEVICE), vs, b.to(DEVICE), p, index.to(DEVICE),
+                             valid=valid.to(DEVICE), a=g.to(DEVICE) if gate == 'log' else None).cpu()
+        p = p.cpu()
         # the reference with A_log = log(1): g = -softplus(...) would differ, so write the decay in as dt_bias
         want_o, want_state = reference(q, k, v, a, b, A_log, dt_bias, pool, index) if gate == 'log' else \
             reference(q, k, v, torch.full_like(a, -1e4), b, A_log, dt_bias, pool, index)
@@ -93,7 +95,9 @@ def test_step_on_k_major_states_deltanet_form():
     qn, kn = (t / t.norm(dim=-1, keepdim=True) for t in (q, k))
     beta = b.sigmoid()
     want_o, want_state = reference(qn, kn, v, torch.full_like(a, -1e4), b, A_log, dt_bias, pool, index)
-    kv = pool.transpose(-1, -2).contiguous()  # [P, HV, K, V]
-    o = gated_delta_step(qn, kn, v, beta, kv, index, beta_sigmoid=False, l2norm=False, state_v_first=False)
+    kv = pool.transpose(-1, -2).contiguous().to(DEVICE)  # [P, HV, K, V]
+    o = gated_delta_step(qn.to(DEVICE), kn.to(DEVICE), v.to(DEVICE), beta.to(DEVICE), kv, index.to(DEVICE),
+                         beta_sigmoid=False, l2norm=False, state_v_first=False).cpu()
+    kv = kv.cpu()
     torch.testing.assert_close(o, want_o, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(kv[index].transpose(-1, -2), want_state, rtol=1e-5, atol=1e-5)

@@ -74,7 +74,8 @@ def test_extreme_routing_at_64k_tokens(routing, dtype):
     used = torch.bincount(chosen.flatten(), minlength=4)
     assert used[[e for e in STARVED[routing] if e < 4]].sum() == 0 and (used > 0).sum() == 4 - len(STARVED[routing])
     err = rel_err(y, want)
-    y.float().square().mean().backward()
+    # a gradient of order 1 per element: a mean over 67M outputs would make it ~1e-8, zero in fp16
+    y.backward(0.1 * torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y))
     print(f"\n{routing} {dtype} T={T}: rel err vs the torch backend in fp32 {err:.2e}")
     assert torch.isfinite(y).all() and err < TOL[dtype], err
     assert torch.isfinite(x.grad).all()

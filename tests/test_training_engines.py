@@ -59,6 +59,24 @@ def test_compiled_layer_equals_eager_and_counts_its_graph_breaks():
     assert 0 < breaks <= TORCH_BACKEND_BREAKS, dict(counters['graph_break'])
 
 
+@interpreter
+def test_compiled_triton_backend_runs_eagerly_and_equals_eager():
+    """Under torch.compile the triton backend's forward is not traced (``wrapper._run_eagerly``): the compiled
+    layer's output is eager's, bit for bit, and Dynamo records the skipped frame as a graph break."""
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    mom = wrap(init='random', backend='triton').eval()
+    torch.nn.init.normal_(mom.router.weight, std=0.5)
+    x = torch.randn(2, 12, HIDDEN)
+    with torch.no_grad():
+        want = mom(x)[0]
+        got = torch.compile(mom, backend='aot_eager')(x)[0]
+    assert torch.equal(got, want)
+    breaks = dict(counters['graph_break'])
+    assert len(breaks) == 1 and '_run_eagerly' in next(iter(breaks)), breaks  # nothing of the layer traced
+
+
 def _converted_model():
     from fla.models import GatedDeltaNetConfig, GatedDeltaNetForCausalLM
     torch.manual_seed(0)
