@@ -3,7 +3,8 @@
 # autotuning of a new kernel shape) cannot starve the others. Logs and JSON rows go to $LOGS (default
 # /tmp/gpu-logs) and, packed, to $OUT/gpu-logs.tar.gz (the device tool brings back at most 8 files).
 # Usage on the GPU host, after `source .gpu/setup.sh`:  bash benchmarks/run_gpu_suite.sh [STEP ...]
-# (steps: warm kernels gpu_tests check bench_layer bench_scalar_decay bench_decode syncs; default all).
+# (steps: warm kernels gpu_tests check bench_layer bench_scalar_decay bench_decode syncs memory soak; default
+# all but soak, which takes about 7 minutes on an H100 and is best a call of its own).
 # Then `gpu_save_cache $OUT` (a function of setup.sh, not visible in this script's shell) to bring the
 # autotune results back.
 #
@@ -13,7 +14,7 @@
 # timed steps after it find the kernels compiled. TRITON_CACHE_AUTOTUNING=1 makes every autotuner keep its
 # results on disk (fla's do already; mamba-ssm's would otherwise tune again in every process).
 set -u
-steps=${*:-warm kernels gpu_tests check bench_layer bench_scalar_decay bench_decode syncs}
+steps=${*:-warm kernels gpu_tests check bench_layer bench_scalar_decay bench_decode syncs memory}
 out=${LOGS:-/tmp/gpu-logs}
 hosts=${HOSTS:-GatedDeltaNet DeltaNet GatedLinearAttention RWKV6Attention RWKV7Attention Mamba2}
 mkdir -p "$out"
@@ -24,7 +25,8 @@ step() {  # step NAME SECONDS COMMAND...
   echo "== $name"
   timeout "$limit" "$@" > "$out/$name.log" 2>&1
   echo "   exit $? ($name.log)"
-  grep -E "relative errors|passed|failed|x host|faster|fail|^NVIDIA|^layer|^kernel|^mom_wrap|^fla" "$out/$name.log" \
+  grep -E "relative errors|rel err|passed|failed|x host|faster|fail|^NVIDIA|^layer|^kernel|^mom_wrap|^fla|PASS|FAIL" \
+    "$out/$name.log" \
     | cut -c1-240
 }
 if want warm; then
@@ -33,8 +35,10 @@ if want warm; then
   timeout 300 python benchmarks/bench_scalar_decay.py > /dev/null 2>&1 &
   wait
 fi
-want kernels && step kernels 120 python -m pytest -q tests/test_kernels.py
-want gpu_tests && step gpu_tests 400 python -m pytest -q -s -m gpu tests/
+want kernels && step kernels 180 python -m pytest -q tests/test_kernels.py tests/test_combine_kernels.py \
+  tests/test_delta_step.py
+# (the T = 65,536 extreme-routing tests take about 6 minutes, most of it the step-by-step torch reference)
+want gpu_tests && step gpu_tests 560 python -m pytest -q -s -m gpu tests/
 want check && step check 400 python -m mom_wrap.check --device cuda --first-config
 if want bench_layer; then
   for h in $hosts; do
@@ -45,4 +49,7 @@ want bench_scalar_decay && step bench_scalar_decay 90 python benchmarks/bench_sc
   --json "$out/bench_scalar_decay.json"
 want bench_decode && step bench_decode 300 python benchmarks/bench_decode.py --steps 30 --json "$out/bench_decode.json"
 want syncs && step syncs 200 python benchmarks/syncs.py
+want memory && step memory 200 python benchmarks/bench_layer.py --batch 2 --seq-len 16384 --iters 20 --memory \
+  --profile
+want soak && step soak 560 python benchmarks/soak.py --json "$out/soak.json"
 [ -n "${OUT:-}" ] && tar czf "$OUT/gpu-logs.tar.gz" -C "$out" . && echo "logs: \$OUT/gpu-logs.tar.gz"

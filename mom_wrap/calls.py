@@ -19,6 +19,20 @@ import torch
 from mom_wrap.cache import FlaCache, InferenceParamsCache, StateStore
 
 
+def check_hidden_states(hidden_states: torch.Tensor, argument: str, hidden_size: int, dtype: torch.dtype) -> None:
+    """The input's shape [batch, seq_len, hidden_size] and dtype (floating; the layer weights' ``dtype`` unless
+    autocast runs: a mismatch would otherwise fail inside a matmul or a Triton kernel, without the argument's
+    name). ``argument``: the name the host's forward gives it."""
+    if hidden_states.dim() != 3 or hidden_states.shape[-1] != hidden_size:
+        raise ValueError(f"{argument}: expected shape [batch, seq_len, {hidden_size}] (the host's "
+                         f"hidden size), got {tuple(hidden_states.shape)}")
+    if not hidden_states.is_floating_point():
+        raise TypeError(f"{argument}: expected a floating-point tensor, got {hidden_states.dtype}")
+    if hidden_states.dtype != dtype and not torch.is_autocast_enabled(hidden_states.device.type):
+        raise TypeError(f"{argument}: dtype {hidden_states.dtype} differs from the layer's weights "
+                        f"({dtype}); convert one to the other, or run under torch.autocast")
+
+
 @dataclass
 class Call:
     """One forward's arguments, in the wrapper's terms."""

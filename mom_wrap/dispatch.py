@@ -117,6 +117,16 @@ class Segments:
                         memory_offsets_cpu=counts.view(E, Q).sum(1).cumsum(0))
 
 
+class _FromSegments:
+    """A ``Dispatch`` attribute read from its host layout, ``Dispatch.segments`` (made on first use)."""
+
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def __get__(self, dispatch, owner=None):
+        return self if dispatch is None else getattr(dispatch.segments, self.name)
+
+
 @dataclass
 class Dispatch:
     """The routing plan of one layer forward. S: routed slots, G: non-empty segments, E: memories.
@@ -145,29 +155,13 @@ class Dispatch:
             self.pending = self.pending()
         return self.pending
 
-    @property
-    def cu_seqlens(self) -> torch.Tensor:
-        return self.segments.cu_seqlens
-
-    @property
-    def cu_seqlens_cpu(self) -> torch.Tensor:
-        return self.segments.cu_seqlens_cpu
-
-    @property
-    def segment_memory(self) -> torch.Tensor:
-        return self.segments.segment_memory
-
-    @property
-    def segment_sequence(self) -> torch.Tensor:
-        return self.segments.segment_sequence
-
-    @property
-    def max_seqlen(self) -> int:
-        return self.segments.max_seqlen
-
-    @property
-    def memory_offsets_cpu(self) -> torch.Tensor | None:
-        return self.segments.memory_offsets_cpu
+    # the host layout's fields, read through ``segments`` (see ``Segments``)
+    cu_seqlens = _FromSegments()
+    cu_seqlens_cpu = _FromSegments()
+    segment_memory = _FromSegments()
+    segment_sequence = _FromSegments()
+    max_seqlen = _FromSegments()
+    memory_offsets_cpu = _FromSegments()
 
     @property
     def num_slots(self) -> int:

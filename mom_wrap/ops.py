@@ -120,6 +120,16 @@ def add_memory_bias(y: torch.Tensor, bias: torch.Tensor, memory: torch.Tensor) -
     return _MemoryBias.apply(y, bias, memory)
 
 
+def zeros_in_graph(like: torch.Tensor, tensors) -> torch.Tensor:
+    """Zeros shaped like ``like``, in the autograd graph of every tensor of ``tensors`` that requires grad
+    (each then gets a zero gradient from a backward through them, as it would from real work)."""
+    anchors = [t for t in tensors if t.requires_grad]
+    if not torch.is_grad_enabled() or not anchors:
+        return torch.zeros_like(like)
+    zero = torch.stack([t.reshape(-1)[:0].sum().to(like.dtype) for t in anchors]).sum()
+    return torch.zeros_like(like) + zero
+
+
 def _select_rows(y: torch.Tensor, memory: torch.Tensor, rows: int) -> torch.Tensor:
     """y [R, E, out] (every memory's output for each row) -> [R * j, out]: row r's j memories."""
     out = y.shape[-1]

@@ -18,10 +18,12 @@ import torch.nn.functional as F
 from mom_wrap import cached
 from mom_wrap.adapters import HostAdapter, adapter_for
 from mom_wrap.adapters.base import _REGISTRY
+from mom_wrap.calls import check_hidden_states
 from mom_wrap.dispatch import Dispatch, combine, plan_decode, plan_dispatch
 from mom_wrap.layout import TokenLayout
 from mom_wrap.losses import AttachAuxLoss, balance_loss
 from mom_wrap.memories import MemoryBank
+from mom_wrap.ops import zeros_in_graph
 from mom_wrap.router import Router
 
 BACKENDS = ('auto', 'triton', 'torch')
@@ -172,7 +174,7 @@ class MixtureOfMemories(nn.Module):
     def _forward(self, *args, **kwargs):
         call = self._adapter.convention.parse(*args, **kwargs)
         hidden_states = call.hidden_states
-        self._check_input(hidden_states, call.argument)
+        check_hidden_states(hidden_states, call.argument, self.hidden_size, self.router.weight.dtype)
         backend = self._resolve_backend(hidden_states)
         B, T, D = hidden_states.shape
         layout = TokenLayout.build(B, T, hidden_states.device, call.attention_mask, call.cu_seqlens)
@@ -190,7 +192,8 @@ class MixtureOfMemories(nn.Module):
                                       kernels=backend == 'triton')
         write = None
         if dispatch.num_slots == 0:  # every token is padding: nothing is read or written
-            o = self._zeros(hidden_states)
+            # zeros in the graph of every parameter: each gets a (zero) gradient, as DDP needs
+            o = zeros_in_graph(hidden_states, [hidden_states, *self.parameters()])
         else:
             if state is not None:
                 read, write, o = cached.memories_cached(self, x, layout, dispatch, backend, state, host_inputs)
@@ -205,19 +208,6 @@ class MixtureOfMemories(nn.Module):
         if call.store is not None:
             call.store.store(self.layer_idx, state if call.store.writes else None, T)
         return call.returns(o, self._adapter.host_outputs(call.host_kwargs, write, dispatch, layout))
-
-    def _check_input(self, hidden_states: torch.Tensor, argument: str) -> None:
-        """The input's shape [batch, seq_len, hidden] and dtype (floating; the weights' dtype unless autocast
-        runs: a mismatch would otherwise fail inside a matmul or a Triton kernel, without the argument's name)."""
-        if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.hidden_size:
-            raise ValueError(f"{argument}: expected shape [batch, seq_len, {self.hidden_size}] (the host's "
-                             f"hidden size), got {tuple(hidden_states.shape)}")
-        if not hidden_states.is_floating_point():
-            raise TypeError(f"{argument}: expected a floating-point tensor, got {hidden_states.dtype}")
-        weight = self.router.weight
-        if hidden_states.dtype != weight.dtype and not torch.is_autocast_enabled(hidden_states.device.type):
-            raise TypeError(f"{argument}: dtype {hidden_states.dtype} differs from the layer's weights "
-                            f"({weight.dtype}); convert one to the other, or run under torch.autocast")
 
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int | None = None, dtype=None, **kwargs) -> dict:
         """Zero states for ``batch_size`` sequences (``mom_wrap.cache``): what mamba-ssm's generation asks each
@@ -250,15 +240,6 @@ class MixtureOfMemories(nn.Module):
             return o
         _, indices, valid = self._routing
         return AttachAuxLoss.apply(o, balance_loss(probs, indices, valid), self.balance_loss_weight)
-
-    def _zeros(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """Zeros shaped like the input, in the autograd graph of the input and every parameter (each gets a
-        zero gradient, as it would from a batch with real tokens: DDP needs every parameter's gradient)."""
-        anchors = [hidden_states] + [p for p in self.parameters() if p.requires_grad]
-        if not torch.is_grad_enabled() or not any(t.requires_grad for t in anchors):
-            return torch.zeros_like(hidden_states)
-        zero = torch.stack([t.reshape(-1)[:0].sum().to(hidden_states.dtype) for t in anchors]).sum()
-        return torch.zeros_like(hidden_states) + zero
 
     @property
     def balance_loss(self) -> torch.Tensor | None:

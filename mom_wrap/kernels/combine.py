@@ -39,6 +39,18 @@ _FLOATS = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
 
 @triton.jit
+def _slot(idx, weight, present, tokens, tok_ok, j, SLOTS, HAS_PRESENT: tl.constexpr):
+    """Slot j of the block's tokens: whether it is present [BN], its row of y (int64) and its weight; nothing
+    is loaded for a slot that is not present."""
+    ok = tok_ok
+    if HAS_PRESENT:
+        ok = ok & (tl.load(present + tokens * SLOTS + j, mask=tok_ok, other=0) != 0)
+    row = tl.load(idx + tokens * SLOTS + j, mask=ok, other=0).to(tl.int64)
+    w = tl.load(weight + tokens * SLOTS + j, mask=ok, other=0.)
+    return ok, row, w
+
+
+@triton.jit
 def _combine_fwd_kernel(y, idx, weight, present, out, N, D, SY, SLOTS, HAS_PRESENT: tl.constexpr,
                               BN: tl.constexpr, BD: tl.constexpr):
     n0 = tl.program_id(0).to(tl.int64) * BN  # the block's first token; pointers move there in 64-bit
@@ -53,11 +65,7 @@ def _combine_fwd_kernel(y, idx, weight, present, out, N, D, SY, SLOTS, HAS_PRESE
         present += n0 * SLOTS
     acc = tl.zeros((BN, BD), dtype=weight.dtype.element_ty)  # fp32, fp64 for fp64 data
     for j in range(SLOTS):
-        ok = tok_ok
-        if HAS_PRESENT:
-            ok = ok & (tl.load(present + tokens * SLOTS + j, mask=tok_ok, other=0) != 0)
-        row = tl.load(idx + tokens * SLOTS + j, mask=ok, other=0).to(tl.int64)
-        w = tl.load(weight + tokens * SLOTS + j, mask=ok, other=0.)
+        ok, row, w = _slot(idx, weight, present, tokens, tok_ok, j, SLOTS, HAS_PRESENT)
         # a slot that is not present reads nothing: its row may hold another sequence's NaN/Inf
         yj = tl.load(y + (row * SY)[:, None] + cols[None, :], mask=ok[:, None] & col_ok[None, :], other=0.)
         acc += w[:, None] * yj.to(acc.dtype)
@@ -91,11 +99,7 @@ def _combine_bwd_kernel(grad, y, idx, weight, present, dy, dweight, N, D, SG, SY
         g = tl.load(grad + tokens[:, None] * SG + cols[None, :], mask=tok_ok[:, None] & col_ok[None, :],
                     other=0.).to(acc_w.dtype)
         for j in range(SLOTS):
-            ok = tok_ok
-            if HAS_PRESENT:
-                ok = ok & (tl.load(present + tokens * SLOTS + j, mask=tok_ok, other=0) != 0)
-            row = tl.load(idx + tokens * SLOTS + j, mask=ok, other=0).to(tl.int64)
-            w = tl.load(weight + tokens * SLOTS + j, mask=ok, other=0.)
+            ok, row, w = _slot(idx, weight, present, tokens, tok_ok, j, SLOTS, HAS_PRESENT)
             m = ok[:, None] & col_ok[None, :]
             tl.store(dy + (row * D)[:, None] + cols[None, :], (w[:, None] * g).to(dy.dtype.element_ty), mask=m)
             if NEED_DWEIGHT:
