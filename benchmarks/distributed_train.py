@@ -61,22 +61,27 @@ FAMILIES = {  # --family -> (fla config class, model class, options beyond the c
 STRIDE_WARNING = 'Grad strides do not match bucket view strides'
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_model_arguments(p, vocab: int, inits=('random', 'preserve', 'copy')) -> None:
+    """--device and the arguments ``converted_model`` reads (but --seed), for this script and soak.py."""
     p.add_argument('--device', choices=('cuda', 'cpu'), default='cuda')
     p.add_argument('--family', choices=sorted(FAMILIES), default='GatedDeltaNet')
     p.add_argument('--hidden', type=int, default=256)
     p.add_argument('--heads', type=int, default=2)
     p.add_argument('--layers', type=int, default=2)
-    p.add_argument('--vocab', type=int, default=1024)
+    p.add_argument('--vocab', type=int, default=vocab)
+    p.add_argument('--num-memories', type=int, default=4)
+    p.add_argument('--topk', type=int, default=2)
+    p.add_argument('--init', choices=inits, default='random')
+    p.add_argument('--balance-loss-weight', type=float, default=0.01)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_model_arguments(p, vocab=1024)
     p.add_argument('--batch', type=int, default=8, help='global batch (rows), split across the ranks')
     p.add_argument('--seq-len', type=int, default=512)
     p.add_argument('--steps', type=int, default=10)
     p.add_argument('--lr', type=float, default=1e-3)
-    p.add_argument('--num-memories', type=int, default=4)
-    p.add_argument('--topk', type=int, default=2)
-    p.add_argument('--init', choices=('random', 'preserve', 'copy'), default='random')
-    p.add_argument('--balance-loss-weight', type=float, default=0.01)
     p.add_argument('--amp', choices=('none', 'bf16'), default='none')
     p.add_argument('--reference', choices=('accumulate', 'global'), default='accumulate',
                    help="one-GPU run: the ranks' shares as micro-batches (default) or the whole batch in one forward")

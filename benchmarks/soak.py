@@ -63,7 +63,7 @@ import time
 import warnings
 
 import torch
-from distributed_train import FAMILIES, converted_model  # benchmarks/ is the script's directory, so on sys.path
+from distributed_train import add_model_arguments, converted_model  # benchmarks/ is on sys.path (the script's directory)
 from record import Recorder, write_rows
 
 MODES = ('dense', 'padded', 'packed')
@@ -76,16 +76,7 @@ MIB = 2 ** 20
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument('--device', choices=('cuda', 'cpu'), default='cuda')
-    p.add_argument('--family', choices=sorted(FAMILIES), default='GatedDeltaNet')
-    p.add_argument('--hidden', type=int, default=256)
-    p.add_argument('--heads', type=int, default=2)
-    p.add_argument('--layers', type=int, default=2)
-    p.add_argument('--vocab', type=int, default=256)
-    p.add_argument('--num-memories', type=int, default=4)
-    p.add_argument('--topk', type=int, default=2)
-    p.add_argument('--init', choices=('random', 'preserve'), default='random')
-    p.add_argument('--balance-loss-weight', type=float, default=0.01)
+    add_model_arguments(p, vocab=256, inits=('random', 'preserve'))
     p.add_argument('--backend', choices=('auto', 'triton', 'torch'), default=None,
                    help='the MoM layers\' backend (default: auto on CUDA, torch on the CPU)')
     p.add_argument('--dtype', choices=('bf16', 'fp32'), default=None,

@@ -143,17 +143,15 @@ class Dispatch:
     restore: torch.Tensor         # [N, s] row in the sorted order of each token's slot (S: none)
     token_weight: torch.Tensor    # [N, s] fp32 combine weight of each token's slot (0 for padding)
     memory_offsets: torch.Tensor | None  # [E] int32 end of each memory's block; None: not memory-major
-    pending: Callable[[], Segments] | Segments  # the host-side layout, or the function that makes it
+    host_layout: Callable[[], Segments]  # makes the host-side layout (``segments``), once, when first read
     segment_valid: torch.Tensor | None = None  # [G] False: a padding token's segment (decode plans only)
     token_major: bool = False     # slots in token order, s per token (decode plans): restore is the identity
     padded: bool = False          # some token may have no slots (padding): gathers through restore mask them
     kernels: bool = False         # the gathers' backward and the combine on mom_wrap's Triton kernels (CUDA)
 
-    @property
+    @cached_property
     def segments(self) -> Segments:
-        if not isinstance(self.pending, Segments):
-            self.pending = self.pending()
-        return self.pending
+        return self.host_layout()
 
     # the host layout's fields, read through ``segments`` (see ``Segments``)
     cu_seqlens = _FromSegments()
@@ -217,7 +215,7 @@ def plan_dispatch(memory: torch.Tensor, weight: torch.Tensor, sequence: torch.Te
         restore=restore,
         token_weight=token_weight,
         memory_offsets=memory_counts.cumsum(0).to(torch.int32),
-        pending=lambda: Segments.from_counts(host_counts.get()[:-1], E, Q, key.device),
+        host_layout=lambda: Segments.from_counts(host_counts.get()[:-1], E, Q, key.device),
         padded=valid is not None,
         kernels=kernels,
     )
@@ -240,7 +238,7 @@ def plan_decode(memory: torch.Tensor, weight: torch.Tensor, valid: torch.Tensor 
     return Dispatch(
         token=token, slot=slots, memory=memory.reshape(-1), position=torch.zeros_like(slots),
         restore=slots.view(N, s), token_weight=weight if valid is None else weight * valid[:, None],
-        memory_offsets=None, pending=segments,
+        memory_offsets=None, host_layout=lambda: segments,
         segment_valid=None if valid is None else valid[token], token_major=True)
 
 
@@ -255,11 +253,15 @@ def _slot_row(y: torch.Tensor, idx: torch.Tensor, present: torch.Tensor | None, 
 
 
 def _sum_slots(y: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
-               present: torch.Tensor | None = None) -> torch.Tensor:
-    """sum_j weight[n, j] * y[idx[n, j]] -> [N, ...], accumulated in fp32. A loop over the s slots of a
-    token (top-k + 1), not over memories; each step is one row gather (``index_select``: whole rows, several
-    times faster on CUDA than advanced indexing, which addresses every element on its own). ``present``: see
-    ``_slot_row`` (None: every token has all its slots)."""
+               present: torch.Tensor | None = None, kernels: bool = False) -> torch.Tensor:
+    """sum_j weight[n, j] * y[idx[n, j]] -> [N, ...], accumulated in fp32. ``kernels``: one Triton kernel
+    (``kernels.combine.weighted_rows_sum``). Otherwise a loop over the s slots of a token (top-k + 1), not over
+    memories; each step is one row gather (``index_select``: whole rows, several times faster on CUDA than
+    advanced indexing, which addresses every element on its own). ``present``: see ``_slot_row`` (None: every
+    token has all its slots)."""
+    if kernels:
+        from mom_wrap.kernels.combine import weighted_rows_sum
+        return weighted_rows_sum(y.reshape(y.shape[0], -1), idx, weight, present).view(idx.shape[0], *y.shape[1:])
     shape = (-1,) + (1,) * (y.dim() - 1)
     total = _slot_row(y, idx, present, 0) * weight[:, 0].view(shape)
     for j in range(1, idx.shape[1]):
@@ -285,12 +287,8 @@ class _Gather(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         idx, present = ctx.saved_tensors
-        rows = present if ctx.padded else None
-        if ctx.kernels:  # one pass: each token's slot rows summed in fp32
-            from mom_wrap.kernels.combine import weighted_rows_sum
-            dx = weighted_rows_sum(grad.reshape(grad.shape[0], -1), idx, present, rows)
-            return dx.view(idx.shape[0], *grad.shape[1:]), None, None, None, None, None
-        return _sum_slots(grad, idx, present, rows), None, None, None, None, None
+        return _sum_slots(grad, idx, present, present if ctx.padded else None, ctx.kernels), \
+            None, None, None, None, None
 
 
 class _Combine(torch.autograd.Function):
@@ -300,11 +298,7 @@ class _Combine(torch.autograd.Function):
     def forward(ctx, y, weight, idx, present, token, slot, padded, kernels):
         ctx.save_for_backward(y, weight, idx, present, token, slot)
         ctx.padded, ctx.kernels = padded, kernels
-        if kernels:
-            from mom_wrap.kernels.combine import weighted_rows_sum
-            out = weighted_rows_sum(y.reshape(y.shape[0], -1), idx, weight, present if padded else None)
-            return out.view(idx.shape[0], *y.shape[1:])
-        return _sum_slots(y, idx, weight, present if padded else None)
+        return _sum_slots(y, idx, weight, present if padded else None, kernels)
 
     @staticmethod
     def backward(ctx, grad):

@@ -154,11 +154,9 @@ class MemoryBank(nn.Module):
         [N, in] (gathered here) or, with ``per_slot``, already per sorted slot [S, in]."""
         if dispatch.token_major:  # a decode step: each token once, with all its memories
             y = grouped_linear(x, weight, dispatch.memory)
-        elif per_slot:
-            y = grouped_linear(x, weight, dispatch.memory, dispatch.memory_offsets, lambda: dispatch.memory_offsets_cpu)
         else:
-            xs = gather(x, dispatch)
-            with regathered(xs, x, dispatch.token):
+            xs = x if per_slot else gather(x, dispatch)
+            with contextlib.nullcontext() if per_slot else regathered(xs, x, dispatch.token):
                 y = grouped_linear(xs, weight, dispatch.memory, dispatch.memory_offsets,
                                    lambda: dispatch.memory_offsets_cpu)
         return y if bias is None else add_memory_bias(y, bias, dispatch.memory)
