@@ -30,11 +30,16 @@ BACKENDS = ('auto', 'triton', 'torch')
 INITS = ('copy', 'random', 'preserve')
 
 
-@torch.compiler.disable
+_RUN_EAGERLY = None  # ``_run_eagerly`` under torch.compiler.disable, made when the first layer is built
+
+
 def _run_eagerly(layer: MixtureOfMemories, *args, **kwargs):
-    """The layer's forward outside torch.compile's tracing. Inductor traced our Triton kernels' launches into
-    wrong outputs (H100, torch 2.11: 92% of a compiled layer's outputs off, by up to 1.5, against eager), and
-    fla's kernel functions are compile-disabled anyway; the host's kernels and ours run as they do eagerly."""
+    """The layer's forward outside torch.compile's tracing (called as ``_RUN_EAGERLY``). Inductor traced our
+    Triton kernels' launches into wrong outputs (H100, torch 2.11: 92% of a compiled layer's outputs off, by
+    up to 1.5, against eager), and fla's kernel functions are compile-disabled anyway; the host's kernels and
+    ours run as they do eagerly. Disabled when the first layer is built, not at import: the decorator imports
+    torch._dynamo, and that import before ``interpret_on_cpu`` sets TRITON_INTERPRET left fla's kernels
+    uncallable under Triton's interpreter."""
     return layer._forward(*args, **kwargs)
 
 
@@ -81,6 +86,9 @@ class MixtureOfMemories(nn.Module):
     def __init__(self, host: nn.Module, num_memories: int, topk: int, shared_memory: bool = True,
                  init: str = 'copy', backend: str = 'auto', balance_loss_weight: float = 0.01, adapter=None):
         super().__init__()
+        global _RUN_EAGERLY
+        if _RUN_EAGERLY is None:
+            _RUN_EAGERLY = torch.compiler.disable(_run_eagerly)
         _check_count('num_memories', num_memories, 1)
         _check_count('topk', topk, 1)
         if topk > num_memories:
@@ -168,7 +176,7 @@ class MixtureOfMemories(nn.Module):
         break per layer; the model around them compiles as usual).
         """
         if self.backend != 'torch' and torch.compiler.is_compiling():
-            return _run_eagerly(self, *args, **kwargs)
+            return _RUN_EAGERLY(self, *args, **kwargs)
         return self._forward(*args, **kwargs)
 
     def _forward(self, *args, **kwargs):

@@ -77,6 +77,20 @@ def test_compiled_triton_backend_runs_eagerly_and_equals_eager():
     assert len(breaks) == 1 and '_run_eagerly' in next(iter(breaks)), breaks  # nothing of the layer traced
 
 
+def test_interpret_on_cpu_after_importing_mom_wrap_runs_fla_kernels():
+    """``mom_wrap.interpret_on_cpu()`` called after ``import mom_wrap`` (as README shows) still makes fla's Triton
+    kernels run under the interpreter: importing mom_wrap must not import torch._dynamo first (the compile
+    fallback's decorator did, at import, and fla's RMSNorm then failed: "Cannot call @triton.jit'd outside of
+    the scope of a kernel"). A fresh process: this one set TRITON_INTERPRET before anything was imported."""
+    import subprocess
+    import sys
+    code = ("import torch, mom_wrap; mom_wrap.interpret_on_cpu(); from fla.modules import RMSNorm; "
+            "print(tuple(RMSNorm(64)(torch.randn(4, 64)).shape))")
+    env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
+    done = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and '(4, 64)' in done.stdout, done.stderr[-2000:]
+
+
 def _converted_model():
     from fla.models import GatedDeltaNetConfig, GatedDeltaNetForCausalLM
     torch.manual_seed(0)
