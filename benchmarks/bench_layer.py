@@ -58,10 +58,15 @@ def host_kwargs(host, x):
     return {'v_first': torch.randn_like(x).detach()} if host == 'RWKV7Attention' else {}
 
 
-def layers(hidden, heads, head_dim, memories, topk, dtype, host='GatedDeltaNet'):
+def layers(hidden, heads, head_dim, memories, topk, dtype, host='GatedDeltaNet', parts=(None,)):
+    """The host, ours (one layer per ``recurrence_parts`` value in ``parts``, None: the default; the first is
+    named ``mom_wrap MoM(host)``, the others get `` parts=N``) and, for GatedDeltaNet, fla's MomAttention."""
     make = host_factory(host, hidden, heads, head_dim)
-    made = {f'{host} (host)': make(),
-            f'mom_wrap MoM({host})': MixtureOfMemories(make(), num_memories=memories, topk=topk, shared_memory=True)}
+    made = {f'{host} (host)': make()}
+    for i, n in enumerate(parts):
+        kw = {} if n is None else {'recurrence_parts': n}
+        made[f'mom_wrap MoM({host})' + (f' parts={n}' if i else '')] = MixtureOfMemories(
+            make(), num_memories=memories, topk=topk, shared_memory=True, **kw)
     if host == 'GatedDeltaNet':
         from fla.layers.mom import MomAttention
         made['fla MomAttention'] = MomAttention(hidden_size=hidden, head_dim=head_dim, num_heads=heads, expand_v=1,
@@ -232,10 +237,10 @@ def run_case(made, args, batch, seq_len, rec):
         cells = [f"{row['ratio']:>9.2f}" if row['ratio'] is not None else f"{'-':>9}",
                  f"{row['peak_ratio']:>9.2f}" if row['peak_ratio'] is not None else f"{'-':>9}"]
         print(f"{name:<36}{ms:>12.2f}{cells[0]}{mem:>11.0f}{cells[1]}")
-    ours = results[f'mom_wrap MoM({args.host})'][0]
     fla_mom = results.get('fla MomAttention', (None,))[0]
-    if ours is not None and fla_mom is not None:
-        print(f"mom_wrap vs fla MomAttention: {fla_mom / ours:.2f}x faster")
+    for name, (ours, _, _) in results.items():
+        if role(name) == 'mom_wrap' and ours is not None and fla_mom is not None:
+            print(f"{name} vs fla MomAttention: {fla_mom / ours:.2f}x faster")
 
 
 def main():
@@ -252,6 +257,8 @@ def main():
     p.add_argument('--profile', action='store_true', help='print the CUDA kernel table of the MoM layer')
     p.add_argument('--memory', action='store_true',
                    help='print where the peak memory of the MoM layers goes (what autograd saves, by shape)')
+    p.add_argument('--recurrence-parts', type=int, nargs='+', metavar='N',
+                   help="one MoM layer per value of MixtureOfMemories' recurrence_parts (default: its default)")
     p.add_argument('--json', metavar='PATH', help='write the rows as JSON (rewritten after every row)')
     p.add_argument('--seq-lens', type=int, nargs='+', metavar='T',
                    help='sweep these lengths at --tokens tokens each (default with --plot: 2048 8192 16384 65536)')
@@ -267,7 +274,8 @@ def main():
 
     torch.manual_seed(0)
     rec = Recorder(args.json, 'bench_layer')
-    made = layers(args.hidden, args.heads, args.head_dim, args.memories, args.topk, torch.bfloat16, args.host)
+    made = layers(args.hidden, args.heads, args.head_dim, args.memories, args.topk, torch.bfloat16, args.host,
+                  args.recurrence_parts or (None,))
     cases = ([(max(1, args.tokens // T), T) for T in args.seq_lens] if args.seq_lens
              else [(args.batch, args.seq_len)])
     for batch, seq_len in cases:

@@ -12,7 +12,7 @@ mom_wrap.save_mamba(model, path); model = mom_wrap.load_mamba(path)           # 
 ```
 
 The settings travel in config.json as ``"mom"``: ``num_memories``, ``topk``, ``shared_memory``, ``layers`` (the
-``layer_idx`` of every wrapped layer), ``balance_loss_weight``, ``backend``, and ``init`` (how ``convert`` made
+``layer_idx`` of every wrapped layer), ``balance_loss_weight``, ``backend``, ``recurrence_parts``, and ``init`` (how ``convert`` made
 the memories; loading takes the weights from the checkpoint whatever it was) and, for layers made with a variant
 adapter (``mom_wrap.fla_mom``'s imports of fla's MoM models), ``adapter``. fla models go through
 transformers (``mom_wrap.hf``), mamba-ssm's ``MambaLMHeadModel`` through ``save_mamba`` / ``load_mamba``
@@ -31,7 +31,7 @@ from mom_wrap import hf
 from mom_wrap.adapters.base import _REGISTRY, adapter_for
 from mom_wrap.wrapper import MixtureOfMemories
 
-SETTINGS = ('num_memories', 'topk', 'shared_memory', 'balance_loss_weight', 'backend')  # read off the layers
+SETTINGS = ('num_memories', 'topk', 'shared_memory', 'balance_loss_weight', 'backend', 'recurrence_parts')  # read off the layers
 CONFIG_NAME = 'config.json'
 WEIGHTS_NAME = 'model.safetensors'
 
@@ -99,7 +99,8 @@ def convert(model: nn.Module, num_memories: int = 4, topk: int = 2, shared_memor
             class (an adapter matches them), wherever they sit.
         layers: the ``layer_idx`` of the host layers to wrap; None (default): all of them.
         init: as ``MixtureOfMemories``; ``"preserve"`` (default) keeps the model's function at the start.
-        kwargs: ``MixtureOfMemories``'s other options (``backend``, ``balance_loss_weight``, ``adapter``).
+        kwargs: ``MixtureOfMemories``'s other options (``backend``, ``balance_loss_weight``, ``recurrence_parts``,
+            ``adapter``).
 
     The settings are recorded on ``model.config`` as ``config.mom`` (a dict, see ``mom_settings``); an fla
     model of a supported family and its config switch to the ``mom_wrap.hf`` subclasses (``model_type``

@@ -169,6 +169,38 @@ class Dispatch:
     def num_segments(self) -> int:
         return self.cu_seqlens_cpu.numel() - 1
 
+    def split(self, parts: int) -> list[Dispatch]:
+        """The plan as up to ``parts`` plans over consecutive row ranges, cut at the memory boundaries nearest
+        to equal shares of the rows (a memory's block, and so every segment, stays whole); fewer where the
+        memories do not divide further (one memory holding every slot: the plan itself). Each part's rows are
+        its own sorted slots: ``token``, ``memory``, ``position`` and the host layout sliced, ``restore``
+        naming the part's rows and marking the token's other slots absent (its gathers sum only its own
+        slots in the backward). Reads the host layout (the plan's sync, if not taken yet)."""
+        if parts <= 1 or self.token_major or self.memory_offsets_cpu is None:
+            return [self]
+        ends = self.memory_offsets_cpu.tolist()
+        S = self.num_slots
+        cuts = sorted({min(ends, key=lambda e: abs(e - S * i / parts)) for i in range(1, parts)} - {0, S})
+        if not cuts:
+            return [self]
+        bounds = [0, *cuts, S]
+        return [self._rows(r0, r1) for r0, r1 in zip(bounds[:-1], bounds[1:])]
+
+    def _rows(self, r0: int, r1: int) -> Dispatch:
+        """The plan of sorted rows [r0, r1), which start and end on segment boundaries."""
+        seg = self.segments
+        g0, g1 = (int(torch.searchsorted(seg.cu_seqlens_cpu, r)) for r in (r0, r1))
+        cu_cpu = seg.cu_seqlens_cpu[g0:g1 + 1] - r0
+        lengths = cu_cpu.diff()
+        part = Segments(cu_seqlens=seg.cu_seqlens[g0:g1 + 1] - r0, cu_seqlens_cpu=cu_cpu,
+                        segment_memory=seg.segment_memory[g0:g1], segment_sequence=seg.segment_sequence[g0:g1],
+                        max_seqlen=int(lengths.max()) if lengths.numel() else 0, memory_offsets_cpu=None)
+        inside = (self.restore >= r0) & (self.restore < r1)
+        return Dispatch(token=self.token[r0:r1], slot=self.slot[r0:r1], memory=self.memory[r0:r1],
+                        position=self.position[r0:r1], restore=torch.where(inside, self.restore - r0, r1 - r0),
+                        token_weight=self.token_weight * inside, memory_offsets=None,
+                        host_layout=lambda: part, padded=True, kernels=self.kernels)
+
     @cached_property
     def slot_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """For each token's slots: its sorted row (clamped into range) [N, s] and whether it has one

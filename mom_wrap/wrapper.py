@@ -24,6 +24,7 @@ from mom_wrap.layout import TokenLayout
 from mom_wrap.losses import AttachAuxLoss, balance_loss
 from mom_wrap.memories import MemoryBank
 from mom_wrap.ops import zeros_in_graph
+from mom_wrap.recurrence import run_recurrence
 from mom_wrap.router import Router
 
 BACKENDS = ('auto', 'triton', 'torch')
@@ -75,6 +76,10 @@ class MixtureOfMemories(nn.Module):
             is per memory). It must match the host. None (default): the registered adapter. A variant's dotted
             path is ``adapter_path`` (None for the registered one), which ``mom_wrap.convert`` saves with the
             settings.
+        recurrence_parts: training (triton backend, gradients on) runs the host's recurrence in up to this
+            many calls over consecutive memories (``mom_wrap.recurrence``): the host kernels' backward
+            transients, the layer's peak memory, shrink about in proportion; 1: all slots in one call, faster
+            at long sequences. Inference and the torch backend always make one call. Settable at any time.
 
     ``forward`` takes and returns what the host does (``mom_wrap.calls``): for fla's layers
     ``(o, None, past_key_values)`` and the host's own extra arguments and outputs (RWKV7: ``v_first``), for
@@ -84,13 +89,15 @@ class MixtureOfMemories(nn.Module):
     """
 
     def __init__(self, host: nn.Module, num_memories: int, topk: int, shared_memory: bool = True,
-                 init: str = 'copy', backend: str = 'auto', balance_loss_weight: float = 0.01, adapter=None):
+                 init: str = 'copy', backend: str = 'auto', balance_loss_weight: float = 0.01, adapter=None,
+                 recurrence_parts: int = 2):
         super().__init__()
         global _RUN_EAGERLY
         if _RUN_EAGERLY is None:
             _RUN_EAGERLY = torch.compiler.disable(_run_eagerly)
         _check_count('num_memories', num_memories, 1)
         _check_count('topk', topk, 1)
+        _check_count('recurrence_parts', recurrence_parts, 1)
         if topk > num_memories:
             raise ValueError(f"topk: must be <= num_memories ({num_memories}), got {topk}")
         if init not in INITS:
@@ -119,6 +126,7 @@ class MixtureOfMemories(nn.Module):
         self.shared_memory = bool(shared_memory)
         self.backend = backend
         self.balance_loss_weight = float(balance_loss_weight)
+        self.recurrence_parts = recurrence_parts
         self.layer_idx = getattr(host, 'layer_idx', None)
         self.hidden_size = adapter.hidden_size
         ref = next(host.parameters())
@@ -208,7 +216,8 @@ class MixtureOfMemories(nn.Module):
             else:
                 read = {**self._adapter.read(x, layout, backend), **host_inputs}
                 write = self.memories({'x': x, **read}, dispatch, backend)
-                o, _ = self._adapter.recurrence(read, write, dispatch, backend)
+                o = run_recurrence(self._adapter, read, write, dispatch, backend,
+                                   self.recurrence_parts if backend == 'triton' and torch.is_grad_enabled() else 1)
             o = self._adapter.finish(combine(o, dispatch), read, backend)
             if layout.valid is not None:
                 o = torch.where(layout.valid[:, None], o, 0)

@@ -64,6 +64,30 @@ def test_triton_backend_matches_torch_backend(dtype, masked):
     assert max(errs.values()) < TOL[dtype], errs
 
 
+@pytest.mark.parametrize('masked', [False, True])
+def test_recurrence_in_parts_equals_one_call(masked):
+    """The triton backend's training recurrence in 2 and 3 calls (``recurrence_parts``) against one call: each
+    segment runs the same kernels either way; only the gathers' backward sums its slots in another order."""
+    torch.manual_seed(0)
+    mom = MixtureOfMemories(host(torch.float32), num_memories=4, topk=2, shared_memory=True, init='random').train()
+    torch.nn.init.normal_(mom.router.weight, std=0.05)
+    x = torch.randn(2, 384, 1024, device='cuda')
+    dy = torch.randn_like(x)
+    kw = {}
+    if masked:
+        kw['attention_mask'] = torch.ones(2, 384, dtype=torch.long, device='cuda')
+        kw['attention_mask'][1, :100] = 0
+    runs = {}
+    for parts in (1, 2, 3):
+        mom.recurrence_parts = parts
+        runs[parts] = run(mom, x, dy, **kw)
+    for parts in (2, 3):
+        got, ref = runs[parts], runs[1]
+        errs = {'out': rel_err(got[0], ref[0]), 'dx': rel_err(got[1], ref[1])}
+        errs.update({n: rel_err(got[2][n], g) for n, g in ref[2].items()})
+        assert max(errs.values()) < 1e-5, (parts, errs)
+
+
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
 def test_one_memory_matches_real_host_in_training(dtype):
     torch.manual_seed(0)
