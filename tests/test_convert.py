@@ -87,7 +87,7 @@ def test_convert_wraps_every_host_layer(host):
     import fla.models
     assert type(model).__name__ == f'Mom{MODELS[host][1]}' and isinstance(model, getattr(fla.models, MODELS[host][1]))
     assert model.config.model_type == 'mom_' + FAMILY[host]
-    assert model.config.mom == {**SETTINGS, 'backend': 'auto', 'recurrence_parts': 2, 'layers': [0, 1], 'init': 'copy'}
+    assert model.config.mom == {**SETTINGS, 'backend': 'auto', 'recurrence_parts': 1, 'layers': [0, 1], 'init': 'copy'}
 
 
 def test_convert_only_listed_layers():
@@ -176,7 +176,7 @@ def test_fla_round_trip(host, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ['config.json', 'generation_config.json', 'model.safetensors']
     config = json.loads((tmp_path / 'config.json').read_text())
     assert config['model_type'] == 'mom_' + FAMILY[host]
-    assert config['mom'] == {**SETTINGS, 'backend': 'auto', 'recurrence_parts': 2, 'layers': [0, 1], 'init': 'copy'}
+    assert config['mom'] == {**SETTINGS, 'backend': 'auto', 'recurrence_parts': 1, 'layers': [0, 1], 'init': 'copy'}
 
     assert type(loaded) is type(model) and type(loaded.config) is type(model.config)
     assert_same_settings(loaded, SETTINGS, [0, 1])
@@ -276,7 +276,7 @@ def test_mamba_round_trip(writer, tmp_path):
     else:
         model.save_pretrained(tmp_path)
     config = json.loads((tmp_path / 'config.json').read_text())
-    assert config['mom'] == {**SETTINGS, 'backend': 'auto', 'recurrence_parts': 2, 'layers': [0, 1], 'init': 'copy'}
+    assert config['mom'] == {**SETTINGS, 'backend': 'auto', 'recurrence_parts': 1, 'layers': [0, 1], 'init': 'copy'}
     loaded = mom_wrap.load_mamba(tmp_path)
     assert type(loaded) is type(model)
     assert loaded.lm_head.weight is loaded.backbone.embedding.weight  # tied, as built
