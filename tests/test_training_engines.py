@@ -91,11 +91,18 @@ def test_interpret_on_cpu_after_importing_mom_wrap_runs_fla_kernels():
     assert done.returncode == 0 and '(4, 64)' in done.stdout, done.stderr[-2000:]
 
 
-def _converted_model():
+# GPU tests' sizes: fla 0.6.0's GatedDeltaNet crashes in training on the H100 (Triton 3.7.1) at head_dim 16 and
+# 32 ("an illegal memory access" while its backward kernels autotune; the plain host layer too, without
+# mom_wrap), so the GPU tests take fla's usual head size
+GPU_HOST = dict(hidden_size=512, head_dim=256, num_heads=2, expand_v=1)
+
+
+def _converted_model(hidden_size=HIDDEN, head_dim=16, num_heads=2, **_):
     from fla.models import GatedDeltaNetConfig, GatedDeltaNetForCausalLM
     torch.manual_seed(0)
-    cfg = GatedDeltaNetConfig(vocab_size=64, hidden_size=HIDDEN, num_hidden_layers=2, num_heads=2, head_dim=16,
-                              expand_v=1, intermediate_size=128, fuse_cross_entropy=False, use_cache=False)
+    cfg = GatedDeltaNetConfig(vocab_size=64, hidden_size=hidden_size, num_hidden_layers=2, num_heads=num_heads,
+                              head_dim=head_dim, expand_v=1, intermediate_size=2 * hidden_size,
+                              fuse_cross_entropy=False, use_cache=False)
     model = convert(GatedDeltaNetForCausalLM(cfg), num_memories=4, topk=2, init='random', backend='torch')
     for layer in model.model.layers:
         torch.nn.init.normal_(layer.attn.router.weight, std=0.5)
@@ -143,8 +150,8 @@ def test_gpu_compiled_layer_and_model_equal_eager_and_are_not_slower():
     from tests.test_layer import make_host
     torch.manual_seed(0)
     from mom_wrap import MixtureOfMemories
-    mom = MixtureOfMemories(make_host(), num_memories=4, topk=2, init='random').cuda().to(torch.bfloat16)
-    x = torch.randn(4, 1024, HIDDEN, device='cuda', dtype=torch.bfloat16, requires_grad=True)
+    mom = MixtureOfMemories(make_host(**GPU_HOST), num_memories=4, topk=2, init='random').cuda().to(torch.bfloat16)
+    x = torch.randn(4, 1024, GPU_HOST['hidden_size'], device='cuda', dtype=torch.bfloat16, requires_grad=True)
     dy = torch.randn_like(x)
     compiled = torch.compile(mom)
 
@@ -161,7 +168,7 @@ def test_gpu_compiled_layer_and_model_equal_eager_and_are_not_slower():
           f"graph breaks {sum(counters['graph_break'].values())}")
     assert compiled_ms <= 1.05 * eager_ms
 
-    model = _converted_model().cuda().eval()
+    model = _converted_model(**GPU_HOST).cuda().eval()
     for layer in model.model.layers:
         layer.attn.backend = 'triton'
     ids, mask = left_padded_prompts([40, 33], 40)
@@ -219,9 +226,9 @@ def test_gpu_forward_is_deterministic():
     from tests.test_layer import make_host
     from mom_wrap import MixtureOfMemories
     torch.manual_seed(0)
-    mom = MixtureOfMemories(make_host(), num_memories=4, topk=2, init='random').cuda().to(torch.bfloat16).train()
-    torch.nn.init.normal_(mom.router.weight, std=0.5)
-    x = torch.randn(4, 1024, HIDDEN, device='cuda', dtype=torch.bfloat16)
+    mom = MixtureOfMemories(make_host(**GPU_HOST), num_memories=4, topk=2, init='random').cuda().to(torch.bfloat16)
+    torch.nn.init.normal_(mom.train().router.weight, std=0.5)
+    x = torch.randn(4, 1024, GPU_HOST['hidden_size'], device='cuda', dtype=torch.bfloat16)
     dy = torch.randn_like(x)
 
     def run():
