@@ -217,8 +217,10 @@ class MixtureOfMemories(nn.Module):
             else:
                 read = {**self._adapter.read(x, layout, backend), **host_inputs}
                 write = self.memories({'x': x, **read}, dispatch, backend)
-                o = run_recurrence(self._adapter, read, write, dispatch, backend,
-                                   self.recurrence_parts if backend == 'triton' and torch.is_grad_enabled() else 1)
+                parts = self.recurrence_parts if backend == 'triton' and torch.is_grad_enabled() else 1
+                # (one part: the adapter called here, one frame less for torch.compile to break in)
+                o = run_recurrence(self._adapter, read, write, dispatch, backend, parts) if parts > 1 else \
+                    self._adapter.recurrence(read, write, dispatch, backend)[0]
             o = self._adapter.finish(combine(o, dispatch), read, backend)
             if layout.valid is not None:
                 o = torch.where(layout.valid[:, None], o, 0)
