@@ -93,7 +93,7 @@ def test_interpret_on_cpu_after_importing_mom_wrap_runs_fla_kernels():
 
 # GPU tests' sizes: fla 0.6.0's GatedDeltaNet crashes in training on the H100 (Triton 3.7.1) at head_dim 16 and
 # 32 ("an illegal memory access" while its backward kernels autotune; the plain host layer too, without
-# mom_wrap), so the GPU tests take fla's usual head size
+# mom_wrap), so the GPU tests take the head size of fla's and our benchmarks
 GPU_HOST = dict(hidden_size=512, head_dim=256, num_heads=2, expand_v=1)
 
 
