@@ -217,6 +217,7 @@ class MixtureOfMemories(nn.Module):
             else:
                 read = {**self._adapter.read(x, layout, backend), **host_inputs}
                 write = self.memories({'x': x, **read}, dispatch, backend)
+                _check_count('recurrence_parts', self.recurrence_parts, 1)  # (settable at any time)
                 parts = self.recurrence_parts if backend == 'triton' and torch.is_grad_enabled() else 1
                 # (one part: the adapter called here, one frame less for torch.compile to break in)
                 o = run_recurrence(self._adapter, read, write, dispatch, backend, parts) if parts > 1 else \

@@ -188,6 +188,7 @@ def test_router_logits_and_balance_loss():
     (dict(init='zeros'), 'init'),
     (dict(backend='cuda'), 'backend'),
     (dict(init='preserve', shared_memory=False), "init: 'preserve' needs shared_memory=True"),
+    (dict(recurrence_parts=0), 'recurrence_parts'),
 ])
 def test_bad_arguments(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -197,7 +198,13 @@ def test_bad_arguments(kw, match):
 def test_bad_types_and_inputs():
     with pytest.raises(TypeError, match='num_memories'):
         wrap(num_memories=2.0)
+    with pytest.raises(TypeError, match='recurrence_parts'):
+        wrap(recurrence_parts=1.5)
     mom = wrap()
+    mom.recurrence_parts = 0  # settable at any time: checked where used
+    with pytest.raises(ValueError, match='recurrence_parts'):
+        mom(torch.randn(2, 5, HIDDEN))
+    mom.recurrence_parts = 1
     with pytest.raises(ValueError, match='hidden_states'):
         mom(torch.randn(2, 5, HIDDEN + 1))
     with pytest.raises(ValueError, match='hidden_states'):
