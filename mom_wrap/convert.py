@@ -12,9 +12,9 @@ mom_wrap.save_mamba(model, path); model = mom_wrap.load_mamba(path)           # 
 ```
 
 The settings travel in config.json as ``"mom"``: ``num_memories``, ``topk``, ``shared_memory``, ``layers`` (the
-``layer_idx`` of every wrapped layer), ``balance_loss_weight``, ``backend``, ``recurrence_parts``, and ``init`` (how ``convert`` made
-the memories; loading takes the weights from the checkpoint whatever it was) and, for layers made with a variant
-adapter (``mom_wrap.fla_mom``'s imports of fla's MoM models), ``adapter``. fla models go through
+``layer_idx`` of every wrapped layer), ``balance_loss_weight``, ``backend``, ``recurrence_parts``, and ``init``
+(how ``convert`` made the memories; loading takes the weights from the checkpoint whatever it was) and, for layers
+made with a variant adapter (``mom_wrap.fla_mom``'s imports of fla's MoM models), ``adapter``. fla models go through
 transformers (``mom_wrap.hf``), mamba-ssm's ``MambaLMHeadModel`` through ``save_mamba`` / ``load_mamba``
 (safetensors weights).
 """
@@ -31,7 +31,8 @@ from mom_wrap import hf
 from mom_wrap.adapters.base import _REGISTRY, adapter_for
 from mom_wrap.wrapper import MixtureOfMemories
 
-SETTINGS = ('num_memories', 'topk', 'shared_memory', 'balance_loss_weight', 'backend', 'recurrence_parts')  # read off the layers
+# read off the layers
+SETTINGS = ('num_memories', 'topk', 'shared_memory', 'balance_loss_weight', 'backend', 'recurrence_parts')
 CONFIG_NAME = 'config.json'
 WEIGHTS_NAME = 'model.safetensors'
 

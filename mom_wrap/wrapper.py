@@ -4,7 +4,8 @@ Data flow of one forward (x: [B, T, hidden]):
     router (fp32 softmax, top-k, renormalised)  ->  dispatch (sort slots by memory, sequence, time)
     -> read side once per token (adapter.read: query, output gate)
     -> write side per memory on its segments (MemoryBank: grouped GEMM + per-segment short convs)
-    -> the host's varlen recurrence over all segments in one call (adapter.recurrence)
+    -> the host's varlen recurrence over all segments in one call (adapter.recurrence; recurrence_parts:
+       in a few, mom_wrap.recurrence)
     -> weighted combine back to tokens (+ shared memory, weight 1)  ->  adapter.finish (norm, gate, o_proj)
 """
 from __future__ import annotations

@@ -248,8 +248,8 @@ def test_model_logits_equal_fla():
     assert isinstance(ours, GatedDeltaNetForCausalLM) and type(ours).__name__ == 'MomGatedDeltaNetForCausalLM'
     assert [type(b.attn) for b in ours.model.layers] == [MixtureOfMemories] * 2
     assert ours.config.mom == {'num_memories': 4, 'topk': 2, 'shared_memory': True, 'balance_loss_weight': 0.01,
-                               'backend': 'auto', 'recurrence_parts': 1, 'adapter': 'mom_wrap.fla_mom.FlaMomAdapter', 'layers': [0, 1],
-                               'init': None}
+                               'backend': 'auto', 'recurrence_parts': 1, 'adapter': 'mom_wrap.fla_mom.FlaMomAdapter',
+                               'layers': [0, 1], 'init': None}
     base = import_fla_mom(model.model)
     assert isinstance(base, GatedDeltaNetModel) and type(base).__name__ == 'MomGatedDeltaNetModel'
     with torch.no_grad():
