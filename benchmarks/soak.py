@@ -63,7 +63,7 @@ import time
 import warnings
 
 import torch
-from distributed_train import add_model_arguments, converted_model  # benchmarks/ is on sys.path (the script's directory)
+from distributed_train import add_model_arguments, converted_model  # benchmarks/ is on sys.path (the script's)
 from record import Recorder, write_rows
 
 MODES = ('dense', 'padded', 'packed')

@@ -113,8 +113,22 @@ class Segments:
         host = upload(torch.cat([cu_seqlens_cpu, nonempty]), device)
         cu_seqlens, nonempty_dev = host[:cu_seqlens_cpu.numel()], host[cu_seqlens_cpu.numel():]
         return Segments(cu_seqlens=cu_seqlens, cu_seqlens_cpu=cu_seqlens_cpu, segment_memory=nonempty_dev // Q,
-                        segment_sequence=nonempty_dev % Q, max_seqlen=int(lengths.max()) if lengths.numel() else 0,
+                        segment_sequence=nonempty_dev % Q, max_seqlen=_longest(lengths),
                         memory_offsets_cpu=counts.view(E, Q).sum(1).cumsum(0))
+
+    def rows(self, r0: int, r1: int) -> Segments:
+        """The layout of rows [r0, r1), which start and end on segment boundaries, its rows counted from r0
+        (not memory-major on its own: ``memory_offsets_cpu`` None)."""
+        g0, g1 = (int(torch.searchsorted(self.cu_seqlens_cpu, r)) for r in (r0, r1))
+        cu_seqlens_cpu = self.cu_seqlens_cpu[g0:g1 + 1] - r0
+        return Segments(cu_seqlens=self.cu_seqlens[g0:g1 + 1] - r0, cu_seqlens_cpu=cu_seqlens_cpu,
+                        segment_memory=self.segment_memory[g0:g1], segment_sequence=self.segment_sequence[g0:g1],
+                        max_seqlen=_longest(cu_seqlens_cpu.diff()), memory_offsets_cpu=None)
+
+
+def _longest(lengths: torch.Tensor) -> int:
+    """The longest of the segment lengths on the host (0 for none)."""
+    return int(lengths.max()) if lengths.numel() else 0
 
 
 class _FromSegments:
@@ -188,13 +202,7 @@ class Dispatch:
 
     def _rows(self, r0: int, r1: int) -> Dispatch:
         """The plan of sorted rows [r0, r1), which start and end on segment boundaries."""
-        seg = self.segments
-        g0, g1 = (int(torch.searchsorted(seg.cu_seqlens_cpu, r)) for r in (r0, r1))
-        cu_cpu = seg.cu_seqlens_cpu[g0:g1 + 1] - r0
-        lengths = cu_cpu.diff()
-        part = Segments(cu_seqlens=seg.cu_seqlens[g0:g1 + 1] - r0, cu_seqlens_cpu=cu_cpu,
-                        segment_memory=seg.segment_memory[g0:g1], segment_sequence=seg.segment_sequence[g0:g1],
-                        max_seqlen=int(lengths.max()) if lengths.numel() else 0, memory_offsets_cpu=None)
+        part = self.segments.rows(r0, r1)
         inside = (self.restore >= r0) & (self.restore < r1)
         return Dispatch(token=self.token[r0:r1], slot=self.slot[r0:r1], memory=self.memory[r0:r1],
                         position=self.position[r0:r1], restore=torch.where(inside, self.restore - r0, r1 - r0),

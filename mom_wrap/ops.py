@@ -145,10 +145,11 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, memory: torch.Tensor, 
 
     Memory-major rows (j = 1, sorted by memory; ``ends`` [E] int32 on x's device and ``ends_cpu`` [E] on the
     host, or a function returning it, called only where it is needed: the end of each memory's block): one
-    grouped GEMM where torch has a sync-free one for this input; otherwise one product per memory block (E launches, no extra FLOPs). Rows in any order (``ends`` None:
-    a decode step, a few tokens, each with its j memories): up to ``DENSE_MAX_ROWS`` rows, every memory's
-    product for every row, then a select (E times the FLOPs, but each weight read once, which is what bounds
-    a decode step); more rows are sorted by memory on the device (no host sync) for the grouped GEMM.
+    grouped GEMM where torch has a sync-free one for this input; otherwise one product per memory block (E
+    launches, no extra FLOPs). Rows in any order (``ends`` None: a decode step, a few tokens, each with its j
+    memories): up to ``DENSE_MAX_ROWS`` rows, every memory's product for every row, then a select (E times the
+    FLOPs, but each weight read once, which is what bounds a decode step); more rows are sorted by memory on the
+    device (no host sync) for the grouped GEMM.
     """
     if torch.is_autocast_enabled(x.device.type):  # as autocast treats F.linear: both in its dtype
         dtype = torch.get_autocast_dtype(x.device.type)
