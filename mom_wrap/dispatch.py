@@ -113,7 +113,7 @@ class Segments:
         host = upload(torch.cat([cu_seqlens_cpu, nonempty]), device)
         cu_seqlens, nonempty_dev = host[:cu_seqlens_cpu.numel()], host[cu_seqlens_cpu.numel():]
         return Segments(cu_seqlens=cu_seqlens, cu_seqlens_cpu=cu_seqlens_cpu, segment_memory=nonempty_dev // Q,
-                        segment_sequence=nonempty_dev % Q, max_seqlen=_longest(lengths),
+                        segment_sequence=nonempty_dev % Q, max_seqlen=int(lengths.max()) if lengths.numel() else 0,
                         memory_offsets_cpu=counts.view(E, Q).sum(1).cumsum(0))
 
     def rows(self, r0: int, r1: int) -> Segments:
@@ -121,14 +121,10 @@ class Segments:
         (not memory-major on its own: ``memory_offsets_cpu`` None)."""
         g0, g1 = (int(torch.searchsorted(self.cu_seqlens_cpu, r)) for r in (r0, r1))
         cu_seqlens_cpu = self.cu_seqlens_cpu[g0:g1 + 1] - r0
+        lengths = cu_seqlens_cpu.diff()
         return Segments(cu_seqlens=self.cu_seqlens[g0:g1 + 1] - r0, cu_seqlens_cpu=cu_seqlens_cpu,
                         segment_memory=self.segment_memory[g0:g1], segment_sequence=self.segment_sequence[g0:g1],
-                        max_seqlen=_longest(cu_seqlens_cpu.diff()), memory_offsets_cpu=None)
-
-
-def _longest(lengths: torch.Tensor) -> int:
-    """The longest of the segment lengths on the host (0 for none)."""
-    return int(lengths.max()) if lengths.numel() else 0
+                        max_seqlen=int(lengths.max()) if lengths.numel() else 0, memory_offsets_cpu=None)
 
 
 class _FromSegments:
