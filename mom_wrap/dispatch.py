@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from mom_wrap.lazy import cached_property
 from mom_wrap.ops import acc
@@ -57,6 +58,25 @@ def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
     inv = torch.empty_like(perm)
     inv[perm] = torch.arange(perm.numel(), device=perm.device)
     return inv
+
+
+class _PermuteRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, perm, inverse):
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, perm)
+
+    @staticmethod
+    def backward(ctx, grad):
+        inverse, = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
+def permute_rows(x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """x [R, ...] -> x[perm], perm a permutation of the R rows and ``inverse`` its inverse: a row gather whose
+    backward is a row gather too (through ``inverse``), where autograd's backward of ``index_select`` adds
+    into zeros with atomics (slow in bf16: the recurrence in parts spent milliseconds there)."""
+    return _PermuteRows.apply(x, perm, inverse)
 
 
 def upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -116,16 +136,6 @@ class Segments:
                         segment_sequence=nonempty_dev % Q, max_seqlen=int(lengths.max()) if lengths.numel() else 0,
                         memory_offsets_cpu=counts.view(E, Q).sum(1).cumsum(0))
 
-    def rows(self, r0: int, r1: int) -> Segments:
-        """The layout of rows [r0, r1), which start and end on segment boundaries, its rows counted from r0
-        (not memory-major on its own: ``memory_offsets_cpu`` None)."""
-        g0, g1 = (int(torch.searchsorted(self.cu_seqlens_cpu, r)) for r in (r0, r1))
-        cu_seqlens_cpu = self.cu_seqlens_cpu[g0:g1 + 1] - r0
-        lengths = cu_seqlens_cpu.diff()
-        return Segments(cu_seqlens=self.cu_seqlens[g0:g1 + 1] - r0, cu_seqlens_cpu=cu_seqlens_cpu,
-                        segment_memory=self.segment_memory[g0:g1], segment_sequence=self.segment_sequence[g0:g1],
-                        max_seqlen=int(lengths.max()) if lengths.numel() else 0, memory_offsets_cpu=None)
-
 
 class _FromSegments:
     """A ``Dispatch`` attribute read from its host layout, ``Dispatch.segments`` (made on first use)."""
@@ -179,31 +189,64 @@ class Dispatch:
     def num_segments(self) -> int:
         return self.cu_seqlens_cpu.numel() - 1
 
-    def split(self, parts: int) -> list[Dispatch]:
-        """The plan as up to ``parts`` plans over consecutive row ranges, cut at the memory boundaries nearest
-        to equal shares of the rows (a memory's block, and so every segment, stays whole); fewer where the
-        memories do not divide further (one memory holding every slot: the plan itself). Each part's rows are
-        its own sorted slots: ``token``, ``memory``, ``position`` and the host layout sliced, ``restore``
-        naming the part's rows and marking the token's other slots absent (its gathers sum only its own
-        slots in the backward). Reads the host layout (the plan's sync, if not taken yet)."""
-        if parts <= 1 or self.token_major or self.memory_offsets_cpu is None:
-            return [self]
-        ends = self.memory_offsets_cpu.tolist()
-        S = self.num_slots
-        cuts = sorted({min(ends, key=lambda e: abs(e - S * i / parts)) for i in range(1, parts)} - {0, S})
-        if not cuts:
-            return [self]
-        bounds = [0, *cuts, S]
-        return [self._rows(r0, r1) for r0, r1 in zip(bounds[:-1], bounds[1:])]
+    def time_parts(self, parts: int, align: int = 64) -> list[TimePart]:
+        """The plan as up to ``parts`` plans over consecutive time ranges of every segment, for the recurrence
+        in parts (``mom_wrap.recurrence``): segment g's rows, in blocks of ``align`` (the host kernels' chunk),
+        are dealt out in time order, C_g // parts blocks to each part and one more to each of the first
+        C_g % parts (C_g: its blocks), so that every part gets about 1 / parts of every segment, a segment's
+        pieces lie in parts 0, 1, .. in turn, and each part's segments are among the previous part's (whose
+        final states it starts from). [] where fewer than two parts have rows: the plan runs whole. Reads the
+        host layout (the plan's sync, if not taken yet)."""
+        if parts <= 1 or self.token_major or self.num_slots == 0:
+            return []
+        cu = self.cu_seqlens_cpu
+        lengths = cu.diff()
+        blocks = (lengths + align - 1) // align
+        share = blocks[None, :] // parts + (torch.arange(parts)[:, None] < (blocks % parts)[None, :])  # [parts, G]
+        start = torch.cat([torch.zeros(1, lengths.numel(), dtype=torch.long), share.cumsum(0) * align]).minimum(lengths)
+        piece = start.diff(dim=0)  # [parts, G] rows of each segment in each part
+        used = [i for i in range(parts) if piece[i].any()]
+        if len(used) < 2:
+            return []
+        host, previous = [], None
+        for i in used:  # per part: its segments, their lengths, cu_seqlens, row shifts and carried states
+            segs = piece[i].nonzero().squeeze(1)
+            n = piece[i][segs]
+            cu_part = F.pad(n.cumsum(0), (1, 0))
+            shift = cu[:-1][segs] + start[i][segs] - cu_part[:-1]  # sorted row - part row, per segment
+            carry = segs.new_zeros(0) if previous is None else torch.searchsorted(previous, segs)
+            host.append((segs, n, cu_part, shift, carry))
+            previous = segs
+        flat = upload(torch.cat([t for part in host for t in part]), self.token.device)  # one copy to the device
+        out, at = [], 0
+        for segs, n, cu_part, shift, carry in host:
+            dev = []
+            for t in (segs, n, cu_part, shift, carry):
+                dev.append(flat[at:at + t.numel()])
+                at += t.numel()
+            out.append(self._time_part(segs, n, cu_part, *dev, first=not out))
+        return out
 
-    def _rows(self, r0: int, r1: int) -> Dispatch:
-        """The plan of sorted rows [r0, r1), which start and end on segment boundaries."""
-        part = self.segments.rows(r0, r1)
-        inside = (self.restore >= r0) & (self.restore < r1)
-        return Dispatch(token=self.token[r0:r1], slot=self.slot[r0:r1], memory=self.memory[r0:r1],
-                        position=self.position[r0:r1], restore=torch.where(inside, self.restore - r0, r1 - r0),
-                        token_weight=self.token_weight * inside, memory_offsets=None,
-                        host_layout=lambda: part, padded=True, kernels=self.kernels)
+    def _time_part(self, segs: torch.Tensor, n: torch.Tensor, cu_part: torch.Tensor, segs_dev: torch.Tensor,
+                   n_dev: torch.Tensor, cu_part_dev: torch.Tensor, shift_dev: torch.Tensor, carry_dev: torch.Tensor,
+                   first: bool) -> TimePart:
+        """One part of ``time_parts``: its segments ``segs`` of the plan with ``n`` rows each, its cu_seqlens
+        ``cu_part`` (host; ``*_dev`` the same and the row shifts and carries on the device)."""
+        S, rows_part = self.num_slots, int(cu_part[-1])
+        segment = torch.repeat_interleave(torch.arange(segs.numel(), device=n_dev.device), n_dev, output_size=rows_part)
+        local = torch.arange(rows_part, device=n_dev.device)
+        rows = local + shift_dev[segment]
+        inverse = torch.full((S + 1,), rows_part, dtype=torch.long, device=rows.device)  # (row S: no slot)
+        inverse[rows] = local
+        restore = inverse[self.restore.clamp(max=S)]  # (rows from S on: padding slots, in no part)
+        layout = Segments(cu_seqlens=cu_part_dev, cu_seqlens_cpu=cu_part, segment_memory=self.segment_memory[segs_dev],
+                          segment_sequence=self.segment_sequence[segs_dev], max_seqlen=int(n.max()),
+                          memory_offsets_cpu=None)
+        plan = Dispatch(token=self.token[rows], slot=self.slot[rows], memory=self.memory[rows],
+                        position=local - cu_part_dev[segment], restore=restore,
+                        token_weight=self.token_weight * (restore < rows_part), memory_offsets=None,
+                        host_layout=lambda: layout, padded=True, kernels=self.kernels)
+        return TimePart(plan, rows, None if first else carry_dev)
 
     @cached_property
     def slot_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -211,6 +254,16 @@ class Dispatch:
         (1.0, 0.0 for padding) [N, s]; made once, used by every gather and the combine of a forward."""
         S = self.num_slots
         return self.restore.clamp(max=max(S - 1, 0)), (self.restore < S).float()
+
+
+@dataclass
+class TimePart:
+    """One call of the recurrence in parts (``Dispatch.time_parts``)."""
+
+    dispatch: Dispatch           # the part's own plan: its rows in order, its segments (pieces of the plan's),
+    #                              positions from each piece's start
+    rows: torch.Tensor           # [S_i] the plan's sorted row of each of its rows
+    carry: torch.Tensor | None   # [G_i] each of its segments' index among the previous part's (None: the first part)
 
 
 def plan_dispatch(memory: torch.Tensor, weight: torch.Tensor, sequence: torch.Tensor,

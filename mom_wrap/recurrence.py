@@ -1,38 +1,49 @@
-"""The host's recurrence over a plan's segments: in one call, or in a few calls over consecutive memories.
+"""The host's recurrence over a plan's segments: in one call, or in a few calls over consecutive time ranges.
 
 Why in parts: the host's chunked kernels keep transients that grow with the rows of one call, most of all in
 the backward (for fla's gated delta rule the recomputed chunk states and their gradients, [chunks, H, V, K]
 each: about 1.5 GiB for the 49,152 slots of 8 x 2048 tokens at top-2 + shared, hidden 1024). Run over
 (top-k + shared) x N slots in one call, those transients set the layer's peak memory; in two calls each
-backward holds about half of them. The cost: the calls run one after another, so at long sequences the
-chunk-sequential part of the kernels (one program per segment and head walks its chunks in order) runs once
-per call, and each call costs the host its launch overhead again (fla's chunked gated delta rule: about 2 ms
-of host time per call and direction, which a layer of 8 x 2048 tokens cannot hide). Measured (H100, bf16, the
-paper's layer, commit 1553846): 2 parts lower the peak from 2414 to 1667 MiB at 8 x 2048 and from 4809 to
-3308 MiB at 2 x 16384, for 12.8 -> 18.0 ms and 21.2 -> 27.4 ms; hence one call by default
-(``MixtureOfMemories(recurrence_parts=1)``), and parts where memory, not time, is short.
-Segments never span two parts, so the outputs are exactly those of one call.
+backward holds about half of them.
+
+Why in time: every part holds about 1 / parts of every segment (``Dispatch.time_parts``), and each part starts
+from the final states of the part before (the host's ``initial_state`` / ``output_final_state``, gradients
+flowing through both). The chunk-sequential kernels (one program per segment and head walks its chunks in
+order) then walk each segment once in all, as in one call; parts over whole memories (this module's first
+version) walked the longest segment (the shared memory's) in one part and the routed ones' in another, half
+as long again at long sequences. What each extra part costs: the host's launch overhead of one more call in
+each direction, and copies of the write side's per-slot tensors into part order and of the output back.
+Exact: the states carried between parts are the host's fp32 states, so the outputs are those of one call up
+to the kernels' own rounding.
 """
 from __future__ import annotations
 
 import torch
 
 from mom_wrap.adapters.base import HostAdapter
-from mom_wrap.dispatch import Dispatch
+from mom_wrap.dispatch import Dispatch, inverse_permutation, permute_rows
+
+ALIGN = 64  # rows per block of a part's piece of a segment: fla's chunk size, so pieces start on chunk starts
 
 
 def run_recurrence(adapter: HostAdapter, read: dict[str, torch.Tensor], write: dict[str, torch.Tensor],
                    dispatch: Dispatch, backend: str, parts: int = 1) -> torch.Tensor:
-    """o [S, ...] per sorted slot: ``adapter.recurrence`` over ``dispatch``, in up to ``parts`` calls
-    (``Dispatch.split``). read: per-token tensors [N, ...]; write: per-slot tensors [S, ...] (sliced per part;
-    other entries passed whole)."""
-    pieces = dispatch.split(parts)
-    if len(pieces) == 1:
+    """o [S, ...] per sorted slot: ``adapter.recurrence`` over ``dispatch``, in up to ``parts`` calls over
+    consecutive time ranges of its segments (``Dispatch.time_parts``). read: per-token tensors [N, ...]; write:
+    per-slot tensors [S, ...] (taken into each part's rows; other entries passed whole)."""
+    pieces = dispatch.time_parts(parts, ALIGN)
+    if not pieces:
         return adapter.recurrence(read, write, dispatch, backend)[0]
-    S, outputs, start = dispatch.num_slots, [], 0
-    for piece in pieces:
-        rows = slice(start, start + piece.num_slots)
-        sliced = {n: t[rows] if t.dim() and t.shape[0] == S else t for n, t in write.items()}
-        outputs.append(adapter.recurrence(read, sliced, piece, backend)[0])
-        start = rows.stop
-    return torch.cat(outputs)
+    # every per-slot tensor in part order at once, then cut: gathers both ways (no atomic adds in the backward)
+    order = torch.cat([p.rows for p in pieces])
+    inverse, sizes = inverse_permutation(order), [p.rows.numel() for p in pieces]
+    S = dispatch.num_slots
+    taken = {n: permute_rows(t, order, inverse).split(sizes) for n, t in write.items() if t.dim() and t.shape[0] == S}
+    outputs, state = [], None
+    for i, piece in enumerate(pieces):
+        initial = None if piece.carry is None else state.index_select(0, piece.carry)
+        o, state = adapter.recurrence(read, {n: taken[n][i] if n in taken else t for n, t in write.items()},
+                                      piece.dispatch, backend, initial_state=initial,
+                                      output_final_state=i + 1 < len(pieces))
+        outputs.append(o)
+    return permute_rows(torch.cat(outputs), inverse, order)

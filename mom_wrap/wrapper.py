@@ -5,7 +5,7 @@ Data flow of one forward (x: [B, T, hidden]):
     -> read side once per token (adapter.read: query, output gate)
     -> write side per memory on its segments (MemoryBank: grouped GEMM + per-segment short convs)
     -> the host's varlen recurrence over all segments in one call (adapter.recurrence; recurrence_parts:
-       in a few, mom_wrap.recurrence)
+       in a few over time, mom_wrap.recurrence)
     -> weighted combine back to tokens (+ shared memory, weight 1)  ->  adapter.finish (norm, gate, o_proj)
 """
 from __future__ import annotations
@@ -77,11 +77,11 @@ class MixtureOfMemories(nn.Module):
             is per memory). It must match the host. None (default): the registered adapter. A variant's dotted
             path is ``adapter_path`` (None for the registered one), which ``mom_wrap.convert`` saves with the
             settings.
-        recurrence_parts: training (triton backend, gradients on) runs the host's recurrence in up to this
-            many calls over consecutive memories (``mom_wrap.recurrence``): less peak memory for more time
-            (GatedDeltaNet, H100, 2 parts: 8 x 2048 tokens 2414 -> 1667 MiB, 12.8 -> 18.0 ms; 2 x 16384 4809 ->
-            3308 MiB, 21.2 -> 27.4 ms). 1 (default): all slots in one call. Inference and the torch backend
-            always make one call. Settable at any time.
+        recurrence_parts: with gradients on, the host's recurrence runs in up to this many calls over
+            consecutive time ranges of every segment, each starting from the states the one before ended with
+            (``mom_wrap.recurrence``): less peak memory (the host kernels' backward transients grow with the
+            rows of one call) for some more time. 1 (default): all slots in one call. Inference always makes
+            one call. Settable at any time.
 
     ``forward`` takes and returns what the host does (``mom_wrap.calls``): for fla's layers
     ``(o, None, past_key_values)`` and the host's own extra arguments and outputs (RWKV7: ``v_first``), for
@@ -219,7 +219,7 @@ class MixtureOfMemories(nn.Module):
                 read = {**self._adapter.read(x, layout, backend), **host_inputs}
                 write = self.memories({'x': x, **read}, dispatch, backend)
                 _check_count('recurrence_parts', self.recurrence_parts, 1)  # (settable at any time)
-                parts = self.recurrence_parts if backend == 'triton' and torch.is_grad_enabled() else 1
+                parts = self.recurrence_parts if torch.is_grad_enabled() else 1
                 # (one part: the adapter called here, one frame less for torch.compile to break in)
                 o = run_recurrence(self._adapter, read, write, dispatch, backend, parts) if parts > 1 else \
                     self._adapter.recurrence(read, write, dispatch, backend)[0]

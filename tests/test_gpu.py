@@ -66,8 +66,9 @@ def test_triton_backend_matches_torch_backend(dtype, masked):
 
 @pytest.mark.parametrize('masked', [False, True])
 def test_recurrence_in_parts_equals_one_call(masked):
-    """The triton backend's training recurrence in 2 and 3 calls (``recurrence_parts``) against one call: each
-    segment runs the same kernels either way; only the gathers' backward sums its slots in another order."""
+    """The triton backend's training recurrence in 2 and 3 calls over time (``recurrence_parts``) against one
+    call: the parts cut every segment on fla's chunk boundaries and carry its fp32 states (and their gradients)
+    from one call to the next; the adapter's calls are counted, so the parts cannot fall back to one."""
     torch.manual_seed(0)
     mom = MixtureOfMemories(host(torch.float32), num_memories=4, topk=2, shared_memory=True, init='random').train()
     torch.nn.init.normal_(mom.router.weight, std=0.05)
@@ -77,10 +78,13 @@ def test_recurrence_in_parts_equals_one_call(masked):
     if masked:
         kw['attention_mask'] = torch.ones(2, 384, dtype=torch.long, device='cuda')
         kw['attention_mask'][1, :100] = 0
-    runs = {}
+    runs, calls, recurrence = {}, [], mom._adapter.recurrence
+    mom._adapter.recurrence = lambda *a, **k: calls.append(1) or recurrence(*a, **k)
     for parts in (1, 2, 3):
         mom.recurrence_parts = parts
+        calls.clear()
         runs[parts] = run(mom, x, dy, **kw)
+        assert len(calls) == parts
     for parts in (2, 3):
         got, ref = runs[parts], runs[1]
         errs = {'out': rel_err(got[0], ref[0]), 'dx': rel_err(got[1], ref[1])}

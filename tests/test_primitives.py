@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
 import mom_wrap.ops as ops
-from mom_wrap.dispatch import combine, gather, plan_dispatch
+from mom_wrap.dispatch import combine, gather, inverse_permutation, permute_rows, plan_dispatch
 from mom_wrap.layout import TokenLayout
 from mom_wrap.ops import grouped_linear, segment_conv
 
@@ -499,3 +499,15 @@ def test_conv_step_equals_segment_conv_with_state_on_single_rows(use_memory, act
     y_ref, s_ref = segment_conv_with_state(x, weight, bias, memory, torch.arange(G + 1), state, activation)
     close(y, y_ref, tol=1e-6)
     assert torch.equal(s, s_ref)
+
+
+def test_permute_rows_is_index_select_both_ways():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 3, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    perm = torch.randperm(7, generator=g)
+    y = permute_rows(x, perm, inverse_permutation(perm))
+    dy = torch.randn(7, 3, 2, generator=g, dtype=torch.float64)
+    y.backward(dy)
+    x2 = x.detach().clone().requires_grad_()
+    x2.index_select(0, perm).backward(dy)
+    assert torch.equal(y, x.index_select(0, perm)) and torch.equal(x.grad, x2.grad)

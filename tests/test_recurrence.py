@@ -1,10 +1,10 @@
-"""The recurrence in parts (``mom_wrap.recurrence``, ``Dispatch.split``): the same outputs and gradients as
-one call, for every host (torch backend here; the triton backend's split is held to one call on the GPU)."""
+"""The recurrence in parts over time (``mom_wrap.recurrence``, ``Dispatch.time_parts``): the parts' layout, and
+the same outputs and gradients as one call for every host (torch backend here, fp64; the triton backend's
+parts are held to one call on the GPU, tests/test_gpu.py)."""
 import pytest
 import torch
 
 import mom_wrap.recurrence as recurrence
-import mom_wrap.wrapper as wrapper
 from mom_wrap.adapters.base import _REGISTRY
 from mom_wrap.dispatch import plan_dispatch
 from mom_wrap.testing import wrap
@@ -18,57 +18,92 @@ def _plan(memory, valid=None, num_memories=4):
     return plan_dispatch(memory, torch.rand(N, s), sequence, valid, 2, num_memories)
 
 
-def test_split_cuts_at_the_memory_boundaries_nearest_equal_shares():
-    # memories 0..3 get 2, 6, 2, 6 slots of the 16 (8 tokens x 2 slots): halves cut at 8 (of ends 2, 8, 10, 16), thirds
-    # (targets 5.3 and 10.7) at 8 and 10
-    memory = torch.tensor([[0, 1], [0, 1], [1, 3], [1, 3], [1, 3], [1, 3], [2, 3], [2, 3]])
+def _check_parts(plan, pieces, parts, align):
+    """What ``time_parts`` promises, checked against the plan row by row."""
+    S, G = plan.num_slots, plan.num_segments
+    segment = torch.searchsorted(plan.cu_seqlens_cpu[1:], torch.arange(S), right=True)  # each sorted row's segment
+    order = torch.cat([p.rows for p in pieces])
+    assert torch.equal(order.sort().values, torch.arange(S))  # every row in exactly one part
+    seen_until = plan.cu_seqlens_cpu[:-1].clone()  # per segment: the next row a later piece must start at
+    previous = None
+    for i, p in enumerate(pieces):
+        d = p.dispatch
+        assert d.cu_seqlens_cpu[0] == 0 and d.cu_seqlens_cpu[-1] == d.num_slots == p.rows.numel()
+        assert torch.equal(d.cu_seqlens.cpu(), d.cu_seqlens_cpu)
+        assert d.max_seqlen == int(d.cu_seqlens_cpu.diff().max())
+        segs = segment[p.rows[d.cu_seqlens_cpu[:-1]]]  # the plan's segment of each of the part's segments
+        for k, g in enumerate(segs.tolist()):  # each piece: the next consecutive rows of its segment, in time order
+            r0, r1 = d.cu_seqlens_cpu[k], d.cu_seqlens_cpu[k + 1]
+            assert torch.equal(p.rows[r0:r1], torch.arange(seen_until[g], seen_until[g] + (r1 - r0)))
+            assert torch.equal(d.position[r0:r1], torch.arange(r1 - r0))
+            seen_until[g] += r1 - r0
+        assert torch.equal(d.token, plan.token[p.rows]) and torch.equal(d.memory, plan.memory[p.rows])
+        assert torch.equal(d.segment_memory, plan.segment_memory[segs])
+        if i == 0:
+            assert p.carry is None
+        else:  # each segment continues the previous part's piece of the same segment
+            assert torch.equal(previous[p.carry], segs)
+        previous = segs
+        # the part's rows of each token's slots, the others absent
+        inside = (p.rows[:, None] == plan.restore.reshape(-1)[None, :]).any(0).view_as(plan.restore)
+        assert torch.equal(d.restore < d.num_slots, inside)
+        assert torch.equal(p.rows[d.restore[inside]], plan.restore[inside])
+    assert torch.equal(seen_until, plan.cu_seqlens_cpu[1:])  # every segment whole
+    # each segment's shares: its blocks dealt out, blocks // parts to each part and one more to each of the first
+    # blocks % parts; parts without rows dropped
+    lengths = plan.cu_seqlens_cpu.diff().tolist()
+    want = []
+    for L in lengths:
+        blocks = -(-L // align)
+        ends = [0]
+        for i in range(parts):
+            ends.append(ends[-1] + blocks // parts + (i < blocks % parts))
+        want.append([min(align * b, L) - min(align * a, L) for a, b in zip(ends, ends[1:])])
+    kept = [i for i in range(parts) if any(w[i] for w in want)]
+    assert len(kept) == len(pieces)
+    for g, w in enumerate(want):
+        assert [int((segment[p.rows] == g).sum()) for p in pieces] == [w[i] for i in kept]
+
+
+@pytest.mark.parametrize('parts,align', [(2, 1), (3, 1), (3, 2), (4, 3)])
+def test_time_parts_deal_every_segment_out_in_time_order(parts, align):
+    torch.manual_seed(0)
+    memory = torch.stack([torch.randperm(4)[:2] for _ in range(40)])  # 40 tokens, two sequences, top-2 of 4
     plan = _plan(memory)
-    assert [p.num_slots for p in plan.split(2)] == [8, 8]
-    assert [p.num_slots for p in plan.split(3)] == [8, 2, 6]
-    assert plan.split(1) == [plan]
-    for parts in (2, 3):
-        pieces = plan.split(parts)
-        assert torch.equal(torch.cat([p.token for p in pieces]), plan.token)
-        assert torch.equal(torch.cat([p.position for p in pieces]), plan.position)
-        assert sum(p.num_segments for p in pieces) == plan.num_segments
-        for p in pieces:  # each part's layout: its own segments, from row 0, one memory per segment
-            assert p.cu_seqlens_cpu[0] == 0 and p.cu_seqlens_cpu[-1] == p.num_slots
-            assert torch.equal(p.cu_seqlens.cpu(), p.cu_seqlens_cpu)
-            starts = p.cu_seqlens_cpu[:-1]
-            assert torch.equal(p.memory[starts], p.segment_memory)
-            assert p.max_seqlen == int(p.cu_seqlens_cpu.diff().max())
-        # every token slot is in exactly one part, under the row its part gives it
-        inside = torch.stack([p.restore < p.num_slots for p in pieces])
-        assert (inside.sum(0) == 1).all()
-        rows = torch.zeros_like(plan.restore)
-        offset = 0
-        for p, here in zip(pieces, inside):
-            rows = torch.where(here, p.restore + offset, rows)
-            offset += p.num_slots
-        assert torch.equal(rows, plan.restore)
+    pieces = plan.time_parts(parts, align)
+    assert len(pieces) == parts
+    _check_parts(plan, pieces, parts, align)
 
 
-def test_split_of_one_memory_is_the_plan_itself():
-    plan = _plan(torch.zeros(8, 1, dtype=torch.long))
-    assert plan.split(2) == [plan]
-
-
-def test_split_with_padding_keeps_padding_out():
-    memory = torch.tensor([[0, 1], [2, 3]] * 4)
-    valid = torch.tensor([False, True, True, True, False, False, True, True])
+def test_time_parts_with_padding_keep_padding_out():
+    torch.manual_seed(0)
+    memory = torch.stack([torch.randperm(4)[:2] for _ in range(16)])
+    valid = torch.rand(16) > 0.3
     plan = _plan(memory, valid)
-    pieces = plan.split(2)
-    assert len(pieces) == 2 and sum(p.num_slots for p in pieces) == plan.num_slots == 10
+    pieces = plan.time_parts(2, 1)
+    assert sum(p.dispatch.num_slots for p in pieces) == plan.num_slots == 2 * int(valid.sum())
+    _check_parts(plan, pieces, 2, 1)
     for p in pieces:
-        assert (p.restore[~valid] == p.num_slots).all()  # padding tokens: no slot in any part
-        assert (p.token_weight[~valid] == 0).all()
+        assert (p.dispatch.restore[~valid] == p.dispatch.num_slots).all()  # padding tokens: no slot in any part
+        assert (p.dispatch.token_weight[~valid] == 0).all()
+
+
+def test_short_segments_stay_in_the_first_parts():
+    # segments of 1 to 3 rows in blocks of 2 (1 or 2 blocks): three parts, but only two have rows
+    memory = torch.tensor([[0, 1], [0, 2], [0, 1], [3, 2], [1, 0], [1, 3], [2, 1], [2, 3]])
+    plan = _plan(memory)
+    pieces = plan.time_parts(3, 2)
+    assert len(pieces) == 2
+    _check_parts(plan, pieces, 3, 2)
+    assert plan.time_parts(3, 4) == []  # every segment one block: nothing to split
+    assert plan.time_parts(1, 1) == []
 
 
 @pytest.mark.parametrize('host', sorted(ADAPTERS))
 @pytest.mark.parametrize('padded', [False, True])
 def test_parts_equal_one_call(host, padded, monkeypatch):
-    """Outputs and every gradient, with the recurrence in 1 and in 3 calls (the wrapper's torch backend makes
-    one call: the test routes it through ``run_recurrence`` with the parts it asks for)."""
+    """Outputs and every gradient, with the recurrence in 1 and in 3 calls over time (blocks of 2 rows here: the
+    segments are short); the adapter's calls are counted, so the parts cannot silently fall back to one."""
     torch.manual_seed(0)
     mom = wrap(ADAPTERS[host].example_host().double(), init='random', backend='torch').train()
     hidden = mom.hidden_size
@@ -78,12 +113,17 @@ def test_parts_equal_one_call(host, padded, monkeypatch):
         if not mom._adapter.convention.padding_mask:
             pytest.skip("the host's layer takes no padding mask")
         kwargs['attention_mask'] = torch.tensor([[0] * 5 + [1] * 7, [1] * 12])
+    monkeypatch.setattr(recurrence, 'ALIGN', 2)
+    calls = []
+    original = mom._adapter.recurrence
+    monkeypatch.setattr(mom._adapter, 'recurrence', lambda *a, **k: calls.append(1) or original(*a, **k))
     runs = []
     for parts in (1, 3):
-        monkeypatch.setattr(wrapper, 'run_recurrence',
-                            lambda a, r, w, d, b, _parts, n=parts: recurrence.run_recurrence(a, r, w, d, b, n))
+        mom.recurrence_parts = parts
+        calls.clear()
         xi = x.clone().requires_grad_()
         y = mom._adapter.convention.outputs(mom(xi, **kwargs))[0]
+        assert len(calls) == parts
         y.backward(torch.randn_like(y, generator=torch.Generator().manual_seed(1)))
         runs.append([y.detach(), xi.grad] + [p.grad.clone() for p in mom.parameters()])
         mom.zero_grad()
