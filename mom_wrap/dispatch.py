@@ -22,8 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 
 from mom_wrap.lazy import cached_property
 from mom_wrap.ops import acc
@@ -136,6 +136,27 @@ class Segments:
                         segment_sequence=nonempty_dev % Q, max_seqlen=int(lengths.max()) if lengths.numel() else 0,
                         memory_offsets_cpu=counts.view(E, Q).sum(1).cumsum(0))
 
+    def chunk_indices(self, chunk_size: int) -> torch.Tensor:
+        """fla's ``chunk_indices`` of these segments [NT, 2] on the device (``chunk_indices``), made once per
+        chunk size and uploaded asynchronously (fla would make them with PyTorch ops on the CPU and upload them
+        blocking)."""
+        cache = self.__dict__.setdefault('_chunk_indices', {})
+        if chunk_size not in cache:
+            cache[chunk_size] = upload(chunk_indices(self.cu_seqlens_cpu, chunk_size), self.cu_seqlens.device)
+        return cache[chunk_size]
+
+
+def chunk_indices(cu_seqlens_cpu: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """[NT, 2] int64 on the host: (segment, chunk within it) of every chunk of ``chunk_size`` rows of the segments
+    of cu_seqlens_cpu [G+1]: what fla's chunked kernels take as ``chunk_indices`` (fla's
+    ``prepare_chunk_indices``, in numpy: a few times less host time than fla's PyTorch ops on the CPU)."""
+    cu = cu_seqlens_cpu.numpy()
+    chunks = (np.diff(cu) + chunk_size - 1) // chunk_size
+    out = np.empty((int(chunks.sum()), 2), dtype=np.int64)
+    out[:, 0] = np.repeat(np.arange(chunks.size), chunks)
+    out[:, 1] = np.arange(out.shape[0]) - np.repeat(np.cumsum(chunks) - chunks, chunks)
+    return torch.from_numpy(out)
+
 
 class _FromSegments:
     """A ``Dispatch`` attribute read from its host layout, ``Dispatch.segments`` (made on first use)."""
@@ -199,54 +220,51 @@ class Dispatch:
         host layout (the plan's sync, if not taken yet)."""
         if parts <= 1 or self.token_major or self.num_slots == 0:
             return []
-        cu = self.cu_seqlens_cpu
-        lengths = cu.diff()
+        # the host's arithmetic in numpy (a few microseconds; PyTorch's CPU ops cost tens each)
+        cu = self.cu_seqlens_cpu.numpy()
+        lengths = np.diff(cu)
         blocks = (lengths + align - 1) // align
-        share = blocks[None, :] // parts + (torch.arange(parts)[:, None] < (blocks % parts)[None, :])  # [parts, G]
-        start = torch.cat([torch.zeros(1, lengths.numel(), dtype=torch.long), share.cumsum(0) * align]).minimum(lengths)
-        piece = start.diff(dim=0)  # [parts, G] rows of each segment in each part
+        share = blocks[None, :] // parts + (np.arange(parts)[:, None] < (blocks % parts)[None, :])  # [parts, G]
+        start = np.minimum(np.concatenate([np.zeros((1, lengths.size), np.int64), share.cumsum(0) * align]), lengths)
+        piece = np.diff(start, axis=0)  # [parts, G] rows of each segment in each part
         used = [i for i in range(parts) if piece[i].any()]
         if len(used) < 2:
             return []
         host, previous = [], None
-        for i in used:  # per part: its segments, their lengths, cu_seqlens, row shifts and carried states
-            segs = piece[i].nonzero().squeeze(1)
+        for i in used:  # per part: its segments and cu_seqlens, its rows' plan rows and positions, carried states
+            segs = np.flatnonzero(piece[i])
             n = piece[i][segs]
-            cu_part = F.pad(n.cumsum(0), (1, 0))
-            shift = cu[:-1][segs] + start[i][segs] - cu_part[:-1]  # sorted row - part row, per segment
-            carry = segs.new_zeros(0) if previous is None else torch.searchsorted(previous, segs)
-            host.append((segs, n, cu_part, shift, carry))
+            cu_part = np.concatenate([[0], n.cumsum()])
+            first = np.repeat(cu[:-1][segs] + start[i][segs], n)  # each row's piece start, as a plan row
+            position = np.arange(cu_part[-1]) - np.repeat(cu_part[:-1], n)
+            carry = np.zeros(0, np.int64) if previous is None else np.searchsorted(previous, segs)
+            host.append([segs, cu_part, first + position, position, carry])
             previous = segs
-        flat = upload(torch.cat([t for part in host for t in part]), self.token.device)  # one copy to the device
+        flat = upload(torch.from_numpy(np.concatenate([t for part in host for t in part])), self.token.device)
         out, at = [], 0
-        for segs, n, cu_part, shift, carry in host:
+        for part in host:  # the same tensors on the device: views of the one upload
             dev = []
-            for t in (segs, n, cu_part, shift, carry):
-                dev.append(flat[at:at + t.numel()])
-                at += t.numel()
-            out.append(self._time_part(segs, n, cu_part, *dev, first=not out))
+            for t in part:
+                dev.append(flat[at:at + t.size])
+                at += t.size
+            out.append(self._time_part(torch.from_numpy(part[1]), *dev, first=not out))
         return out
 
-    def _time_part(self, segs: torch.Tensor, n: torch.Tensor, cu_part: torch.Tensor, segs_dev: torch.Tensor,
-                   n_dev: torch.Tensor, cu_part_dev: torch.Tensor, shift_dev: torch.Tensor, carry_dev: torch.Tensor,
-                   first: bool) -> TimePart:
-        """One part of ``time_parts``: its segments ``segs`` of the plan with ``n`` rows each, its cu_seqlens
-        ``cu_part`` (host; ``*_dev`` the same and the row shifts and carries on the device)."""
-        S, rows_part = self.num_slots, int(cu_part[-1])
-        segment = torch.repeat_interleave(torch.arange(segs.numel(), device=n_dev.device), n_dev, output_size=rows_part)
-        local = torch.arange(rows_part, device=n_dev.device)
-        rows = local + shift_dev[segment]
+    def _time_part(self, cu_part: torch.Tensor, segs: torch.Tensor, cu_part_dev: torch.Tensor, rows: torch.Tensor,
+                   position: torch.Tensor, carry: torch.Tensor, first: bool) -> TimePart:
+        """One part of ``time_parts``, from its cu_seqlens ``cu_part`` (host) and on the device its segments'
+        indices in the plan, cu_seqlens, rows (as plan rows), their positions and its segments' carries."""
+        S, rows_part = self.num_slots, rows.numel()
         inverse = torch.full((S + 1,), rows_part, dtype=torch.long, device=rows.device)  # (row S: no slot)
-        inverse[rows] = local
+        inverse[rows] = torch.arange(rows_part, device=rows.device)
         restore = inverse[self.restore.clamp(max=S)]  # (rows from S on: padding slots, in no part)
-        layout = Segments(cu_seqlens=cu_part_dev, cu_seqlens_cpu=cu_part, segment_memory=self.segment_memory[segs_dev],
-                          segment_sequence=self.segment_sequence[segs_dev], max_seqlen=int(n.max()),
+        layout = Segments(cu_seqlens=cu_part_dev, cu_seqlens_cpu=cu_part, segment_memory=self.segment_memory[segs],
+                          segment_sequence=self.segment_sequence[segs], max_seqlen=int(cu_part.diff().max()),
                           memory_offsets_cpu=None)
-        plan = Dispatch(token=self.token[rows], slot=self.slot[rows], memory=self.memory[rows],
-                        position=local - cu_part_dev[segment], restore=restore,
-                        token_weight=self.token_weight * (restore < rows_part), memory_offsets=None,
+        plan = Dispatch(token=self.token[rows], slot=self.slot[rows], memory=self.memory[rows], position=position,
+                        restore=restore, token_weight=self.token_weight * (restore < rows_part), memory_offsets=None,
                         host_layout=lambda: layout, padded=True, kernels=self.kernels)
-        return TimePart(plan, rows, None if first else carry_dev)
+        return TimePart(plan, rows, None if first else carry)
 
     @cached_property
     def slot_rows(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -511,3 +511,13 @@ def test_permute_rows_is_index_select_both_ways():
     x2 = x.detach().clone().requires_grad_()
     x2.index_select(0, perm).backward(dy)
     assert torch.equal(y, x.index_select(0, perm)) and torch.equal(x.grad, x2.grad)
+
+
+@pytest.mark.parametrize('lengths', [[1], [64], [65, 1, 128, 200], [3, 0, 5]])
+def test_chunk_indices_equal_fla(lengths):
+    from fla.ops.utils.index import prepare_chunk_indices
+
+    from mom_wrap.dispatch import chunk_indices
+    cu = torch.tensor([0] + lengths).cumsum(0)
+    for chunk in (4, 64):
+        assert torch.equal(chunk_indices(cu, chunk), prepare_chunk_indices(cu.clone(), chunk))

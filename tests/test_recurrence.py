@@ -20,7 +20,7 @@ def _plan(memory, valid=None, num_memories=4):
 
 def _check_parts(plan, pieces, parts, align):
     """What ``time_parts`` promises, checked against the plan row by row."""
-    S, G = plan.num_slots, plan.num_segments
+    S = plan.num_slots
     segment = torch.searchsorted(plan.cu_seqlens_cpu[1:], torch.arange(S), right=True)  # each sorted row's segment
     order = torch.cat([p.rows for p in pieces])
     assert torch.equal(order.sort().values, torch.arange(S))  # every row in exactly one part

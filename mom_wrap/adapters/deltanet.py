@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from mom_wrap.adapters.base import HostAdapter, WriteProjection, register_adapter
 from mom_wrap.adapters.fla_common import gated_norm_out, l2norm, padded_segments, q_conv_shapes, q_projection
-from mom_wrap.dispatch import gather, upload
+from mom_wrap.dispatch import gather
 from mom_wrap.ops import acc
 
 CHUNK_SIZE = 64  # fla's chunk size for the delta rule (the host's default)
@@ -239,9 +239,7 @@ class DeltaNetAdapter(HostAdapter):
             return delta_rule_reference(q, k, v, beta, dispatch.cu_seqlens, dispatch.position, qk_l2norm=l2,
                                         initial_state=initial_state, output_final_state=output_final_state)
         if self._use_chunk(dispatch.max_seqlen):
-            from fla.ops.utils.index import prepare_chunk_indices
-            # chunk indices made on the host and uploaded asynchronously (see _chunk_function)
-            chunks = upload(prepare_chunk_indices(dispatch.cu_seqlens_cpu, CHUNK_SIZE), q.device)
+            chunks = dispatch.segments.chunk_indices(CHUNK_SIZE)  # (made on the host, see _chunk_function)
             o, state = _chunk_function().apply(q[None], k[None], v[None], beta[None], q.shape[-1] ** -0.5,
                                                initial_state, output_final_state, l2, dispatch.cu_seqlens,
                                                chunks, CHUNK_SIZE)

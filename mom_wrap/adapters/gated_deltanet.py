@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from mom_wrap.adapters.base import HostAdapter, WriteProjection, register_adapter
 from mom_wrap.adapters.fla_common import gated_norm_out, l2norm, padded_segments, q_conv_shapes, q_projection
-from mom_wrap.dispatch import gather, upload
+from mom_wrap.dispatch import gather
 from mom_wrap.ops import acc
 
 CHUNK_SIZE = 64  # fla's chunk size for the gated delta rule
@@ -125,15 +125,13 @@ class GatedDeltaNetAdapter(HostAdapter):
                                               dispatch.position, h.allow_neg_eigval, initial_state=initial_state,
                                               output_final_state=output_final_state)
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
-        from fla.ops.utils.index import prepare_chunk_indices
         kwargs = dict(initial_state=initial_state, output_final_state=output_final_state,
                       use_qk_l2norm_in_kernel=True, use_beta_sigmoid_in_kernel=True,
                       allow_neg_eigval=h.allow_neg_eigval, state_v_first=True, use_gate_in_kernel=True,
                       A_log=h.A_log, dt_bias=h.dt_bias, cu_seqlens=dispatch.cu_seqlens)
         # the host's own mode rule: chunk whenever gradients flow, fused_recurrent for short eval inputs
         if torch.is_grad_enabled() or h.training or (dispatch.max_seqlen > 64 and h.mode == 'chunk'):
-            # chunk indices made on the host and uploaded asynchronously; fla would upload them blocking
-            chunks = upload(prepare_chunk_indices(dispatch.cu_seqlens_cpu, CHUNK_SIZE), q.device)
+            chunks = dispatch.segments.chunk_indices(CHUNK_SIZE)  # (made on the host, uploaded asynchronously)
             o, state = chunk_gated_delta_rule(q[None], k[None], v[None], g=a[None], beta=b[None],
                                               cu_seqlens_cpu=dispatch.cu_seqlens_cpu, chunk_indices=chunks,
                                               chunk_size=CHUNK_SIZE, **kwargs)
