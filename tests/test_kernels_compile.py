@@ -31,8 +31,8 @@ def signature(fn, pointers: dict[str, str], constexprs: dict):
                    SCALARS.get(name, 'i32')) for name in fn.arg_names}
 
 
-CONV = dict(x='bf16', wt='bf16', b='bf16', memory='i64', position='i64', y='bf16', dy='bf16', dx='bf16',
-            dwt='fp32', db='fp32')
+CONV = dict(x='bf16', wt='bf16', b='bf16', memory='i64', position='i64', y='bf16', dy='bf16', dpre='fp32',
+            dx='bf16', dwt='fp32', db='fp32')
 BLOCKS = dict(BT=64, BD=64)
 
 def DELTA_STEP(dtype: str, index: str) -> dict[str, str]:  # noqa: N802 (reads like the other pointer tables)
@@ -43,11 +43,10 @@ def DELTA_STEP(dtype: str, index: str) -> dict[str, str]:  # noqa: N802 (reads l
 CASES = [
     (segment_conv._conv_fwd_kernel, CONV, dict(W=4, HAS_BIAS=True, HAS_MEMORY=True, SILU=True, **BLOCKS)),
     (segment_conv._conv_fwd_kernel, CONV, dict(W=3, HAS_BIAS=False, HAS_MEMORY=False, SILU=False, **BLOCKS)),
-    (segment_conv._conv_bwd_dx_kernel, CONV, dict(W=4, HAS_BIAS=True, HAS_MEMORY=True, SILU=True, **BLOCKS)),
-    (segment_conv._conv_bwd_dx_kernel, CONV, dict(W=3, HAS_BIAS=False, HAS_MEMORY=False, SILU=False, **BLOCKS)),
-    (segment_conv._conv_bwd_dw_kernel, CONV, dict(W=4, BW=4, HAS_BIAS=True, HAS_MEMORY=True, SILU=True, **BLOCKS)),
-    (segment_conv._conv_bwd_dw_kernel, CONV, dict(W=3, BW=4, HAS_BIAS=False, HAS_MEMORY=False, SILU=False,
-                                                  **BLOCKS)),
+    (segment_conv._conv_bwd_pre_kernel, CONV, dict(W=4, HAS_BIAS=True, HAS_MEMORY=True, SILU=True, **BLOCKS)),
+    (segment_conv._conv_bwd_dx_kernel, CONV, dict(W=4, HAS_MEMORY=True, **BLOCKS)),
+    (segment_conv._conv_bwd_dw_kernel, CONV, dict(W=4, BW=4, HAS_BIAS=True, HAS_MEMORY=True, **BLOCKS)),
+    (segment_conv._conv_bwd_dw_kernel, CONV, dict(W=3, BW=4, HAS_BIAS=False, HAS_MEMORY=False, **BLOCKS)),
     (conv_step._conv_step_kernel, dict(x='bf16', pool='bf16', index='i64', w='bf16', b='bf16', memory='i64',
                                        valid='u8', y='bf16'),
      dict(W=4, BW=4, HAS_INDEX=True, HAS_MEMORY=True, HAS_BIAS=True, HAS_VALID=True, SILU=True, BD=128)),

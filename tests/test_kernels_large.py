@@ -163,13 +163,13 @@ def test_segment_conv_fused_projection_540k_rows():
     """``segment_conv_triton`` forward and backward in bf16 on x [540_000, 4096], a column slice of a fused
     [540_000, 4620] projection, 4 memories in sorted memory-major segments of 1..2048 rows.
 
-    Row * 4620 passes 2**31 from row 464,824 and row * 4096 (y, dy and dx) from row 524,288:
+    Row * 4620 passes 2**31 from row 464,824 and row * 4096 (y, dy, dx and the fp32 dpre) from row 524,288:
     at 540,000 rows both do, not only x's (470,000 rows, where a GPU first faulted). y, dx, dweight and dbias
     are checked against the torch reference run in fp32 over chunks of whole segments (the conv never
     crosses a segment, so the chunks' y and dx are the full input's, and the weight and bias gradients are
-    the chunks' sums): every row is checked. Peak GPU memory 25.3 GiB when the backward still wrote an fp32
-    buffer (8.2 GiB), all of it the conv's own (fused x 4.6 GiB; y, dy and dx 4.1 each): the reference's
-    chunks of 32k rows fit in what the backward frees. About 7 s on an H200, most of it the child's start and the kernels' compile.
+    the chunks' sums): every row is checked. Peak GPU memory 25.3 GiB, all of it the conv's own (fused x
+    4.6 GiB; y, dy and dx 4.1 each; the backward's dpre 8.2): the reference's chunks of 32k rows fit in what
+    the backward frees. About 7 s on an H200, most of it the child's start and the kernels' compile.
     """
     run_isolated('case_segment_conv_fused_projection_540k_rows')
 

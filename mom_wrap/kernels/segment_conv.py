@@ -5,18 +5,16 @@ x [S, D] with each segment's rows contiguous and time-ordered, weight [E, D, W] 
 row), optional bias [E, D], memory [S] (row -> weight), position [S] (row's index in its segment; taps
 before the segment's start read zeros), optional SiLU. fp32 accumulation, output in x's dtype.
 
-The kernels read the weight as [E, W, D], each tap contiguous along D. Backward in two passes, each
-recomputing the gradient before the activation (dy x SiLU'(pre-activation), the pre-activation from x) where
-it needs it rather than reading it from a buffer: ``_conv_bwd_dx`` gathers dx from the W rows each row
-feeds, and ``_conv_bwd_dw`` reduces the weight/bias gradients per memory over long runs of rows in
-registers: rows are sorted memory-major, so a run spans one memory (rarely two) and adds one partial sum per
-memory atomically, so few adds meet on each weight. (A first pass writing that gradient in fp32 for the
-other two read and wrote 20 bytes per element, these two read 10; at 2 x 16384 tokens of the paper's layer,
-H100, the three took 0.83 ms per conv.)
+The kernels read the weight as [E, W, D], each tap contiguous along D. Backward in three passes:
+``_conv_bwd_pre`` turns dy into the gradient before the activation (recomputing the pre-activation rather
+than keeping it), ``_conv_bwd_dx`` gathers dx from the W rows each row feeds, and ``_conv_bwd_dw`` reduces
+the weight/bias gradients per memory over long runs of rows in registers: rows are sorted memory-major, so
+a run spans one memory (rarely two) and adds one partial sum per memory atomically, so few adds meet on
+each weight.
 
 Offsets pass 2**31 elements on long inputs: x is mostly a column slice of the fused projection, its row
-stride SX the fused width (4620, say), so row * SX does from row 464,824 on (row * D, for y, dy and dx,
-from row 524,288 of 4096). Each program therefore moves its pointers to its first row r0 in 64-bit
+stride SX the fused width (4620, say), so row * SX does from row 464,824 on (row * D, for y, dy, dpre and
+dx, from row 524,288 of 4096). Each program therefore moves its pointers to its first row r0 in 64-bit
 arithmetic and indexes rows from there in int32. That costs a few scalar operations, where int64 offsets
 over whole tiles took 15-35% more time in the backward kernels (H200, Triton 3.6: more registers, fewer
 programs per SM). The launcher keeps the in-program offsets in int32: (rows of a program + W) * max(SX, D)
@@ -81,24 +79,8 @@ def _conv_fwd_kernel(x, wt, b, memory, position, y, S, D, SX, W: tl.constexpr, H
 
 
 @triton.jit
-def _conv_dpre(x, wt, b, dy, mem, pos, rows, cols, row_ok, col_ok, D, SX, W: tl.constexpr, HAS_BIAS: tl.constexpr,
-               SILU: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
-    """The gradient before the activation at rows [BT] x cols [BD], fp32 (zero where row_ok is False):
-    dy, times SiLU' of the recomputed pre-activation."""
-    g = tl.load(dy + rows[:, None] * D + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.)
-    g = g.to(tl.float32)
-    if SILU:
-        acc = _conv_pre(x, wt, b, mem, pos, rows, cols, row_ok, col_ok, D, SX, W, HAS_BIAS, BT, BD)
-        sig = tl.sigmoid(acc)
-        g = g * sig * (1 + acc * (1 - sig))
-    return g
-
-
-@triton.jit
-def _conv_bwd_dx_kernel(x, wt, b, memory, position, dy, dx, S, D, SX, W: tl.constexpr, HAS_BIAS: tl.constexpr,
-                        HAS_MEMORY: tl.constexpr, SILU: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
-    """dx[r] = sum_j dpre[r + j] * tap W-1-j, over the rows r + j of r's segment (same memory as r); dpre
-    recomputed per j (``_conv_dpre``: its x and dy tiles overlap from one j to the next, cache hits)."""
+def _conv_bwd_pre_kernel(x, wt, b, memory, position, dy, dpre, S, D, SX, W: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         HAS_MEMORY: tl.constexpr, SILU: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
     r0 = tl.program_id(0).to(tl.int64) * BT  # the block's first row; pointers move there in 64-bit
     rows = tl.arange(0, BT)  # from r0: int32 offsets within the block
     cols = tl.program_id(1) * BD + tl.arange(0, BD)
@@ -106,6 +88,31 @@ def _conv_bwd_dx_kernel(x, wt, b, memory, position, dy, dx, S, D, SX, W: tl.cons
     row_ok, col_ok = rows < n, cols < D
     x += r0 * SX
     dy += r0 * D
+    dpre += r0 * D
+    position += r0
+    if HAS_MEMORY:
+        memory += r0
+    m = row_ok[:, None] & col_ok[None, :]
+    g = tl.load(dy + rows[:, None] * D + cols[None, :], mask=m, other=0.).to(tl.float32)
+    if SILU:
+        pos = tl.load(position + rows, mask=row_ok, other=0)
+        mem = _memory_of(memory, rows, row_ok, HAS_MEMORY)
+        acc = _conv_pre(x, wt, b, mem, pos, rows, cols, row_ok, col_ok, D, SX, W, HAS_BIAS, BT, BD)
+        sig = tl.sigmoid(acc)
+        g = g * sig * (1 + acc * (1 - sig))
+    tl.store(dpre + rows[:, None] * D + cols[None, :], g, mask=m)
+
+
+@triton.jit
+def _conv_bwd_dx_kernel(wt, memory, position, dpre, dx, S, D, W: tl.constexpr, HAS_MEMORY: tl.constexpr,
+                        BT: tl.constexpr, BD: tl.constexpr):
+    """dx[r] = sum_j dpre[r + j] * tap W-1-j, over the rows r + j of r's segment."""
+    r0 = tl.program_id(0).to(tl.int64) * BT  # the block's first row; pointers move there in 64-bit
+    rows = tl.arange(0, BT)  # from r0: int32 offsets within the block
+    cols = tl.program_id(1) * BD + tl.arange(0, BD)
+    n = (S - r0).to(tl.int32)  # rows from r0 to the end (S is int32)
+    row_ok, col_ok = rows < n, cols < D
+    dpre += r0 * D
     dx += r0 * D
     position += r0
     if HAS_MEMORY:
@@ -116,27 +123,24 @@ def _conv_bwd_dx_kernel(x, wt, b, memory, position, dy, dx, S, D, SX, W: tl.cons
     for j in tl.static_range(W):
         src = rows + j
         src_ok = src < n
-        src_pos = tl.load(position + src, mask=src_ok, other=0)
-        feeds = src_ok & (src_pos >= j)  # row r + j is in r's segment: the same memory
-        gj = _conv_dpre(x, wt, b, dy, mem, src_pos, src, cols, feeds, col_ok, D, SX, W, HAS_BIAS, SILU, BT, BD)
+        feeds = src_ok & (tl.load(position + src, mask=src_ok, other=0) >= j)
+        gj = tl.load(dpre + src[:, None] * D + cols[None, :], mask=feeds[:, None] & col_ok[None, :], other=0.)
         wj = tl.load(wt + mem[:, None] * W * D + (W - 1 - j) * D + cols[None, :], mask=m, other=0.)
         acc += gj * wj.to(tl.float32)
     tl.store(dx + rows[:, None] * D + cols[None, :], acc.to(dx.dtype.element_ty), mask=m)
 
 
 @triton.jit
-def _conv_bwd_dw_kernel(x, wt, b, memory, position, dy, dwt, db, S, D, SX, ROWS, W: tl.constexpr, BW: tl.constexpr,
-                        HAS_BIAS: tl.constexpr, HAS_MEMORY: tl.constexpr, SILU: tl.constexpr, BT: tl.constexpr,
-                        BD: tl.constexpr):
+def _conv_bwd_dw_kernel(x, memory, position, dpre, dwt, db, S, D, SX, ROWS, W: tl.constexpr, BW: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, HAS_MEMORY: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
     """dw[e, :, W-1-j] = sum over the rows r of memory e of dpre[r] * x[r - j] (same segment); db[e] = sum of
-    dpre[r] (dpre recomputed, ``_conv_dpre``). Each program reduces ROWS rows in registers and adds one
-    partial sum per memory among them: with rows sorted memory-major that is one memory (rarely two), so few
-    atomic adds land on each weight. ROWS is a runtime value (a multiple of BT): it depends on S for short
-    inputs, and as a constexpr it compiled the kernel again for every new length (26 times in a soak run after
-    warm-up)."""
+    dpre[r]. Each program reduces ROWS rows in registers and adds one partial sum per memory among them:
+    with rows sorted memory-major that is one memory (rarely two), so few atomic adds land on each weight.
+    ROWS is a runtime value (a multiple of BT): it depends on S for short inputs, and as a constexpr it compiled
+    the kernel again for every new length (26 times in a soak run after warm-up)."""
     r0 = tl.program_id(0).to(tl.int64) * ROWS  # as in the tile kernels: 64-bit to r0, int32 from there
     x += r0 * SX
-    dy += r0 * D
+    dpre += r0 * D
     position += r0
     if HAS_MEMORY:
         memory += r0
@@ -162,8 +166,8 @@ def _conv_bwd_dw_kernel(x, wt, b, memory, position, dy, dwt, db, S, D, SX, ROWS,
             row_ok = rows < n
             mem = _memory_of(memory, rows, row_ok, HAS_MEMORY)
             mine = row_ok & (mem == e)
+            g = tl.load(dpre + rows[:, None] * D + cols[None, :], mask=mine[:, None] & col_ok[None, :], other=0.)
             pos = tl.load(position + rows, mask=row_ok, other=0)
-            g = _conv_dpre(x, wt, b, dy, mem, pos, rows, cols, mine, col_ok, D, SX, W, HAS_BIAS, SILU, BT, BD)
             for j in tl.static_range(W):
                 reads = mine & (pos >= j)
                 xj = tl.load(x + (rows - j)[:, None] * SX + cols[None, :], mask=reads[:, None] & col_ok[None, :],
@@ -224,13 +228,15 @@ class SegmentConvTriton(torch.autograd.Function):
         S = x.shape[0]
         if S:
             grid, meta = _launch_args(x, ctx.weight_shape, memory)
-            dy = dy.contiguous()
-            common = dict(SX=x.stride(0), HAS_BIAS=bias is not None, SILU=ctx.silu, **meta)
-            _conv_bwd_dx_kernel[grid](x, wt, bias, memory, position, dy, dx, **common)
+            dpre = torch.empty(x.shape, device=x.device, dtype=torch.float32)
+            _conv_bwd_pre_kernel[grid](x, wt, bias, memory, position, dy.contiguous(), dpre, SX=x.stride(0),
+                                       HAS_BIAS=bias is not None, SILU=ctx.silu, **meta)
+            _conv_bwd_dx_kernel[grid](wt, memory, position, dpre, dx, **meta)
             # a multiple of BLOCK_T, and in-program offsets in int32 (the forward made sure one block fits)
             rows = min(ROWS_PER_PROGRAM, grid[0] * BLOCK_T, (_rows_in_int32(x) - W) // BLOCK_T * BLOCK_T)
-            _conv_bwd_dw_kernel[(triton.cdiv(S, rows), grid[1])](x, wt, bias, memory, position, dy, dwt, db, BW=BW,
-                                                                 ROWS=rows, **common)
+            _conv_bwd_dw_kernel[(triton.cdiv(S, rows), grid[1])](
+                x, memory, position, dpre, dwt, db, SX=x.stride(0), BW=BW, HAS_BIAS=bias is not None, ROWS=rows,
+                **meta)
         dw = dwt[:, :, :W].to(ctx.weight_dtype)
         return dx, dw, None if db is None else db.to(bias.dtype), None, None, None
 
