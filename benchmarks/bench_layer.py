@@ -93,6 +93,22 @@ def measure(layer, x, dy, iters, **kwargs):
     return start.elapsed_time(end) / iters, (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
+def host_time(layer, x, dy, iters, **kwargs):
+    """Median milliseconds of host (CPU) time to issue one fwd+bwd, each step started from an idle GPU (a
+    synchronize before it, none after): where the GPU keeps up, the step's wall time is this; the one sync of
+    our forward (the plan's counts) waits for the GPU work queued before it, so that is in it too."""
+    import time
+    times = []
+    for _ in range(iters):
+        x.grad = None
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        output(layer(x, **kwargs)).backward(dy)
+        times.append(time.perf_counter() - start)
+    torch.cuda.synchronize()
+    return 1e3 * sorted(times)[len(times) // 2]
+
+
 def profile(layer, x, dy, rows=25, **kwargs):
     """The CUDA kernels of 3 fwd+bwd steps, most time first; then the operators that launched them, by input
     shapes (which tensor an elementwise kernel or a gather works on), by their own CUDA time."""
@@ -200,6 +216,8 @@ def run_case(made, args, batch, seq_len, rec):
         try:
             ms, mem = measure(layer, x, dy, args.iters, **kwargs)
             results[name] = (ms, mem, 'ok')
+            if args.host_time:
+                print(f"{name}: host time to issue fwd+bwd from an idle GPU {host_time(layer, x, dy, args.iters, **kwargs):.2f} ms")
             if args.memory and role(name) != 'host':
                 print(f"\n{name}:")
                 memory_report(layer, x, dy, **kwargs)
@@ -255,6 +273,8 @@ def main():
     p.add_argument('--topk', type=int, default=2)
     p.add_argument('--iters', type=int, default=20)
     p.add_argument('--profile', action='store_true', help='print the CUDA kernel table of the MoM layer')
+    p.add_argument('--host-time', action='store_true',
+                   help='also print each layer\'s host (CPU) time to issue one fwd+bwd from an idle GPU')
     p.add_argument('--memory', action='store_true',
                    help='print where the peak memory of the MoM layers goes (what autograd saves, by shape)')
     p.add_argument('--recurrence-parts', type=int, nargs='+', metavar='N',
