@@ -69,11 +69,12 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def wrap(host: nn.Module, num_memories: int = 4, topk: int = 2, shared: bool = True, init: str = 'random',
-         backend: str = 'torch', seed: int = 0) -> MixtureOfMemories:
-    """A wrapped layer without balancing loss (references have none) and a router spread enough to route."""
+         backend: str = 'torch', seed: int = 0, adapter=None) -> MixtureOfMemories:
+    """A wrapped layer without balancing loss (references have none) and a router spread enough to route
+    (``adapter``: a variant's adapter class, as ``MixtureOfMemories`` takes it)."""
     torch.manual_seed(seed)
     mom = MixtureOfMemories(host, num_memories=num_memories, topk=topk, shared_memory=shared, init=init,
-                            backend=backend, balance_loss_weight=0.0)
+                            backend=backend, balance_loss_weight=0.0, adapter=adapter)
     nn.init.normal_(mom.router.weight, std=0.5)
     if init == 'random':  # copies must stay copies of the host's biases (the copy checks compare with the host)
         for b in (*mom.memories.conv_bias.values(), *mom.memories.proj_bias.values(),

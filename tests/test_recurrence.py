@@ -7,9 +7,11 @@ import torch
 import mom_wrap.recurrence as recurrence
 from mom_wrap.adapters.base import _REGISTRY
 from mom_wrap.dispatch import plan_dispatch
+from mom_wrap.fla_mom import FlaMomAdapter
 from mom_wrap.testing import wrap
 
-ADAPTERS = {a.host_class.rpartition('.')[2]: a for a in _REGISTRY if a.load_host_class() is not None}
+ADAPTERS = {a.host_class.rpartition('.')[2]: (a, None) for a in _REGISTRY if a.load_host_class() is not None}
+ADAPTERS['GatedDeltaNet/FlaMomAdapter'] = (ADAPTERS['GatedDeltaNet'][0], FlaMomAdapter)  # q per memory, per slot
 
 
 def _plan(memory, valid=None, num_memories=4):
@@ -105,7 +107,8 @@ def test_parts_equal_one_call(host, padded, monkeypatch):
     """Outputs and every gradient, with the recurrence in 1 and in 3 calls over time (blocks of 2 rows here: the
     segments are short); the adapter's calls are counted, so the parts cannot silently fall back to one."""
     torch.manual_seed(0)
-    mom = wrap(ADAPTERS[host].example_host().double(), init='random', backend='torch').train()
+    registered, variant = ADAPTERS[host]
+    mom = wrap(registered.example_host().double(), init='random', backend='torch', adapter=variant).train()
     hidden = mom.hidden_size
     x = torch.randn(2, 12, hidden, dtype=torch.float64)
     kwargs = mom._adapter.example_inputs(x)
