@@ -11,8 +11,6 @@ routing without autograd (its graph over 65,536 steps would not fit); each dtype
 to that dtype, run on the triton backend (fla's chunk kernels on our segments). A backward then gives finite
 gradients that reach exactly the memories that got tokens.
 """
-import copy
-
 import pytest
 import torch
 from fla.layers import GatedDeltaNet
