@@ -133,3 +133,44 @@ def test_parts_equal_one_call(host, padded, monkeypatch):
     names = ['output', 'input grad'] + [n for n, _ in mom.named_parameters()]
     for a, b, n in zip(*runs, names):
         torch.testing.assert_close(b, a, msg=n)
+
+
+GPU_HOSTS = ['GatedLinearAttention', 'DeltaNet', 'RWKV6Attention', 'RWKV7Attention', 'Mamba2']
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize('host', GPU_HOSTS)
+def test_parts_equal_one_call_on_the_gpu(host):
+    """Every other host's triton backend (fla's chunk kernels, or for Mamba2 ours) with the recurrence in 2 calls
+    over time against one call, bf16 at bench_layer's sizes (hidden 1024; its autotune cache): the parts hand
+    the host kernels' final states and their gradients from one call to the next (GatedDeltaNet: in fp32, in
+    tests/test_gpu.py). Errors relative to the one call's norm, output, input gradient and every parameter's."""
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks'))
+    from bench_layer import host_factory, host_kwargs, output
+
+    from mom_wrap import MixtureOfMemories
+    torch.manual_seed(0)
+    mom = MixtureOfMemories(host_factory(host, 1024, 4, 256)(), num_memories=4, topk=2, shared_memory=True,
+                            balance_loss_weight=0.0).to('cuda', torch.bfloat16).train()
+    x = torch.randn(2, 1024, 1024, device='cuda', dtype=torch.bfloat16)
+    dy = torch.randn_like(x)
+    kwargs = host_kwargs(host, x)
+    calls, original = [], mom._adapter.recurrence
+    mom._adapter.recurrence = lambda *a, **k: calls.append(1) or original(*a, **k)
+    runs = []
+    for parts in (1, 2):
+        mom.recurrence_parts = parts
+        calls.clear()
+        xi = x.clone().requires_grad_()
+        y = output(mom(xi, **kwargs))
+        y.backward(dy)
+        assert len(calls) == parts
+        runs.append([y.detach(), xi.grad] + [p.grad.clone() for p in mom.parameters()])
+        mom.zero_grad()
+    names = ['output', 'input grad'] + [n for n, _ in mom.named_parameters()]
+    errs = {n: ((b.float() - a.float()).norm() / a.float().norm().clamp_min(1e-12)).item()
+            for a, b, n in zip(*runs, names)}
+    print(f"\n{host} 2 parts vs 1 call, relative errors (max):", f"{max(errs.values()):.1e}")
+    assert max(errs.values()) < 2e-2, errs
