@@ -74,11 +74,16 @@ def layers(hidden, heads, head_dim, memories, topk, dtype, host='GatedDeltaNet',
     return {name: m.to('cuda', dtype).train() for name, m in made.items()}
 
 
+def fwd_bwd(layer, x, dy, **kwargs):
+    """One training step of the layer: forward on x (its gradient cleared first), backward of dy."""
+    x.grad = None
+    output(layer(x, **kwargs)).backward(dy)
+
+
 def measure(layer, x, dy, iters, **kwargs):
     """Mean fwd+bwd milliseconds over ``iters`` (after warm-up) and peak memory above the inputs (MiB)."""
     def step():
-        x.grad = None
-        output(layer(x, **kwargs)).backward(dy)
+        fwd_bwd(layer, x, dy, **kwargs)
     for _ in range(3):
         step()
     torch.cuda.synchronize()
@@ -100,10 +105,9 @@ def host_time(layer, x, dy, iters, **kwargs):
     import time
     times = []
     for _ in range(iters):
-        x.grad = None
         torch.cuda.synchronize()
         start = time.perf_counter()
-        output(layer(x, **kwargs)).backward(dy)
+        fwd_bwd(layer, x, dy, **kwargs)
         times.append(time.perf_counter() - start)
     torch.cuda.synchronize()
     return 1e3 * sorted(times)[len(times) // 2]

@@ -75,7 +75,7 @@ def child(args) -> None:
     and write how many steps ran and for how long to ``args.ready`` + '.steps'."""
     import torch
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from bench_layer import host_factory, host_kwargs, output
+    from bench_layer import fwd_bwd, host_factory, host_kwargs
 
     from mom_wrap import MixtureOfMemories
     torch.manual_seed(0)
@@ -88,8 +88,7 @@ def child(args) -> None:
     kwargs = host_kwargs(args.host, x)
 
     def step():
-        x.grad = None
-        output(layer(x, **kwargs)).backward(dy)
+        fwd_bwd(layer, x, dy, **kwargs)
     for _ in range(20):
         step()
     torch.cuda.synchronize()

@@ -17,7 +17,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_layer import host_factory, host_kwargs, output  # noqa: E402
+from bench_layer import fwd_bwd, host_factory, host_kwargs  # noqa: E402
 
 from mom_wrap import MixtureOfMemories  # noqa: E402
 from mom_wrap.check import first_config_only  # noqa: E402
@@ -38,13 +38,12 @@ def measure(layer, x, dy, kwargs) -> tuple[int, int, int]:
         layer(x, **kwargs)
 
     def forward_backward():
-        x.grad = None
-        output(layer(x, **kwargs)).backward(dy)
+        fwd_bwd(layer, x, dy, **kwargs)
 
     layer.train()
     forward_backward()
     fwd = len(host_syncs(forward))
-    fwd_bwd = len(host_syncs(forward_backward))
+    step = len(host_syncs(forward_backward))
 
     layer.eval()
     prompt, token = x.detach()[:, :PREFILL], x.detach()[:, PREFILL:PREFILL + 1]
@@ -59,7 +58,7 @@ def measure(layer, x, dy, kwargs) -> tuple[int, int, int]:
         convention.call_cached(layer, token, prefill(), **token_kw)
         cache = prefill()
         decode = len(host_syncs(lambda: convention.call_cached(layer, token, cache, **token_kw)))
-    return fwd, fwd_bwd, decode
+    return fwd, step, decode
 
 
 def main():
@@ -87,8 +86,8 @@ def main():
                             (f'mom_wrap MoM({host})',
                              lambda: MixtureOfMemories(make(), num_memories=4, topk=2, shared_memory=True))):
             layer = build().to('cuda', dtype)
-            fwd, fwd_bwd, decode = measure(layer, x, dy, host_kwargs(host, x))
-            print(f"{name:<36}{fwd:>15}{fwd_bwd:>15}{decode:>19}", flush=True)  # row by row: a host may run long
+            fwd, step, decode = measure(layer, x, dy, host_kwargs(host, x))
+            print(f"{name:<36}{fwd:>15}{step:>15}{decode:>19}", flush=True)  # row by row: a host may run long
             del layer
             torch.cuda.empty_cache()
 
