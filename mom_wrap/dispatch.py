@@ -241,13 +241,10 @@ class Dispatch:
             host.append([segs, cu_part, first + position, position, carry])
             previous = segs
         flat = upload(torch.from_numpy(np.concatenate([t for part in host for t in part])), self.token.device)
-        out, at = [], 0
-        for part in host:  # the same tensors on the device: views of the one upload
-            dev = []
-            for t in part:
-                dev.append(flat[at:at + t.size])
-                at += t.size
-            out.append(self._time_part(torch.from_numpy(part[1]), *dev, first=not out))
+        dev = iter(flat.split([t.size for part in host for t in part]))  # the same tensors on the device
+        out = []
+        for part in host:
+            out.append(self._time_part(torch.from_numpy(part[1]), *[next(dev) for _ in part], first=not out))
         return out
 
     def _time_part(self, cu_part: torch.Tensor, segs: torch.Tensor, cu_part_dev: torch.Tensor, rows: torch.Tensor,

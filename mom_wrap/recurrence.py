@@ -19,7 +19,8 @@ to the kernels' own rounding.
 Measured (H100, bf16, the paper's GatedDeltaNet layer, commit 98e1e43): 2 parts lower the peak from 2414 to
 1692 MiB at 8 x 2048 tokens and from 4809 to 3288 MiB at 2 x 16384 (fla's MomAttention: 2006 and 3962); fla's
 kernels take the same GPU time in two calls as in one (dqkwg, dhu, fwd_h: 10.5 / 7.2 / 6.4 ms against 10.4 /
-7.0 / 6.2 over 3 steps at 2 x 16384), the copies about 0.6 ms per step there. The time: 13.7 -> 22.4 ms at
+7.0 / 6.2 over 3 steps at 2 x 16384), the copies about 1.2 ms per step there (gathers 0.8, concatenations
+0.4). The time: 13.7 -> 22.4 ms at
 8 x 2048, where the layer is bound by host time and fla's call costs about 4 ms of it (forward and backward,
 on those machines' CPUs), and 21.8 -> 26.3 ms at 2 x 16384. Hence one call by default.
 """
