@@ -28,6 +28,7 @@ and the tests set it), which runs their eval path (fused_recurrent) for T <= 64.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
 from typing import Callable
@@ -81,6 +82,19 @@ def wrap(host: nn.Module, num_memories: int = 4, topk: int = 2, shared: bool = T
                   *mom.memories.second_bias.values()):
             nn.init.normal_(b.data, std=0.3)  # fresh biases start at zero: make them count
     return mom.to(next(host.parameters()).device)
+
+
+@contextlib.contextmanager
+def recurrence_calls(mom: MixtureOfMemories):
+    """Inside: a list that gets one entry per call of ``mom``'s adapter's recurrence (the tests of
+    ``recurrence_parts`` count them, so that parts cannot fall back to one call unnoticed)."""
+    calls, adapter = [], mom._adapter
+    original = adapter.recurrence
+    adapter.recurrence = lambda *a, **k: calls.append(1) or original(*a, **k)
+    try:
+        yield calls
+    finally:
+        del adapter.recurrence  # the instance attribute: the class's method again
 
 
 # ------------------------------------------------------------------------------------------ naive loop

@@ -8,7 +8,7 @@ import mom_wrap.recurrence as recurrence
 from mom_wrap.adapters.base import _REGISTRY
 from mom_wrap.dispatch import plan_dispatch
 from mom_wrap.fla_mom import FlaMomAdapter
-from mom_wrap.testing import wrap
+from mom_wrap.testing import recurrence_calls, wrap
 
 ADAPTERS = {a.host_class.rpartition('.')[2]: (a, None) for a in _REGISTRY if a.load_host_class() is not None}
 ADAPTERS['GatedDeltaNet/FlaMomAdapter'] = (ADAPTERS['GatedDeltaNet'][0], FlaMomAdapter)  # q per memory, per slot
@@ -117,15 +117,12 @@ def test_parts_equal_one_call(host, padded, monkeypatch):
             pytest.skip("the host's layer takes no padding mask")
         kwargs['attention_mask'] = torch.tensor([[0] * 5 + [1] * 7, [1] * 12])
     monkeypatch.setattr(recurrence, 'ALIGN', 2)
-    calls = []
-    original = mom._adapter.recurrence
-    monkeypatch.setattr(mom._adapter, 'recurrence', lambda *a, **k: calls.append(1) or original(*a, **k))
     runs = []
     for parts in (1, 3):
         mom.recurrence_parts = parts
-        calls.clear()
         xi = x.clone().requires_grad_()
-        y = mom._adapter.convention.outputs(mom(xi, **kwargs))[0]
+        with recurrence_calls(mom) as calls:
+            y = mom._adapter.convention.outputs(mom(xi, **kwargs))[0]
         assert len(calls) == parts
         y.backward(torch.randn_like(y, generator=torch.Generator().manual_seed(1)))
         runs.append([y.detach(), xi.grad] + [p.grad.clone() for p in mom.parameters()])
@@ -157,14 +154,12 @@ def test_parts_equal_one_call_on_the_gpu(host):
     x = torch.randn(2, 1024, 1024, device='cuda', dtype=torch.bfloat16)
     dy = torch.randn_like(x)
     kwargs = host_kwargs(host, x)
-    calls, original = [], mom._adapter.recurrence
-    mom._adapter.recurrence = lambda *a, **k: calls.append(1) or original(*a, **k)
     runs = []
     for parts in (1, 2):
         mom.recurrence_parts = parts
-        calls.clear()
         xi = x.clone().requires_grad_()
-        y = output(mom(xi, **kwargs))
+        with recurrence_calls(mom) as calls:
+            y = output(mom(xi, **kwargs))
         y.backward(dy)
         assert len(calls) == parts
         runs.append([y.detach(), xi.grad] + [p.grad.clone() for p in mom.parameters()])
