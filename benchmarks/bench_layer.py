@@ -58,15 +58,21 @@ def host_kwargs(host, x):
     return {'v_first': torch.randn_like(x).detach()} if host == 'RWKV7Attention' else {}
 
 
-def layers(hidden, heads, head_dim, memories, topk, dtype, host='GatedDeltaNet', parts=(None,)):
+def layers(hidden, heads, head_dim, memories, topk, dtype, host='GatedDeltaNet', parts=(None,), time_parts=()):
     """The host, ours (one layer per ``recurrence_parts`` value in ``parts``, None: the default; the first is
-    named ``mom_wrap MoM(host)``, the others get `` parts=N``) and, for GatedDeltaNet, fla's MomAttention."""
+    named ``mom_wrap MoM(host)``, the others get `` parts=N``; one per value in ``time_parts`` with the parts
+    over time even where the adapter has a backward in groups, `` parts=N time``) and, for GatedDeltaNet, fla's
+    MomAttention."""
     make = host_factory(host, hidden, heads, head_dim)
     made = {f'{host} (host)': make()}
     for i, n in enumerate(parts):
         kw = {} if n is None else {'recurrence_parts': n}
         made[f'mom_wrap MoM({host})' + (f' parts={n}' if i else '')] = MixtureOfMemories(
             make(), num_memories=memories, topk=topk, shared_memory=True, **kw)
+    for n in time_parts:
+        mom = MixtureOfMemories(make(), num_memories=memories, topk=topk, shared_memory=True, recurrence_parts=n)
+        mom._adapter.recurrence_in_groups = lambda *a, **k: None  # (mom_wrap.recurrence: then over time)
+        made[f'mom_wrap MoM({host}) parts={n} time'] = mom
     if host == 'GatedDeltaNet':
         from fla.layers.mom import MomAttention
         made['fla MomAttention'] = MomAttention(hidden_size=hidden, head_dim=head_dim, num_heads=heads, expand_v=1,
@@ -283,6 +289,9 @@ def main():
                    help='print where the peak memory of the MoM layers goes (what autograd saves, by shape)')
     p.add_argument('--recurrence-parts', type=int, nargs='+', metavar='N',
                    help="one MoM layer per value of MixtureOfMemories' recurrence_parts (default: its default)")
+    p.add_argument('--time-parts', type=int, nargs='+', metavar='N', default=(),
+                   help="one MoM layer per value with recurrence_parts=N over time (not the adapter's backward in "
+                        "groups of segments)")
     p.add_argument('--json', metavar='PATH', help='write the rows as JSON (rewritten after every row)')
     p.add_argument('--seq-lens', type=int, nargs='+', metavar='T',
                    help='sweep these lengths at --tokens tokens each (default with --plot: 2048 8192 16384 65536)')
@@ -299,7 +308,7 @@ def main():
     torch.manual_seed(0)
     rec = Recorder(args.json, 'bench_layer')
     made = layers(args.hidden, args.heads, args.head_dim, args.memories, args.topk, torch.bfloat16, args.host,
-                  args.recurrence_parts or (None,))
+                  args.recurrence_parts or (None,), args.time_parts)
     cases = ([(max(1, args.tokens // T), T) for T in args.seq_lens] if args.seq_lens
              else [(args.batch, args.seq_len)])
     for batch, seq_len in cases:

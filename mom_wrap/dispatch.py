@@ -247,6 +247,33 @@ class Dispatch:
             out.append(self._time_part(torch.from_numpy(part[1]), *[next(dev) for _ in part], first=not out))
         return out
 
+    def segment_groups(self, parts: int, chunk_size: int, slack: float = 1.25) -> list[SegmentGroup]:
+        """The plan's segments as up to ``parts`` groups of whole, consecutive segments, cut at the segment
+        boundaries nearest to every ``num_slots * i / parts`` rows: for a host kernel's backward in a call per
+        group (``HostAdapter.recurrence_in_groups``). Each group's rows are a contiguous range of the sorted
+        slots (views, no copies) and its segments need no states from another group. [] where fewer than two
+        groups have rows, or where the largest has more than ``slack * num_slots / parts`` rows (a segment of
+        its own that long: then the parts over time, ``time_parts``, split it, and this split would not).
+        Reads the host layout (the plan's sync, if not taken yet); one upload for all groups."""
+        if parts <= 1 or self.token_major or self.num_slots == 0:
+            return []
+        cu = self.cu_seqlens_cpu.numpy()
+        S = int(cu[-1])
+        after = np.searchsorted(cu, S * np.arange(1, parts) / parts)  # first boundary at or past each target
+        nearer = cu[after] - S * np.arange(1, parts) / parts > S * np.arange(1, parts) / parts - cu[after - 1]
+        bounds = np.unique(np.concatenate([[0], after - nearer, [cu.size - 1]]))
+        rows = cu[bounds]
+        if bounds.size < 3 or np.diff(rows).max() > slack * S / parts:
+            return []
+        host = []
+        for g0, g1 in zip(bounds[:-1], bounds[1:]):
+            cu_g = cu[g0:g1 + 1] - cu[g0]
+            host += [cu_g, chunk_indices(torch.from_numpy(cu_g), chunk_size).numpy().reshape(-1)]
+        flat = upload(torch.from_numpy(np.concatenate(host)), self.token.device)
+        dev = flat.split([t.size for t in host])
+        return [SegmentGroup(int(r0), int(r1), torch.from_numpy(host[2 * i]), dev[2 * i], dev[2 * i + 1].view(-1, 2))
+                for i, (r0, r1) in enumerate(zip(rows[:-1], rows[1:]))]
+
     def _time_part(self, cu_part: torch.Tensor, segs: torch.Tensor, cu_part_dev: torch.Tensor, rows: torch.Tensor,
                    position: torch.Tensor, carry: torch.Tensor, first: bool) -> TimePart:
         """One part of ``time_parts``, from its cu_seqlens ``cu_part`` (host) and on the device its segments'
@@ -279,6 +306,17 @@ class TimePart:
     #                              positions from each piece's start
     rows: torch.Tensor           # [S_i] the plan's sorted row of each of its rows
     carry: torch.Tensor | None   # [G_i] each of its segments' index among the previous part's (None: the first part)
+
+
+@dataclass
+class SegmentGroup:
+    """Consecutive whole segments of a plan (``Dispatch.segment_groups``): sorted rows [start, stop)."""
+
+    start: int
+    stop: int
+    cu_seqlens_cpu: torch.Tensor  # [G_i + 1] int64 on the host, from 0
+    cu_seqlens: torch.Tensor      # the same on the device
+    chunk_indices: torch.Tensor   # [NT_i, 2] fla's chunk indices of its segments, on the device
 
 
 def plan_dispatch(memory: torch.Tensor, weight: torch.Tensor, sequence: torch.Tensor,

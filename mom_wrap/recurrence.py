@@ -39,6 +39,9 @@ def run_recurrence(adapter: HostAdapter, read: dict[str, torch.Tensor], write: d
     """o [S, ...] per sorted slot: ``adapter.recurrence`` over ``dispatch``, in up to ``parts`` calls over
     consecutive time ranges of its segments (``Dispatch.time_parts``). read: per-token tensors [N, ...]; write:
     per-slot tensors [S, ...] (taken into each part's rows; other entries passed whole)."""
+    o = adapter.recurrence_in_groups(read, write, dispatch, backend, parts)
+    if o is not None:  # the adapter's one forward call, its backward in groups of whole segments
+        return o
     pieces = dispatch.time_parts(parts, ALIGN)
     if not pieces:
         return adapter.recurrence(read, write, dispatch, backend)[0]

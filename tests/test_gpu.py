@@ -64,14 +64,23 @@ def test_triton_backend_matches_torch_backend(dtype, masked):
     assert max(errs.values()) < TOL[dtype], errs
 
 
+@pytest.mark.parametrize('way', ['groups', 'time'])
 @pytest.mark.parametrize('masked', [False, True])
-def test_recurrence_in_parts_equals_one_call(masked):
-    """The triton backend's training recurrence in 2 and 3 calls over time (``recurrence_parts``) against one
-    call: the parts cut every segment on fla's chunk boundaries and carry its fp32 states (and their gradients)
-    from one call to the next; the adapter's calls are counted, so the parts cannot fall back to one."""
+def test_recurrence_in_parts_equals_one_call(masked, way, monkeypatch):
+    """The triton backend's training recurrence in 2 and 3 parts (``recurrence_parts``) against one call, fp32:
+    ``groups``, GatedDeltaNet's own way (one forward call, fla's backward in a call per group of whole segments,
+    ``adapters.gated_delta_in_groups``; fla's backward calls counted), and ``time``, the parts over time that
+    every host has (``mom_wrap.recurrence``: every segment cut on fla's chunk boundaries, its fp32 states and
+    their gradients carried from one call to the next; the adapter's calls counted)."""
+    import fla.ops.gated_delta_rule.chunk as fla_chunk
     torch.manual_seed(0)
     mom = MixtureOfMemories(host(torch.float32), num_memories=4, topk=2, shared_memory=True, init='random').train()
     torch.nn.init.normal_(mom.router.weight, std=0.05)
+    if way == 'time':
+        mom._adapter.recurrence_in_groups = lambda *a, **k: None
+    backward_calls, bwd = [], fla_chunk.chunk_gated_delta_rule_bwd
+    monkeypatch.setattr(fla_chunk, 'chunk_gated_delta_rule_bwd',
+                        lambda *a, **k: backward_calls.append(1) or bwd(*a, **k))
     x = torch.randn(2, 384, 1024, device='cuda')
     dy = torch.randn_like(x)
     kw = {}
@@ -81,9 +90,11 @@ def test_recurrence_in_parts_equals_one_call(masked):
     runs = {}
     for parts in (1, 2, 3):
         mom.recurrence_parts = parts
+        backward_calls.clear()
         with recurrence_calls(mom) as calls:
             runs[parts] = run(mom, x, dy, **kw)
-        assert len(calls) == parts
+        assert len(backward_calls) == parts
+        assert len(calls) == (1 if parts == 1 else 0 if way == 'groups' else parts)
     for parts in (2, 3):
         got, ref = runs[parts], runs[1]
         errs = {'out': rel_err(got[0], ref[0]), 'dx': rel_err(got[1], ref[1])}

@@ -6,7 +6,7 @@ import torch
 
 import mom_wrap.recurrence as recurrence
 from mom_wrap.adapters.base import _REGISTRY
-from mom_wrap.dispatch import plan_dispatch
+from mom_wrap.dispatch import Dispatch, plan_dispatch
 from mom_wrap.fla_mom import FlaMomAdapter
 from mom_wrap.testing import recurrence_calls, wrap
 
@@ -169,3 +169,124 @@ def test_parts_equal_one_call_on_the_gpu(host):
             for a, b, n in zip(*runs, names)}
     print(f"\n{host} 2 parts vs 1 call, relative errors (max):", f"{max(errs.values()):.1e}")
     assert max(errs.values()) < 2e-2, errs
+
+
+# ------------------------------------------------------------------ the backward in groups of whole segments
+
+@pytest.mark.parametrize('parts', [2, 3])
+def test_segment_groups_cut_at_the_boundaries_nearest_to_even_shares(parts):
+    from fla.ops.utils.index import prepare_chunk_indices
+    torch.manual_seed(0)
+    memory = torch.stack([torch.randperm(4)[:2] for _ in range(200)])  # two sequences, top-2 of 4: 8 segments
+    plan = _plan(memory)
+    cu = plan.cu_seqlens_cpu
+    S = plan.num_slots
+    groups = plan.segment_groups(parts, 16)
+    assert len(groups) == parts
+    assert groups[0].start == 0 and groups[-1].stop == S
+    for i, g in enumerate(groups):
+        if i:
+            assert g.start == groups[i - 1].stop
+        # each cut: the segment boundary nearest to i * S / parts
+        target = S * (i + 1) / parts
+        if i + 1 < parts:
+            assert abs(g.stop - target) == (cu.double() - target).abs().min()
+        first = int(torch.searchsorted(cu, g.start))
+        assert cu[first] == g.start  # whole segments
+        assert torch.equal(g.cu_seqlens_cpu, cu[first:first + g.cu_seqlens_cpu.numel()] - g.start)
+        assert g.cu_seqlens_cpu[-1] == g.stop - g.start
+        assert torch.equal(g.cu_seqlens.cpu(), g.cu_seqlens_cpu)
+        assert torch.equal(g.chunk_indices.cpu(), prepare_chunk_indices(g.cu_seqlens_cpu, 16))
+
+
+def test_segment_groups_give_way_to_a_segment_too_long_to_balance():
+    # one sequence, top-2 of 2 + shared: three segments of 40 slots, no cut near the middle
+    memory = torch.tensor([[0, 1]] * 40)
+    sequence = torch.zeros(40, dtype=torch.long)
+    plan = plan_dispatch(torch.cat([memory, torch.full((40, 1), 2)], 1), torch.ones(40, 3), sequence, None, 1, 3)
+    assert plan.cu_seqlens_cpu.tolist() == [0, 40, 80, 120]
+    assert plan.segment_groups(2, 64) == []  # 80 | 40 or 40 | 80: over 1.25 x 120 / 2
+    assert [(g.start, g.stop) for g in plan.segment_groups(2, 64, slack=1.5)] == [(0, 80), (80, 120)]  # (a tie)
+    assert [(g.start, g.stop) for g in plan.segment_groups(3, 64)] == [(0, 40), (40, 80), (80, 120)]
+    assert plan.segment_groups(1, 64) == []
+    one = plan_dispatch(torch.zeros(8, 1, dtype=torch.long), torch.ones(8, 1), torch.zeros(8, dtype=torch.long),
+                        None, 1, 1)
+    assert one.segment_groups(2, 64) == []  # a single segment
+
+
+def _naive_gated_delta(q, k, v, beta, a, A_log, dt_bias, scale, cu_seqlens):
+    """fla's naive recurrent gated delta rule per segment of [1, S, ...] inputs (q, k normalised, beta after its
+    sigmoid, the gate made from its raw input a as fla's in-kernel gate does)."""
+    from fla.ops.gated_delta_rule.naive import naive_recurrent_gated_delta_rule
+    g = -A_log.float().exp() * torch.nn.functional.softplus(a.float() + dt_bias.float())
+    bounds = cu_seqlens.tolist()
+    return torch.cat([naive_recurrent_gated_delta_rule(q[:, s:e], k[:, s:e], v[:, s:e], beta[:, s:e], g[:, s:e],
+                                                       scale=scale)[0] for s, e in zip(bounds[:-1], bounds[1:])], 1)
+
+
+def _marker(k):
+    """What the naive forward saves as fla's A [1, S, H, 64]: a function of each row of k, so that the backward can
+    check it got the rows of its own group."""
+    return k.float().sum(-1, keepdim=True).expand(*k.shape[:-1], 64).contiguous()
+
+
+@pytest.mark.interpreter
+def test_backward_in_groups_wiring(monkeypatch):
+    """The triton backend's GatedDeltaNet in training with ``recurrence_parts`` 1, 2 and 3: fla's chunk kernels do
+    not run in the interpreter, so ``chunk_gated_delta_rule_fwd`` / ``_bwd`` are replaced by fla's naive rule per
+    segment (the backward by autograd through it, and checking that the saved tensors it gets are its group's
+    rows). What this holds: one forward call and one backward call per group (cut where ``segment_groups`` says),
+    fla's L2 norms and beta sigmoid around them (real, interpreted), the groups' gradients put together, A_log's
+    and dt_bias's summed; outputs and every gradient equal the torch backend's."""
+    import fla.ops.gated_delta_rule.chunk as fla_chunk
+    from fla.ops.utils.index import prepare_chunk_indices
+    calls = []
+
+    def naive_fwd(q, k, v, g, beta, scale, initial_state, output_final_state, state_v_first, cu_seqlens,
+                  chunk_indices, use_gate_in_kernel, A_log, dt_bias, chunk_size, cp_context=None):
+        assert initial_state is None and not output_final_state and state_v_first and use_gate_in_kernel
+        assert torch.equal(chunk_indices, prepare_chunk_indices(cu_seqlens, chunk_size))
+        calls.append(('fwd', q.shape[1]))
+        o = _naive_gated_delta(q, k, v, beta, g, A_log, dt_bias, scale, cu_seqlens)
+        return g.float() * 3, o, _marker(k), None, None, g
+
+    def naive_bwd(q, k, v, g, beta, A, scale, initial_state, do, dht, state_v_first, cu_seqlens, chunk_indices,
+                  use_gate_in_kernel, g_input, A_log, dt_bias, chunk_size, cp_context=None):
+        assert initial_state is None and dht is None
+        assert torch.equal(chunk_indices, prepare_chunk_indices(cu_seqlens, chunk_size))
+        assert cu_seqlens[-1] == q.shape[1]
+        assert torch.equal(A, _marker(k)) and torch.equal(g, g_input.float() * 3)  # the group's own rows
+        calls.append(('bwd', q.shape[1]))
+        leaves = [t.detach().requires_grad_() for t in (q, k, v, beta, g_input, A_log, dt_bias)]
+        with torch.enable_grad():
+            o = _naive_gated_delta(*leaves[:4], *leaves[4:], scale, cu_seqlens)
+            dq, dk, dv, db, dg, dA, ddt = torch.autograd.grad(o, leaves, do)
+        return dq, dk, dv, db, dg, None, dA, ddt
+
+    monkeypatch.setattr(fla_chunk, 'chunk_gated_delta_rule_fwd', naive_fwd)
+    monkeypatch.setattr(fla_chunk, 'chunk_gated_delta_rule_bwd', naive_bwd)
+    made, segment_groups = [], Dispatch.segment_groups
+    monkeypatch.setattr(Dispatch, 'segment_groups', lambda *a, **k: made.append(segment_groups(*a, **k)) or made[-1])
+    registered, _ = ADAPTERS['GatedDeltaNet']
+    mom = wrap(registered.example_host(), init='random', backend='torch', num_memories=4, topk=2).train()
+    x = torch.randn(2, 24, mom.hidden_size)
+    dy = torch.randn(2, 24, mom.hidden_size)
+    runs = {}
+    for backend, parts in (('torch', 1), ('triton', 1), ('triton', 2), ('triton', 3)):
+        mom.backend, mom.recurrence_parts = backend, parts
+        calls.clear()
+        xi = x.clone().requires_grad_()
+        y = mom(xi)[0]
+        y.backward(dy)
+        runs[backend, parts] = [y.detach(), xi.grad] + [p.grad.clone() for p in mom.parameters()]
+        mom.zero_grad()
+        if backend == 'triton':
+            S = 3 * x.shape[0] * x.shape[1]
+            rows = [S] if parts == 1 else [g.stop - g.start for g in made.pop()]
+            assert len(rows) == parts and not made
+            assert calls == [('fwd', S)] + [('bwd', n) for n in rows]
+    names = ['output', 'input grad'] + [n for n, _ in mom.named_parameters()]
+    for key, run in runs.items():
+        for a, b, n in zip(runs['torch', 1], run, names):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=f'{key}: {n}')
+

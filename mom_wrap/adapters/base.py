@@ -153,6 +153,17 @@ class HostAdapter:
         """
         raise NotImplementedError
 
+    def recurrence_in_groups(self, read: dict[str, torch.Tensor], write: dict[str, torch.Tensor],
+                             dispatch: Dispatch, backend: str, parts: int) -> torch.Tensor | None:
+        """The recurrence of a training forward (zero initial states, no final ones) in one call whose backward
+        runs in up to ``parts`` calls over groups of whole segments (``Dispatch.segment_groups``): the
+        per-slot output [S, ...], or None where the adapter has no such path (here, the default) or the plan's
+        segments do not split evenly; the wrapper then runs the parts over time (``mom_wrap.recurrence``).
+        Grown for every host at once, for GatedDeltaNet: the same peak memory as the parts over time (the
+        host kernels' backward transients are those of one group's rows) for about half their host time,
+        where the host's kernel functions can be called apart (``adapters.gated_delta_in_groups``)."""
+        return None
+
     def decode_in_place(self, read: dict[str, torch.Tensor], write: dict[str, torch.Tensor], dispatch: Dispatch,
                         rows: PoolRows) -> torch.Tensor | None:
         """A decode step (``dispatch.token_major``: one token per segment; triton backend, no autograd) whose

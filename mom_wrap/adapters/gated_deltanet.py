@@ -139,5 +139,23 @@ class GatedDeltaNetAdapter(HostAdapter):
             o, state = fused_recurrent_gated_delta_rule(q[None], k[None], v[None], g=a[None], beta=b[None], **kwargs)
         return o[0], state
 
+    def recurrence_in_groups(self, read, write, dispatch, backend, parts):
+        """fla's chunk kernels in one forward call, the backward in a call per group of whole segments
+        (``gated_delta_in_groups``): the triton backend's training forward; None otherwise (the torch backend
+        has no separate backward to split) and where the segments do not split evenly."""
+        if backend == 'torch' or not torch.is_grad_enabled():
+            return None
+        groups = dispatch.segment_groups(parts, CHUNK_SIZE)
+        if not groups:
+            return None
+        from mom_wrap.adapters.gated_delta_in_groups import GatedDeltaRuleInGroups
+        h = self.host
+        q = self.query(read, write, dispatch)
+        k, v = self._kv(write)
+        o = GatedDeltaRuleInGroups.apply(q[None], k[None], v[None], write['a'][None], write['b'][None], h.A_log,
+                                         h.dt_bias, h.head_k_dim ** -0.5, h.allow_neg_eigval, dispatch.cu_seqlens,
+                                         dispatch.segments.chunk_indices(CHUNK_SIZE), groups)
+        return o[0]
+
     def finish(self, o, read, backend):
         return gated_norm_out(self.host, o, read.get('gate'), backend)
