@@ -110,7 +110,7 @@ def main() -> int:
     p.add_argument('--parts', type=int, default=1, help="ours: recurrence_parts")
     p.add_argument('--batch', type=int, default=1)
     p.add_argument('--seq-len', type=int, default=64)
-    p.add_argument('--seconds', type=float, default=10.0, help='how long py-spy samples')
+    p.add_argument('--seconds', type=int, default=10, help='how long py-spy samples (whole seconds: py-spy takes no others)')
     p.add_argument('--rate', type=int, default=250, help='samples per second')
     p.add_argument('--rows', type=int, default=40)
     p.add_argument('--raw', metavar='FILE', help="keep py-spy's raw samples here")
