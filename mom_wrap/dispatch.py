@@ -136,11 +136,17 @@ class Segments:
                         segment_sequence=nonempty_dev % Q, max_seqlen=int(lengths.max()) if lengths.numel() else 0,
                         memory_offsets_cpu=counts.view(E, Q).sum(1).cumsum(0))
 
+    @property
+    def chunk_cache(self) -> dict[int, torch.Tensor]:
+        """chunk size -> the chunk indices made so far (``chunk_indices``; ``Dispatch.segment_groups`` adds the
+        ones it uploads with its own)."""
+        return self.__dict__.setdefault('_chunk_indices', {})
+
     def chunk_indices(self, chunk_size: int) -> torch.Tensor:
         """fla's ``chunk_indices`` of these segments [NT, 2] on the device (``chunk_indices``), made once per
         chunk size and uploaded asynchronously (fla would make them with PyTorch ops on the CPU and upload them
         blocking)."""
-        cache = self.__dict__.setdefault('_chunk_indices', {})
+        cache = self.chunk_cache
         if chunk_size not in cache:
             cache[chunk_size] = upload(chunk_indices(self.cu_seqlens_cpu, chunk_size), self.cu_seqlens.device)
         return cache[chunk_size]
@@ -189,6 +195,7 @@ class Dispatch:
     token_major: bool = False     # slots in token order, s per token (decode plans): restore is the identity
     padded: bool = False          # some token may have no slots (padding): gathers through restore mask them
     kernels: bool = False         # the gathers' backward and the combine on mom_wrap's Triton kernels (CUDA)
+    memory_counts: torch.Tensor | None = None  # [E] int64 slots per memory (sorted plans; for the balancing loss)
 
     @cached_property
     def segments(self) -> Segments:
@@ -265,12 +272,19 @@ class Dispatch:
         rows = cu[bounds]
         if bounds.size < 3 or np.diff(rows).max() > slack * S / parts:
             return []
+        # each group's chunk indices: its rows of the plan's, segments counted from its first
+        chunks = chunk_indices(self.cu_seqlens_cpu, chunk_size).numpy()
+        first_chunk = np.concatenate([[0], np.cumsum((np.diff(cu) + chunk_size - 1) // chunk_size)])[bounds]
         host = []
-        for g0, g1 in zip(bounds[:-1], bounds[1:]):
-            cu_g = cu[g0:g1 + 1] - cu[g0]
-            host += [cu_g, chunk_indices(torch.from_numpy(cu_g), chunk_size).numpy().reshape(-1)]
-        flat = upload(torch.from_numpy(np.concatenate(host)), self.token.device)
-        dev = flat.split([t.size for t in host])
+        for g0, g1, c0, c1 in zip(bounds[:-1], bounds[1:], first_chunk[:-1], first_chunk[1:]):
+            host += [cu[g0:g1 + 1] - cu[g0], (chunks[c0:c1] - [g0, 0]).reshape(-1)]
+        cache = self.segments.chunk_cache
+        whole = chunk_size not in cache  # the plan's own (the forward's call) in the same upload
+        flat = upload(torch.from_numpy(np.concatenate(host + ([chunks.reshape(-1)] if whole else []))),
+                      self.token.device)
+        dev = flat.split([t.size for t in host] + ([chunks.size] if whole else []))
+        if whole:
+            cache[chunk_size] = dev[-1].view(-1, 2)
         return [SegmentGroup(int(r0), int(r1), torch.from_numpy(host[2 * i]), dev[2 * i], dev[2 * i + 1].view(-1, 2))
                 for i, (r0, r1) in enumerate(zip(rows[:-1], rows[1:]))]
 
@@ -360,6 +374,7 @@ def plan_dispatch(memory: torch.Tensor, weight: torch.Tensor, sequence: torch.Te
         host_layout=lambda: Segments.from_counts(host_counts.get()[:-1], E, Q, key.device),
         padded=valid is not None,
         kernels=kernels,
+        memory_counts=memory_counts,
     )
 
 

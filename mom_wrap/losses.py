@@ -22,12 +22,15 @@ import torch.nn as nn
 from mom_wrap.dispatch import histogram
 
 
-def balance_loss(probs: torch.Tensor, indices: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+def balance_loss(probs: torch.Tensor, indices: torch.Tensor, valid: torch.Tensor | None,
+                 memory_counts: torch.Tensor | None = None) -> torch.Tensor:
     """M * sum_e f_e * P_e over the non-padding tokens.
 
     probs [N, M] fp32 router probabilities, indices [N, k] the routed memories (no shared memory), valid [N]
     bool or None. f_e: share of the N*k slots given to memory e; P_e: mean probability of memory e. Equals
-    1 under uniform routing; differentiable through P_e; 0 when every token is padding.
+    1 under uniform routing; differentiable through P_e; 0 when every token is padding. memory_counts: the
+    slots of the non-padding tokens per memory [>= M] where a routing plan has counted them already
+    (``Dispatch.memory_counts``; its first M entries are the routed memories'), else counted here from indices.
     """
     N, M = probs.shape
     k = indices.shape[1]
@@ -38,8 +41,11 @@ def balance_loss(probs: torch.Tensor, indices: torch.Tensor, valid: torch.Tensor
         vf = valid.float()
         n = vf.sum().clamp(min=1)
         mean_prob = (probs * vf[:, None]).sum(0) / n
-        indices = torch.where(valid[:, None], indices, M)  # padding slots count in a bin of their own
-    share = histogram(indices.reshape(-1), M + 1)[:M].float() / (n * k)
+    if memory_counts is None:
+        if valid is not None:
+            indices = torch.where(valid[:, None], indices, M)  # padding slots count in a bin of their own
+        memory_counts = histogram(indices.reshape(-1), M + 1)
+    share = memory_counts[:M].float() / (n * k)
     return M * (share * mean_prob).sum()
 
 

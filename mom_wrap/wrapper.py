@@ -226,7 +226,7 @@ class MixtureOfMemories(nn.Module):
             o = self._adapter.finish(combine(o, dispatch), read, backend)
             if layout.valid is not None:
                 o = torch.where(layout.valid[:, None], o, 0)
-            o = self._attach_balance_loss(o.view(B, T, D), probs)
+            o = self._attach_balance_loss(o.view(B, T, D), probs, dispatch)
         if call.store is not None:
             call.store.store(self.layer_idx, state if call.store.writes else None, T)
         return call.returns(o, self._adapter.host_outputs(call.host_kwargs, write, dispatch, layout))
@@ -255,13 +255,14 @@ class MixtureOfMemories(nn.Module):
                                      self.num_slots_memories, kernels)
         return dispatch, probs
 
-    def _attach_balance_loss(self, o: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    def _attach_balance_loss(self, o: torch.Tensor, probs: torch.Tensor, dispatch: Dispatch) -> torch.Tensor:
         """o, whose backward also applies balance_loss_weight x the balancing loss (see mom_wrap.losses).
         Only where a backward can follow: inference (a decode step) launches nothing for it."""
         if not (self.balance_loss_weight and torch.is_grad_enabled() and probs.requires_grad):
             return o
         _, indices, valid = self._routing
-        return AttachAuxLoss.apply(o, balance_loss(probs, indices, valid), self.balance_loss_weight)
+        return AttachAuxLoss.apply(o, balance_loss(probs, indices, valid, dispatch.memory_counts),
+                                   self.balance_loss_weight)
 
     @property
     def balance_loss(self) -> torch.Tensor | None:

@@ -59,21 +59,24 @@ class GatedDeltaRuleInGroups(torch.autograd.Function):
         from fla.ops.gated_delta_rule import chunk as fla_chunk
         q, q_rstd, k, k_rstd, v, g, a, b, beta, A, A_log, dt_bias = ctx.saved_tensors
         do = do.contiguous()
-        dq, dk, dv, da, db = (torch.empty_like(t) for t in (q, k, v, a, b))
+        # the gradients of the kernels' inputs (normalised q and k, beta after its sigmoid), group by group
+        dq, dk, dv, da = (torch.empty_like(t) for t in (q, k, v, a))
+        dbeta = torch.empty_like(beta)
         dA_log, ddt_bias = torch.zeros_like(A_log), torch.zeros_like(dt_bias)
         for group in ctx.groups:
             r = slice(group.start, group.stop)
-            dq_g, dk_g, dv_g, db_g, da_g, _, dA_log_g, ddt_bias_g = fla_chunk.chunk_gated_delta_rule_bwd(
+            dq_g, dk_g, dv_g, dbeta_g, da_g, _, dA_log_g, ddt_bias_g = fla_chunk.chunk_gated_delta_rule_bwd(
                 q=q[:, r], k=k[:, r], v=v[:, r], g=g[:, r], beta=beta[:, r], A=A[:, r], scale=ctx.scale,
                 initial_state=None, do=do[:, r], dht=None, state_v_first=True, cu_seqlens=group.cu_seqlens,
                 chunk_indices=group.chunk_indices, use_gate_in_kernel=True, g_input=a[:, r], A_log=A_log,
                 dt_bias=dt_bias, chunk_size=CHUNK_SIZE)
-            dq[:, r] = l2norm_bwd(q[:, r], q_rstd[:, r], dq_g)
-            dk[:, r] = l2norm_bwd(k[:, r], k_rstd[:, r], dk_g)
-            dv[:, r] = dv_g
-            da[:, r] = da_g
-            db[:, r] = fused_beta_sigmoid_bwd(b[:, r], db_g, scale=2.0 if ctx.allow_neg_eigval else 1.0)
+            for full, part in ((dq, dq_g), (dk, dk_g), (dv, dv_g), (dbeta, dbeta_g), (da, da_g)):
+                full[:, r] = part
             dA_log += dA_log_g
             ddt_bias += ddt_bias_g
-            del dq_g, dk_g, dv_g, db_g, da_g  # (the next group's call allocates its own)
+            del dq_g, dk_g, dv_g, dbeta_g, da_g  # (the next group's call allocates its own)
+        # then through the norms and the sigmoid once, over all rows (rowwise: as fla does after its one call)
+        dq = l2norm_bwd(q, q_rstd, dq)
+        dk = l2norm_bwd(k, k_rstd, dk)
+        db = fused_beta_sigmoid_bwd(b, dbeta, scale=2.0 if ctx.allow_neg_eigval else 1.0)
         return dq, dk, dv, da, db, dA_log, ddt_bias, None, None, None, None, None
