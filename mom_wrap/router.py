@@ -36,18 +36,28 @@ class Router(nn.Linear):
         self.num_memories = num_memories
         self.topk = topk
 
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x: [N, hidden] -> logits [N, M] fp32, probs [N, M] fp32, weights [N, k] fp32, indices [N, k] int64.
+    def route(self, x: torch.Tensor, shared: bool = False,
+              kernels: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: [N, hidden] -> logits [N, M] fp32, probs [N, M] fp32, weights [N, s] fp32, indices [N, s] int64,
+        s = k, or k + 1 with ``shared`` (the shared memory's slot last: index M, weight 1).
 
         ``weights`` are the top-k probabilities renormalised to sum to 1 per token. ``indices`` are in
         descending probability; ties (equal probabilities, e.g. a zero router) go to the lower memory index,
         on every device and every time: a stable sort, where ``torch.topk`` leaves ties to its algorithm (on
         the CPU it picked memories 6, 5, 4 of 8 equal ones, and other ones at other batch sizes).
+        ``kernels``: the selection after the logits in one Triton kernel, and its backward in one
+        (``mom_wrap.kernels.route``; the triton backend), where PyTorch takes about ten operations each way.
         """
         with torch.autocast(x.device.type, enabled=False):  # autocast would take the logits back to bf16
             logits = _Fp32Linear.apply(x, self.weight)
+        if kernels:
+            from mom_wrap.kernels.route import route_triton
+            return (logits, *route_triton(logits, self.topk, shared))
         probs = logits.softmax(dim=-1)
         top_p, indices = probs.sort(dim=-1, descending=True, stable=True)
         top_p, indices = top_p[..., :self.topk], indices[..., :self.topk]
         weights = top_p / top_p.sum(dim=-1, keepdim=True)
+        if shared:  # the shared memory is memory M, in every token's slots with weight 1
+            indices = F.pad(indices, (0, 1), value=self.num_memories)
+            weights = F.pad(weights, (0, 1), value=1.0)
         return logits, probs, weights, indices

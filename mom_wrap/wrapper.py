@@ -14,7 +14,6 @@ import os
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from mom_wrap import cached
 from mom_wrap.adapters import HostAdapter, adapter_for
@@ -241,13 +240,12 @@ class MixtureOfMemories(nn.Module):
                kernels: bool = False) -> tuple[Dispatch, torch.Tensor]:
         """Router, then the plan: sorted segments, or for a decode step the sync-free one-slot segments.
         Returns the plan and the router probabilities [N, M] (with their graph, for the balancing loss).
-        kernels: the plan's gathers and combine on mom_wrap's Triton kernels (the triton backend, CUDA)."""
-        logits, probs, weights, indices = self.router.route(x)
+        kernels: the router's selection on mom_wrap's Triton kernels, and the plan's gathers and combine (the
+        triton backend; the gathers and combine on CUDA only)."""
+        # (the shared memory is memory E-1, in every token's slots with weight 1)
+        logits, probs, weights, indices = self.router.route(x, self.shared_memory, kernels)
         self.router_logits = logits.detach().view(layout.batch_size, layout.seq_len, self.num_memories)
-        self._routing = (probs.detach(), indices, layout.valid)
-        if self.shared_memory:  # the shared memory is memory E-1, in every token's slots with weight 1
-            indices = F.pad(indices, (0, 1), value=self.num_memories)
-            weights = F.pad(weights, (0, 1), value=1.0)
+        self._routing = (probs.detach(), indices[:, :self.topk], layout.valid)
         if decode:
             dispatch = plan_decode(indices, weights, layout.valid)
         else:

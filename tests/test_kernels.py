@@ -107,3 +107,42 @@ def test_scatter_rows_equals_index_copy(use_valid, dtype):
     assert torch.equal(got.cpu(), want)
     with pytest.raises(ValueError, match='src'):
         scatter_rows_(got, index.to(DEVICE), src[:3].to(DEVICE))
+
+
+@pytest.mark.parametrize('M,k,shared', [(4, 2, True), (8, 3, False), (5, 1, True), (3, 3, True), (16, 2, True)])
+@pytest.mark.parametrize('grads', ['both', 'weights', 'probs'])
+def test_route_triton_matches_torch(M, k, shared, grads):
+    """The router's selection kernel (``kernels.route``) against the PyTorch ops it replaces: probabilities,
+    weights (with the shared slot), indices exactly, and the gradient of the logits from the weights, the
+    probabilities or both (the balancing loss reads the probabilities)."""
+    from mom_wrap.router import Router
+    torch.manual_seed(0)
+    router = Router(24, M, k, device=DEVICE)
+    x = torch.randn(150, 24, device=DEVICE)  # more rows than one program's
+    gp = torch.randn(150, M, device=DEVICE)
+    gw = torch.randn(150, k + int(shared), device=DEVICE)
+    out = {}
+    for kernels in (False, True):
+        xi = x.clone().requires_grad_()
+        _, probs, weights, indices = router.route(xi, shared, kernels)
+        loss = (probs * gp).sum() * (grads != 'weights') + (weights * gw).sum() * (grads != 'probs')
+        loss.backward()
+        out[kernels] = probs.detach(), weights.detach(), indices, xi.grad, router.weight.grad
+        router.weight.grad = None
+    assert torch.equal(out[True][2], out[False][2])
+    for a, b, name in zip(out[True], out[False], ('probs', 'weights', 'indices', 'dx', 'dweight')):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_route_triton_ties_go_to_the_lower_memory():
+    """Equal probabilities (a zero router; and exact pairs) pick the lower memory first, as the stable sort does."""
+    from mom_wrap.kernels.route import route_triton
+    logits = torch.zeros(5, 6, device=DEVICE)
+    logits[1] = torch.tensor([0., 1., 1., 0., 2., 2.])
+    logits[2] = torch.tensor([3., 3., 3., 3., 3., 3.])
+    logits[3, 5] = 1.0
+    probs, weights, indices = route_triton(logits, 3, True)
+    assert indices.tolist() == [[0, 1, 2, 6], [4, 5, 1, 6], [0, 1, 2, 6], [5, 0, 1, 6], [0, 1, 2, 6]]
+    torch.testing.assert_close(weights[:, :3].sum(1), torch.ones(5, device=DEVICE))
+    assert (weights[:, 3] == 1).all()
+    torch.testing.assert_close(probs, logits.softmax(-1))

@@ -16,7 +16,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from mom_wrap.kernels import combine, conv_step, delta_step, rows, scalar_decay, segment_conv
+from mom_wrap.kernels import combine, conv_step, delta_step, route, rows, scalar_decay, segment_conv
 
 H100 = GPUTarget('cuda', 90, 32)
 
@@ -100,6 +100,15 @@ CASES += [
      dict(HAS_PRESENT=True, NEED_DWEIGHT=True, BN=32, BD=64, BS=4)),
     (combine._combine_bwd_kernel, combine_pointers('fp64', 'fp64'),
      dict(HAS_PRESENT=False, NEED_DWEIGHT=False, BN=32, BD=64, BS=64)),
+]
+
+ROUTE = dict(logits='fp32', probs='fp32', weights='fp32', indices='i64', dprobs='fp32', dweights='fp32',
+             dlogits='fp32')
+CASES += [
+    (route._route_fwd_kernel, ROUTE, dict(K=2, S=3, SHARED=True, BM=4, BN=64)),
+    (route._route_fwd_kernel, ROUTE, dict(K=1, S=1, SHARED=False, BM=8, BN=64)),
+    (route._route_bwd_kernel, ROUTE, dict(K=2, S=3, HAS_DPROBS=True, HAS_DWEIGHTS=True, BM=4, BN=64)),
+    (route._route_bwd_kernel, ROUTE, dict(K=3, S=3, HAS_DPROBS=False, HAS_DWEIGHTS=True, BM=8, BN=64)),
 ]
 
 
