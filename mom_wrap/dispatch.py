@@ -335,12 +335,14 @@ class SegmentGroup:
 
 def plan_dispatch(memory: torch.Tensor, weight: torch.Tensor, sequence: torch.Tensor,
                   valid: torch.Tensor | None, num_sequences: int, num_memories: int,
-                  kernels: bool = False) -> Dispatch:
+                  kernels: bool = False, bounds: torch.Tensor | None = None) -> Dispatch:
     """Build the plan.
 
-    memory [N, s] int64, weight [N, s] fp32, sequence [N] int64 (which sequence each flat token is in),
-    valid [N] bool or None (padding tokens get no slot). Flat tokens must be in (sequence, time) order.
-    kernels: run the gathers' backward and the combine on mom_wrap's Triton kernels (the triton backend).
+    memory [N, s] int64 (distinct memories per token), weight [N, s] fp32, sequence [N] int64 (which sequence
+    each flat token is in), valid [N] bool or None (padding tokens get no slot). Flat tokens must be in
+    (sequence, time) order. kernels: the plan as a counting sort in mom_wrap's Triton kernels
+    (``kernels.plan``; bounds [Q+1]: each sequence's first flat token, and N, made from ``sequence`` when not
+    given), and the gathers' backward and the combine on its kernels on CUDA (the triton backend).
 
     The one host-device sync of a layer forward: the segment lengths, which the varlen kernels take on the
     host. Without padding every token has its s slots, so the plan's sizes are known and the sync waits
@@ -349,29 +351,41 @@ def plan_dispatch(memory: torch.Tensor, weight: torch.Tensor, sequence: torch.Te
     """
     N, s = memory.shape
     E, Q = num_memories, num_sequences
-    key = segment_keys(memory, sequence, valid, Q, E)
-    counts = histogram(key, E * Q + 1)
+    if kernels:
+        from mom_wrap.kernels.plan import plan_triton
+        if bounds is None:
+            bounds = torch.searchsorted(sequence, torch.arange(Q + 1, device=sequence.device))
+        counts, restore, perm, token, memory_sorted, position, memory_counts, memory_offsets = plan_triton(
+            memory, sequence, valid, bounds, Q, E)
+    else:
+        key = segment_keys(memory, sequence, valid, Q, E)
+        counts = histogram(key, E * Q + 1)
     host_counts = HostCounts(counts)
     num_slots = N * s if valid is None else int(host_counts.get()[:-1].sum())
 
-    perm = sort_slots(key)
-    restore = inverse_permutation(perm).view(N, s)
-    perm = perm[:num_slots]
-    key_sorted = key[perm]
-    starts = torch.cumsum(counts, 0) - counts
-    position = torch.arange(num_slots, device=key.device) - starts[key_sorted]
-
-    memory_counts = counts[:-1].view(E, Q).sum(1)
+    if kernels:
+        if num_slots < N * s:  # (rows past the valid slots: the padding slots)
+            perm, token, memory_sorted, position = (t[:num_slots] for t in (perm, token, memory_sorted, position))
+    else:
+        perm = sort_slots(key)
+        restore = inverse_permutation(perm).view(N, s)
+        perm = perm[:num_slots]
+        key_sorted = key[perm]
+        starts = torch.cumsum(counts, 0) - counts
+        position = torch.arange(num_slots, device=key.device) - starts[key_sorted]
+        token, memory_sorted = perm // s, key_sorted // Q
+        memory_counts = counts[:-1].view(E, Q).sum(1)
+        memory_offsets = memory_counts.cumsum(0).to(torch.int32)
     token_weight = weight if valid is None else weight * valid[:, None]
     return Dispatch(
-        token=perm // s,
+        token=token,
         slot=perm,
-        memory=key_sorted // Q,
+        memory=memory_sorted,
         position=position,
         restore=restore,
         token_weight=token_weight,
-        memory_offsets=memory_counts.cumsum(0).to(torch.int32),
-        host_layout=lambda: Segments.from_counts(host_counts.get()[:-1], E, Q, key.device),
+        memory_offsets=memory_offsets,
+        host_layout=lambda: Segments.from_counts(host_counts.get()[:-1], E, Q, memory.device),
         padded=valid is not None,
         kernels=kernels,
         memory_counts=memory_counts,

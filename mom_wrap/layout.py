@@ -123,6 +123,15 @@ class TokenLayout:
         return torch.arange(self.batch_size + 1, device=self.device) * self.seq_len
 
     @cached_property
+    def token_bounds(self) -> torch.Tensor:
+        """[num_sequences + 1]: each sequence's first flat token (padding included), and N."""
+        if self._packed is not None:
+            return self._packed
+        if self._mask is None:
+            return self.cu_seqlens
+        return torch.arange(self.batch_size + 1, device=self.device) * self.seq_len
+
+    @cached_property
     def _flat_index(self) -> torch.Tensor:
         return torch.arange(self.batch_size * self.seq_len, device=self.device)
 

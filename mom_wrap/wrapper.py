@@ -250,7 +250,7 @@ class MixtureOfMemories(nn.Module):
             dispatch = plan_decode(indices, weights, layout.valid)
         else:
             dispatch = plan_dispatch(indices, weights, layout.sequence, layout.valid, layout.num_sequences,
-                                     self.num_slots_memories, kernels)
+                                     self.num_slots_memories, kernels, layout.token_bounds if kernels else None)
         return dispatch, probs
 
     def _attach_balance_loss(self, o: torch.Tensor, probs: torch.Tensor, dispatch: Dispatch) -> torch.Tensor:

@@ -4,6 +4,7 @@ import os
 import pytest
 import torch
 
+from mom_wrap.dispatch import plan_dispatch
 from mom_wrap.ops import segment_conv
 
 pytestmark = pytest.mark.skipif(os.environ.get('TRITON_INTERPRET') != '1' and not torch.cuda.is_available(),
@@ -146,3 +147,24 @@ def test_route_triton_ties_go_to_the_lower_memory():
     torch.testing.assert_close(weights[:, :3].sum(1), torch.ones(5, device=DEVICE))
     assert (weights[:, 3] == 1).all()
     torch.testing.assert_close(probs, logits.softmax(-1))
+
+
+@pytest.mark.parametrize('masked', [False, True])
+def test_plan_kernels_equal_the_pytorch_plan_over_many_blocks(masked):
+    """The Triton plan (``kernels.plan``) and the PyTorch one on 40,000 tokens (157 blocks of 256: the scan over
+    earlier blocks takes three tiles of 64), 3 sequences of unequal length, top-2 of 7 + shared, field by field."""
+    g = torch.Generator().manual_seed(0)
+    lengths = [15000, 9000, 16000]
+    N, E = sum(lengths), 8
+    sequence = torch.repeat_interleave(torch.arange(3), torch.tensor(lengths)).to(DEVICE)
+    memory = torch.cat([torch.stack([torch.randperm(E - 1, generator=g)[:2] for _ in range(64)])
+                        .repeat(N // 64 + 1, 1)[:N], torch.full((N, 1), E - 1)], 1)
+    memory = memory[torch.randperm(N, generator=g)].to(DEVICE)
+    weight = torch.rand(N, 3, generator=g).to(DEVICE)
+    valid = (torch.rand(N, generator=g) < 0.8).to(DEVICE) if masked else None
+    want = plan_dispatch(memory, weight, sequence, valid, 3, E)
+    got = plan_dispatch(memory, weight, sequence, valid, 3, E, kernels=True)
+    for field in ('token', 'slot', 'memory', 'position', 'restore', 'token_weight', 'memory_offsets',
+                  'memory_counts', 'cu_seqlens_cpu', 'segment_memory', 'segment_sequence', 'memory_offsets_cpu'):
+        assert torch.equal(getattr(got, field), getattr(want, field)), field
+    assert got.max_seqlen == want.max_seqlen

@@ -1,6 +1,8 @@
 """The routing primitives on the CPU, each against an obvious reference written here (plain loops, F.conv1d,
 F.linear), never against the code under test: plan_dispatch / gather / combine, segment_conv,
 grouped_linear (grouped-GEMM path and fallback), TokenLayout."""
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -42,9 +44,12 @@ def routings(draw):
     return Q, lengths, E, s, masked, seed
 
 
+@pytest.mark.parametrize('kernels', [False, pytest.param(True, marks=pytest.mark.skipif(
+    os.environ.get('TRITON_INTERPRET') != '1', reason='the Triton plan on CPU tensors: TRITON_INTERPRET=1'))])
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(routings())
-def test_plan_dispatch_matches_loop_reference(case):
+def test_plan_dispatch_matches_loop_reference(kernels, case):
+    """The plan against a sort written out, in PyTorch ops and (``kernels``) as the Triton counting sort."""
     Q, lengths, E, s, masked, seed = case
     g = torch.Generator().manual_seed(seed)
     N = sum(lengths)
@@ -52,7 +57,7 @@ def test_plan_dispatch_matches_loop_reference(case):
     memory = torch.stack([torch.randperm(E, generator=g)[:s] for _ in range(N)])  # distinct memories per token
     weight = torch.rand(N, s, generator=g)
     valid = torch.rand(N, generator=g) < 0.7 if masked else None
-    d = plan_dispatch(memory, weight, sequence, valid, Q, E)
+    d = plan_dispatch(memory, weight, sequence, valid, Q, E, kernels=kernels)
 
     # reference: all slots of valid tokens, sorted by (memory, sequence, time); flat index n is time order
     is_valid = [True] * N if valid is None else valid.tolist()
@@ -452,6 +457,10 @@ def test_layout_dense_batch():
     assert layout.valid is None and layout.num_sequences == B
     assert layout.sequence.tolist() == [0] * T + [1] * T
     assert layout.position.tolist() == list(range(T)) * B
+    assert layout.token_bounds.tolist() == [0, T, 2 * T]
+    masked = TokenLayout.build(B, T, torch.device('cpu'), attention_mask=torch.tensor([[0, 0, 1, 1, 1], [1] * 5]))
+    assert masked.token_bounds.tolist() == [0, T, 2 * T]  # rows, padding included (cu_seqlens counts valid tokens)
+    assert masked.cu_seqlens.tolist() == [0, 3, 8]
 
 
 @pytest.mark.parametrize('cu', [[0, 3, 10, 12], [0, 4, 4, 9, 12], [0, 12]])  # incl. an empty sequence
@@ -466,6 +475,7 @@ def test_layout_cu_seqlens_sequence_position_and_conv(cu):
         pos += list(range(cu[i + 1] - cu[i]))
     assert layout.sequence.tolist() == seq
     assert layout.position.tolist() == pos
+    assert layout.token_bounds.tolist() == cu
     x = torch.randn(T, D)
     weight = torch.randn(D, 1, W)
     bias = torch.randn(D)
