@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from mom_wrap.adapters.base import WriteProjection
 from mom_wrap.dispatch import Dispatch, gather
-from mom_wrap.ops import add_memory_bias, cached_conv, grouped_linear, segment_conv
+from mom_wrap.ops import ACTIVATIONS, add_memory_bias, cached_conv, grouped_linear, segment_conv
 from mom_wrap.pool import PoolRows
 
 
@@ -161,6 +161,34 @@ class MemoryBank(nn.Module):
                                    lambda: dispatch.memory_offsets_cpu)
         return y if bias is None else add_memory_bias(y, bias, dispatch.memory)
 
+    def _split_convs(self, backend: str, dispatch: Dispatch, conv_rows) -> tuple[str, ...]:
+        """The projections of x whose short conv runs inside the split of the fused projection (``_split``):
+        those without a second stage, on the triton backend, for a sorted plan without cached conv states."""
+        if backend != 'triton' or conv_rows is not None or dispatch.token_major:
+            return ()
+        return tuple(n for n in self.x_names if n in self.conv and n not in self.second)
+
+    def _split(self, y: torch.Tensor, dispatch: Dispatch, backend: str, conv_rows) -> dict[str, torch.Tensor]:
+        """The fused projection y [S, sum(out)] -> name -> its columns, those of ``_split_convs`` through their
+        convs already (``kernels.segment_conv.SplitConvsTriton``: their gradients go straight into y's, no
+        concatenation), the others as they are (views; contiguous copies where some of them have convs)."""
+        fused = self._split_convs(backend, dispatch, conv_rows)
+        if not fused:
+            return dict(zip(self.x_names, y.split(self.out_features, dim=1)))
+        from mom_wrap.kernels.segment_conv import split_convs_triton
+        convs, params = [], []
+        for name in self.x_names:
+            if name not in fused:
+                convs.append(None)
+                continue
+            act = self.conv_activation[name]
+            if act not in ACTIVATIONS:
+                raise ValueError(f"activation: unsupported short-conv activation {act!r}")
+            convs.append((act is not None, name in self.conv_bias))
+            params += [self.conv[name]] + ([self.conv_bias[name]] if name in self.conv_bias else [])
+        return dict(zip(self.x_names, split_convs_triton(y, self.out_features, tuple(convs), dispatch.memory,
+                                                         dispatch.position, params)))
+
     def forward(self, inputs: dict[str, torch.Tensor], dispatch: Dispatch, backend: str = 'torch',
                 conv_rows: dict[str, PoolRows] | None = None) -> dict[str, torch.Tensor]:
         """inputs: 'x' (the layer input) and the read-side tensors projections read, each [N, in] per flat token
@@ -177,18 +205,18 @@ class MemoryBank(nn.Module):
                 bias = torch.cat([self.proj_bias[n] if n in self.proj_bias else self.weight.new_zeros(E, f)
                                   for n, f in zip(self.x_names, self.out_features)], dim=1)
             y = self._linear(inputs['x'], self.weight, bias, dispatch, per_slot=False)
-            parts.update(zip(self.x_names, y.split(self.out_features, dim=1)))
+            parts.update(self._split(y, dispatch, backend, conv_rows))
         for name, w in self.input_weight.items():
             parts[name] = self._linear(inputs[self.inputs[name]], w, self.proj_bias[name] if name in self.proj_bias
                                        else None, dispatch, per_slot=False)
-        out = {}
+        out, fused = {}, self._split_convs(backend, dispatch, conv_rows)
         for name in self.names:  # a handful of named parts
             part = parts[name]
             if name in self.second:  # low rank: activation, then the second stage, per slot
                 part = self._linear(STAGE_ACTIVATIONS[self.activation[name]](part), self.second[name],
                                     self.second_bias[name] if name in self.second_bias else None, dispatch,
                                     per_slot=True)
-            if name in self.conv:
+            if name in self.conv and name not in fused:
                 w, b, act = self.conv[name], self.conv_bias[name] if name in self.conv_bias else None, \
                     self.conv_activation[name]
                 if conv_rows is None:

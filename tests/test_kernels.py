@@ -168,3 +168,41 @@ def test_plan_kernels_equal_the_pytorch_plan_over_many_blocks(masked):
                   'memory_counts', 'cu_seqlens_cpu', 'segment_memory', 'segment_sequence', 'memory_offsets_cpu'):
         assert torch.equal(getattr(got, field), getattr(want, field)), field
     assert got.max_seqlen == want.max_seqlen
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize('unused', [None, 1, 2])
+def test_split_convs_triton_equals_split_then_convs(dtype, unused):
+    """The write side's split with its convs inside (``SplitConvsTriton``: the convs' dx written into the fused
+    gradient's columns, the others copied in) against ``y.split`` and one reference conv per block: outputs and
+    the gradients of y, the conv weights and biases; ``unused``: one output gets no gradient (None)."""
+    from mom_wrap.kernels.segment_conv import split_convs_triton
+    torch.manual_seed(0)
+    E, W, S = 3, 4, 150
+    widths = [40, 24, 3, 36]  # a conv with bias and SiLU, a plain block, a plain block, a conv without bias
+    convs = ((True, True), None, None, (False, False))
+    memory = torch.sort(torch.randint(0, E, (S,))).values.to(DEVICE)
+    position = torch.cat([torch.arange(n) for n in torch.bincount(memory.cpu(), minlength=E).tolist()]).to(DEVICE)
+    y = torch.randn(S, sum(widths), device=DEVICE, dtype=dtype)
+    w0, b0 = torch.randn(E, 40, W, device=DEVICE, dtype=dtype), torch.randn(E, 40, device=DEVICE, dtype=dtype)
+    w3 = torch.randn(E, 36, W, device=DEVICE, dtype=dtype)
+    grads = [torch.randn(S, n, device=DEVICE, dtype=dtype) for n in widths]
+    if unused is not None:
+        grads[unused] = None
+    runs = []
+    for fused in (True, False):
+        leaves = [t.clone().requires_grad_() for t in (y, w0, b0, w3)]
+        yy, ww0, bb0, ww3 = leaves
+        if fused:
+            outs = split_convs_triton(yy, widths, convs, memory, position, [ww0, bb0, ww3])
+        else:
+            p = yy.split(widths, dim=1)
+            outs = [segment_conv(p[0], ww0, bb0, memory, position, 'silu'), p[1], p[2],
+                    segment_conv(p[3], ww3, None, memory, position, None)]
+        torch.autograd.backward([o for o, g in zip(outs, grads) if g is not None], [g for g in grads if g is not None])
+        runs.append([o.detach() for o in outs] + [t.grad for t in leaves])
+        if fused:
+            assert all(o.is_contiguous() for o in outs)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a.float(), b.float(), **tol)

@@ -104,16 +104,17 @@ def _conv_bwd_pre_kernel(x, wt, b, memory, position, dy, dpre, S, D, SX, W: tl.c
 
 
 @triton.jit
-def _conv_bwd_dx_kernel(wt, memory, position, dpre, dx, S, D, W: tl.constexpr, HAS_MEMORY: tl.constexpr,
+def _conv_bwd_dx_kernel(wt, memory, position, dpre, dx, S, D, SDX, W: tl.constexpr, HAS_MEMORY: tl.constexpr,
                         BT: tl.constexpr, BD: tl.constexpr):
-    """dx[r] = sum_j dpre[r + j] * tap W-1-j, over the rows r + j of r's segment."""
+    """dx[r] = sum_j dpre[r + j] * tap W-1-j, over the rows r + j of r's segment. dx's rows SDX apart (a column
+    block of the fused projection's gradient, ``split_convs``)."""
     r0 = tl.program_id(0).to(tl.int64) * BT  # the block's first row; pointers move there in 64-bit
     rows = tl.arange(0, BT)  # from r0: int32 offsets within the block
     cols = tl.program_id(1) * BD + tl.arange(0, BD)
     n = (S - r0).to(tl.int32)  # rows from r0 to the end (S is int32)
     row_ok, col_ok = rows < n, cols < D
     dpre += r0 * D
-    dx += r0 * D
+    dx += r0 * SDX
     position += r0
     if HAS_MEMORY:
         memory += r0
@@ -127,7 +128,7 @@ def _conv_bwd_dx_kernel(wt, memory, position, dpre, dx, S, D, W: tl.constexpr, H
         gj = tl.load(dpre + src[:, None] * D + cols[None, :], mask=feeds[:, None] & col_ok[None, :], other=0.)
         wj = tl.load(wt + mem[:, None] * W * D + (W - 1 - j) * D + cols[None, :], mask=m, other=0.)
         acc += gj * wj.to(tl.float32)
-    tl.store(dx + rows[:, None] * D + cols[None, :], acc.to(dx.dtype.element_ty), mask=m)
+    tl.store(dx + rows[:, None] * SDX + cols[None, :], acc.to(dx.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -194,52 +195,118 @@ def _launch_args(x, weight_shape, memory):
     return grid, dict(S=S, D=D, W=W, HAS_MEMORY=memory is not None, BT=BLOCK_T, BD=BLOCK_D)
 
 
+def conv_forward(x, weight, bias, memory, position, silu: bool):
+    """y [S, D] = the segment conv of x [S, D] (rows may be strided, columns not), and what ``conv_backward``
+    takes: (x, wt, bias, memory, position) as the kernels read them."""
+    W = weight.shape[-1]
+    # rows may be strided (a column slice of the fused projection), columns not; rows so far apart that a
+    # block's offsets leave int32 (2**31 / (BLOCK_T + W) elements, never seen in practice) are copied closer
+    if x.stride(1) != 1 or _rows_in_int32(x) < BLOCK_T + W:
+        x = x.contiguous()
+        if _rows_in_int32(x) < BLOCK_T + W:
+            raise ValueError(f"x: rows of {x.shape[1]} elements are too wide for the kernels' int32 offsets")
+    wt = weight.transpose(1, 2).contiguous()  # [E, W, D]: the kernels read each tap along D, coalesced
+    position = position.contiguous()
+    bias = bias.contiguous() if bias is not None else None
+    memory = memory.contiguous() if memory is not None else None
+    y = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    if x.shape[0]:
+        grid, meta = _launch_args(x, weight.shape, memory)
+        _conv_fwd_kernel[grid](x, wt, bias, memory, position, y, SX=x.stride(0), HAS_BIAS=bias is not None,
+                               SILU=silu, **meta)
+    return y, (x, wt, bias, memory, position)
+
+
+def conv_backward(saved, dy, dx, silu: bool, weight_shape, weight_dtype):
+    """The gradients of ``conv_forward``: dx written into ``dx`` [S, D] (rows may be strided: a column block of a
+    larger gradient, columns not); returns (dweight [E, D, W] in weight_dtype, dbias or None)."""
+    x, wt, bias, memory, position = saved
+    E, D, W = weight_shape
+    BW = triton.next_power_of_2(W)
+    dwt = torch.zeros(E, D, BW, device=x.device, dtype=torch.float32)
+    db = torch.zeros(bias.shape, device=x.device, dtype=torch.float32) if bias is not None else None
+    S = x.shape[0]
+    if S:
+        if dx.stride(1) != 1 or _rows_in_int32(dx) < BLOCK_T + W:
+            raise ValueError("dx: the kernels write rows of contiguous columns, within int32 offsets")
+        grid, meta = _launch_args(x, weight_shape, memory)
+        dpre = torch.empty(x.shape, device=x.device, dtype=torch.float32)
+        _conv_bwd_pre_kernel[grid](x, wt, bias, memory, position, dy.contiguous(), dpre, SX=x.stride(0),
+                                   HAS_BIAS=bias is not None, SILU=silu, **meta)
+        _conv_bwd_dx_kernel[grid](wt, memory, position, dpre, dx, SDX=dx.stride(0), **meta)
+        # a multiple of BLOCK_T, and in-program offsets in int32 (the forward made sure one block fits)
+        rows = min(ROWS_PER_PROGRAM, grid[0] * BLOCK_T, (_rows_in_int32(x) - W) // BLOCK_T * BLOCK_T)
+        _conv_bwd_dw_kernel[(triton.cdiv(S, rows), grid[1])](
+            x, memory, position, dpre, dwt, db, SX=x.stride(0), BW=BW, HAS_BIAS=bias is not None, ROWS=rows,
+            **meta)
+    return dwt[:, :, :W].to(weight_dtype), None if db is None else db.to(bias.dtype)
+
+
 class SegmentConvTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, memory, position, silu):
-        W = weight.shape[-1]
-        # rows may be strided (a column slice of the fused projection), columns not; rows so far apart that a
-        # block's offsets leave int32 (2**31 / (BLOCK_T + W) elements, never seen in practice) are copied closer
-        if x.stride(1) != 1 or _rows_in_int32(x) < BLOCK_T + W:
-            x = x.contiguous()
-            if _rows_in_int32(x) < BLOCK_T + W:
-                raise ValueError(f"x: rows of {x.shape[1]} elements are too wide for the kernels' int32 offsets")
-        wt = weight.transpose(1, 2).contiguous()  # [E, W, D]: the kernels read each tap along D, coalesced
-        position = position.contiguous()
-        bias = bias.contiguous() if bias is not None else None
-        memory = memory.contiguous() if memory is not None else None
-        y = torch.empty(x.shape, device=x.device, dtype=x.dtype)
-        if x.shape[0]:
-            grid, meta = _launch_args(x, weight.shape, memory)
-            _conv_fwd_kernel[grid](x, wt, bias, memory, position, y, SX=x.stride(0), HAS_BIAS=bias is not None,
-                                   SILU=silu, **meta)
-        ctx.save_for_backward(x, wt, bias, memory, position)
+        y, saved = conv_forward(x, weight, bias, memory, position, silu)
+        ctx.save_for_backward(*saved)
         ctx.silu, ctx.weight_shape, ctx.weight_dtype = silu, weight.shape, weight.dtype
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, wt, bias, memory, position = ctx.saved_tensors
-        E, D, W = ctx.weight_shape
-        BW = triton.next_power_of_2(W)
+        saved = ctx.saved_tensors
+        x = saved[0]
         dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
-        dwt = torch.zeros(E, D, BW, device=x.device, dtype=torch.float32)
-        db = torch.zeros(bias.shape, device=x.device, dtype=torch.float32) if bias is not None else None
-        S = x.shape[0]
-        if S:
-            grid, meta = _launch_args(x, ctx.weight_shape, memory)
-            dpre = torch.empty(x.shape, device=x.device, dtype=torch.float32)
-            _conv_bwd_pre_kernel[grid](x, wt, bias, memory, position, dy.contiguous(), dpre, SX=x.stride(0),
-                                       HAS_BIAS=bias is not None, SILU=ctx.silu, **meta)
-            _conv_bwd_dx_kernel[grid](wt, memory, position, dpre, dx, **meta)
-            # a multiple of BLOCK_T, and in-program offsets in int32 (the forward made sure one block fits)
-            rows = min(ROWS_PER_PROGRAM, grid[0] * BLOCK_T, (_rows_in_int32(x) - W) // BLOCK_T * BLOCK_T)
-            _conv_bwd_dw_kernel[(triton.cdiv(S, rows), grid[1])](
-                x, memory, position, dpre, dwt, db, SX=x.stride(0), BW=BW, HAS_BIAS=bias is not None, ROWS=rows,
-                **meta)
-        dw = dwt[:, :, :W].to(ctx.weight_dtype)
-        return dx, dw, None if db is None else db.to(bias.dtype), None, None, None
+        dw, db = conv_backward(saved, dy, dx, ctx.silu, ctx.weight_shape, ctx.weight_dtype)
+        return dx, dw, db, None, None, None
 
 
 def segment_conv_triton(x, weight, bias, memory, position, silu: bool):
     return SegmentConvTriton.apply(x, weight, bias, memory, position, silu)
+
+
+class SplitConvsTriton(torch.autograd.Function):
+    """y [S, sum(widths)] (the write side's fused projection) -> its column blocks, each through its short conv
+    where ``convs`` has one ((silu, has_bias) per block, or None), the others as contiguous copies. The backward
+    writes every block's gradient straight into one [S, sum(widths)] gradient: the convs' dx in place, the
+    others copied in. (``y.split`` then one conv per block made autograd concatenate the blocks' gradients,
+    a pass over the whole [S, sum(widths)] gradient, and the blocks stayed strided views that the host's kernels
+    copied.) ``params``: each conv's weight [E, D, W] and then, if it has one, its bias [E, D], in block order."""
+
+    @staticmethod
+    def forward(ctx, y, widths, convs, memory, position, *params):
+        outs, saved, shapes = [], [], []
+        it = iter(params)
+        for part, conv in zip(y.split(widths, dim=1), convs):
+            if conv is None:
+                outs.append(part.contiguous())
+                continue
+            silu, has_bias = conv
+            weight = next(it)
+            bias = next(it) if has_bias else None
+            out, kept = conv_forward(part, weight, bias, memory, position, silu)
+            outs.append(out)
+            saved += kept
+            shapes.append((weight.shape, weight.dtype))
+        ctx.save_for_backward(*saved)
+        ctx.widths, ctx.convs, ctx.shapes, ctx.y_meta = widths, convs, shapes, (y.shape, y.dtype, y.device)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        shape, dtype, device = ctx.y_meta
+        dy = torch.empty(shape, dtype=dtype, device=device)
+        saved, shapes, param_grads = list(ctx.saved_tensors), iter(ctx.shapes), []
+        for block, grad, conv in zip(dy.split(ctx.widths, dim=1), grads, ctx.convs):
+            if conv is None:
+                block.copy_(grad) if grad is not None else block.zero_()
+                continue
+            kept, saved = saved[:5], saved[5:]
+            weight_shape, weight_dtype = next(shapes)
+            if grad is None:
+                grad = torch.zeros(block.shape, dtype=dtype, device=device)
+            dw, db = conv_backward(kept, grad, block, conv[0], weight_shape, weight_dtype)
+            param_grads += [dw] + ([db] if conv[1] else [])
+        return (dy, None, None, None, None, *param_grads)
+
+
+def split_convs_triton(y, widths, convs, memory, position, params):
+    return SplitConvsTriton.apply(y, widths, convs, memory, position, *params)
