@@ -126,15 +126,18 @@ class Segments:
     def from_counts(counts: torch.Tensor, num_memories: int, num_sequences: int, device) -> Segments:
         """counts [E * Q] slots per (memory, sequence) on the host -> the layout over the non-empty ones."""
         E, Q = num_memories, num_sequences
-        nonempty = counts.nonzero().squeeze(1)
-        lengths = counts[nonempty]
-        cu_seqlens_cpu = torch.zeros(nonempty.numel() + 1, dtype=torch.long)
-        torch.cumsum(lengths, 0, out=cu_seqlens_cpu[1:])
-        host = upload(torch.cat([cu_seqlens_cpu, nonempty]), device)
-        cu_seqlens, nonempty_dev = host[:cu_seqlens_cpu.numel()], host[cu_seqlens_cpu.numel():]
-        return Segments(cu_seqlens=cu_seqlens, cu_seqlens_cpu=cu_seqlens_cpu, segment_memory=nonempty_dev // Q,
-                        segment_sequence=nonempty_dev % Q, max_seqlen=int(lengths.max()) if lengths.numel() else 0,
-                        memory_offsets_cpu=counts.view(E, Q).sum(1).cumsum(0))
+        # in numpy, one upload: this runs between the plan's sync and the recurrence, while the device may idle
+        c = counts.numpy()
+        nonempty = np.flatnonzero(c)
+        lengths = c[nonempty]
+        cu = np.zeros(nonempty.size + 1, dtype=np.int64)
+        np.cumsum(lengths, out=cu[1:])
+        n = nonempty.size
+        cu_seqlens, memory, sequence = upload(torch.from_numpy(np.concatenate([cu, nonempty // Q, nonempty % Q])),
+                                              device).split([n + 1, n, n])
+        return Segments(cu_seqlens=cu_seqlens, cu_seqlens_cpu=torch.from_numpy(cu), segment_memory=memory,
+                        segment_sequence=sequence, max_seqlen=int(lengths.max()) if n else 0,
+                        memory_offsets_cpu=torch.from_numpy(c.reshape(E, Q).sum(1).cumsum(0)))
 
     @property
     def chunk_cache(self) -> dict[int, torch.Tensor]:

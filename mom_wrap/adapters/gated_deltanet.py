@@ -145,15 +145,17 @@ class GatedDeltaNetAdapter(HostAdapter):
         has no separate backward to split) and where the segments do not split evenly."""
         if backend == 'torch' or not torch.is_grad_enabled():
             return None
-        groups = dispatch.segment_groups(parts, CHUNK_SIZE)
-        if not groups:
-            return None
-        from mom_wrap.adapters.gated_delta_in_groups import GatedDeltaRuleInGroups
+        from mom_wrap.adapters.gated_delta_in_groups import GatedDeltaRuleInGroups, QKBetaNorm
         h = self.host
-        q = self.query(read, write, dispatch)
         k, v = self._kv(write)
-        o = GatedDeltaRuleInGroups.apply(q[None], k[None], v[None], write['a'][None], write['b'][None], h.A_log,
-                                         h.dt_bias, h.head_k_dim ** -0.5, h.allow_neg_eigval, dispatch.cu_seqlens,
+        # queued before the plan's sync (segment_groups reads the host layout): the device runs them meanwhile
+        q, k, beta = QKBetaNorm.apply(self.query(read, write, dispatch)[None], k[None], write['b'][None],
+                                      h.allow_neg_eigval)
+        groups = dispatch.segment_groups(parts, CHUNK_SIZE)
+        if not groups:  # (the norms above are dropped with their graph)
+            return None
+        o = GatedDeltaRuleInGroups.apply(q, k, v[None], write['a'][None], beta, h.A_log, h.dt_bias,
+                                         h.head_k_dim ** -0.5, dispatch.cu_seqlens,
                                          dispatch.segments.chunk_indices(CHUNK_SIZE), groups)
         return o[0]
 
