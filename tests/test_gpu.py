@@ -132,6 +132,10 @@ def test_one_host_device_sync_per_forward_none_per_decode_step(dtype):
     x = torch.randn(2, 256, 1024, device='cuda', dtype=dtype)
     mom(x)[0].sum().backward()  # warm-up: first-call probes and autotuning may sync
     assert len(host_syncs(lambda: mom(x))) == 1
+    mom.recurrence_parts = 2  # the backward in groups: its groups are made from the plan's one sync
+    mom(x)[0].sum().backward()
+    assert len(host_syncs(lambda: mom(x))) == 1
+    mom.recurrence_parts = 1
     print(f"\n{dtype}: syncs in forward + backward:", len(host_syncs(lambda: mom(x)[0].sum().backward())))
     x = x.to(torch.bfloat16)
     mom = mom.to(torch.bfloat16)
