@@ -9,7 +9,8 @@ The plan sorts all slots by (memory, sequence, time) with a stable sort, so that
 
 The primitives, each small and tested on its own: ``segment_keys`` (which segment a slot belongs to),
 ``histogram`` (slots per segment), ``sort_slots`` (the stable permutation), ``gather`` / ``combine``
-(into the sorted order and weighted back). ``plan_dispatch`` strings them together; the one
+(into the sorted order and weighted back). ``plan_dispatch`` strings them together (on the triton backend
+the same plan as a counting sort in four Triton kernels, ``kernels.plan``); the one
 host-device sync of a layer forward, the segment lengths that the varlen kernels need on the host, waits until
 they are first used (``HostCounts``, ``Dispatch.segments``).
 ``plan_decode`` is the plan of a one-token step: every slot its own segment, no sort and no sync.

@@ -1,4 +1,4 @@
-"""The host's recurrence over a plan's segments: in one call, or in a few calls over consecutive time ranges.
+"""The host's recurrence over a plan's segments: in one call, or in parts, for less peak memory.
 
 Why in parts: the host's chunked kernels keep transients that grow with the rows of one call, most of all in
 the backward (for fla's gated delta rule the recomputed chunk states and their gradients, [chunks, H, V, K]
@@ -6,23 +6,29 @@ each: about 1.5 GiB for the 49,152 slots of 8 x 2048 tokens at top-2 + shared, h
 (top-k + shared) x N slots in one call, those transients set the layer's peak memory; in two calls each
 backward holds about half of them.
 
-Why in time: every part holds about 1 / parts of every segment (``Dispatch.time_parts``), and each part starts
-from the final states of the part before (the host's ``initial_state`` / ``output_final_state``, gradients
-flowing through both). The chunk-sequential kernels (one program per segment and head walks its chunks in
-order) then walk each segment once in all, as in one call; parts over whole memories (this module's first
-version) walked the longest segment (the shared memory's) in one part and the routed ones' in another, half
-as long again at long sequences. What each extra part costs: the host's launch overhead of one more call in
-each direction, and copies of the write side's per-slot tensors into part order and of the output back.
-Exact: the states carried between parts are the host's fp32 states, so the outputs are those of one call up
-to the kernels' own rounding.
+Two ways, the first the adapter's where it has one:
 
-Measured (H100, bf16, the paper's GatedDeltaNet layer, commit 98e1e43): 2 parts lower the peak from 2414 to
-1692 MiB at 8 x 2048 tokens and from 4809 to 3288 MiB at 2 x 16384 (fla's MomAttention: 2006 and 3962); fla's
-kernels take the same GPU time in two calls as in one (dqkwg, dhu, fwd_h: 10.5 / 7.2 / 6.4 ms against 10.4 /
-7.0 / 6.2 over 3 steps at 2 x 16384), the copies about 1.2 ms per step there (gathers 0.8, concatenations
-0.4). The time: 13.7 -> 22.4 ms at
-8 x 2048, where the layer is bound by host time and fla's call costs about 4 ms of it (forward and backward,
-on those machines' CPUs), and 21.8 -> 26.3 ms at 2 x 16384. Hence one call by default.
+* **The backward in groups** (``HostAdapter.recurrence_in_groups``; GatedDeltaNet): one forward call, and the
+  backward in a call per group of whole, consecutive segments (``Dispatch.segment_groups``): segments start from
+  zero states in training, so a group's backward reads only its own rows, views of what the forward saved.
+  The cost: one more backward call of the host (its launch path's host time) and the copies of the groups'
+  gradients into one. Needs the host's forward and backward as separate functions
+  (``adapters/gated_delta_in_groups.py``) and segments short enough to split evenly.
+* **Over time** (here; every host): every part holds about 1 / parts of every segment (``Dispatch.time_parts``),
+  and each part starts from the final states of the part before (the host's ``initial_state`` /
+  ``output_final_state``, gradients flowing through both). The chunk-sequential kernels (one program per
+  segment and head walks its chunks in order) then walk each segment once in all, as in one call; parts over
+  whole memories (this module's first version) walked the longest segment (the shared memory's) in one part
+  and the routed ones' in another, half as long again at long sequences. What each extra part costs: the
+  host's launch overhead of one more call in each direction, and copies of the write side's per-slot tensors
+  into part order and of the output back. Exact: the states carried between parts are the host's fp32
+  states, so the outputs are those of one call up to the kernels' own rounding.
+
+Measured (H100, bf16, the paper's GatedDeltaNet layer, ``bench_layer.py --recurrence-parts 1 2 --time-parts 2``,
+commit d3f2dcb; benchmarks/README.md): 2 parts lower the peak from 2421 to 1882 MiB at 8 x 2048 tokens in groups
+(1696 over time) and from 4808 to 3753 MiB at 2 x 16384 (3287 over time); fla's MomAttention: 2002 and 3961.
+The time: 13.3 -> 18.3 ms at 8 x 2048 in groups (25.6 over time), where the layer is bound by host time, and
+20.7 -> 21.6 ms at 2 x 16384 (29.9 over time). Hence one call by default.
 """
 from __future__ import annotations
 
@@ -36,9 +42,11 @@ ALIGN = 64  # rows per block of a part's piece of a segment: fla's chunk size, s
 
 def run_recurrence(adapter: HostAdapter, read: dict[str, torch.Tensor], write: dict[str, torch.Tensor],
                    dispatch: Dispatch, backend: str, parts: int = 1) -> torch.Tensor:
-    """o [S, ...] per sorted slot: ``adapter.recurrence`` over ``dispatch``, in up to ``parts`` calls over
-    consecutive time ranges of its segments (``Dispatch.time_parts``). read: per-token tensors [N, ...]; write:
-    per-slot tensors [S, ...] (taken into each part's rows; other entries passed whole)."""
+    """o [S, ...] per sorted slot: the recurrence over ``dispatch`` in up to ``parts`` calls: the adapter's
+    backward in groups of segments where it has one (``adapter.recurrence_in_groups``), else
+    ``adapter.recurrence`` over consecutive time ranges of the segments (``Dispatch.time_parts``). read:
+    per-token tensors [N, ...]; write: per-slot tensors [S, ...] (taken into each part's rows; other entries
+    passed whole)."""
     o = adapter.recurrence_in_groups(read, write, dispatch, backend, parts)
     if o is not None:  # the adapter's one forward call, its backward in groups of whole segments
         return o

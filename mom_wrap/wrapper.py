@@ -5,7 +5,7 @@ Data flow of one forward (x: [B, T, hidden]):
     -> read side once per token (adapter.read: query, output gate)
     -> write side per memory on its segments (MemoryBank: grouped GEMM + per-segment short convs)
     -> the host's varlen recurrence over all segments in one call (adapter.recurrence; recurrence_parts:
-       in a few over time, mom_wrap.recurrence)
+       in a few, mom_wrap.recurrence)
     -> weighted combine back to tokens (+ shared memory, weight 1)  ->  adapter.finish (norm, gate, o_proj)
 """
 from __future__ import annotations
@@ -76,11 +76,12 @@ class MixtureOfMemories(nn.Module):
             is per memory). It must match the host. None (default): the registered adapter. A variant's dotted
             path is ``adapter_path`` (None for the registered one), which ``mom_wrap.convert`` saves with the
             settings.
-        recurrence_parts: with gradients on, the host's recurrence runs in up to this many calls over
-            consecutive time ranges of every segment, each starting from the states the one before ended with
+        recurrence_parts: with gradients on, the host's recurrence runs in up to this many parts
             (``mom_wrap.recurrence``): less peak memory (the host kernels' backward transients grow with the
-            rows of one call) for some more time. 1 (default): all slots in one call. Inference always makes
-            one call. Settable at any time.
+            rows of one call) for some more time. GatedDeltaNet runs its forward in one call and its backward
+            in a call per group of whole segments; the other hosts make calls over consecutive time ranges of
+            every segment, each starting from the states the one before ended with. 1 (default): all slots in
+            one call. Inference always makes one call. Settable at any time.
 
     ``forward`` takes and returns what the host does (``mom_wrap.calls``): for fla's layers
     ``(o, None, past_key_values)`` and the host's own extra arguments and outputs (RWKV7: ``v_first``), for
