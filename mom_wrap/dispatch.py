@@ -270,8 +270,9 @@ class Dispatch:
             return []
         cu = self.cu_seqlens_cpu.numpy()
         S = int(cu[-1])
-        after = np.searchsorted(cu, S * np.arange(1, parts) / parts)  # first boundary at or past each target
-        nearer = cu[after] - S * np.arange(1, parts) / parts > S * np.arange(1, parts) / parts - cu[after - 1]
+        targets = S * np.arange(1, parts) / parts
+        after = np.searchsorted(cu, targets)  # the first boundary at or past each target
+        nearer = cu[after] - targets > targets - cu[after - 1]  # the one before it is nearer
         bounds = np.unique(np.concatenate([[0], after - nearer, [cu.size - 1]]))
         rows = cu[bounds]
         if bounds.size < 3 or np.diff(rows).max() > slack * S / parts:

@@ -41,7 +41,7 @@ class QKBetaNorm(torch.autograd.Function):
         from fla.ops.common.gate import fused_beta_sigmoid_fwd
         q, q_rstd = l2norm_fwd(q.contiguous())
         k, k_rstd = l2norm_fwd(k.contiguous())
-        b = b.contiguous()  # (a column slice of the write side, on the torch split)
+        b = b.contiguous()  # (a column slice of the write side where its split runs no convs)
         beta = fused_beta_sigmoid_fwd(b, scale=2.0 if allow_neg_eigval else 1.0)
         ctx.save_for_backward(q, q_rstd, k, k_rstd, b)
         ctx.allow_neg_eigval = allow_neg_eigval
