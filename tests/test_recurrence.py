@@ -214,14 +214,21 @@ def test_segment_groups_give_way_to_a_segment_too_long_to_balance():
     assert one.segment_groups(2, 64) == []  # a single segment
 
 
-def _naive_gated_delta(q, k, v, beta, a, A_log, dt_bias, scale, cu_seqlens):
+def _naive_gated_delta(q, k, v, beta, a, A_log, dt_bias, scale, cu_seqlens, initial_state=None):
     """fla's naive recurrent gated delta rule per segment of [1, S, ...] inputs (q, k normalised, beta after its
-    sigmoid, the gate made from its raw input a as fla's in-kernel gate does)."""
+    sigmoid, the gate made from its raw input a as fla's in-kernel gate does), from initial_state [G, HV, V, K]
+    (the adapter's state_v_first layout) or zeros. Returns o [1, S, HV, V] and the final states [G, HV, V, K]."""
     from fla.ops.gated_delta_rule.naive import naive_recurrent_gated_delta_rule
     g = -A_log.float().exp() * torch.nn.functional.softplus(a.float() + dt_bias.float())
     bounds = cu_seqlens.tolist()
-    return torch.cat([naive_recurrent_gated_delta_rule(q[:, s:e], k[:, s:e], v[:, s:e], beta[:, s:e], g[:, s:e],
-                                                       scale=scale)[0] for s, e in zip(bounds[:-1], bounds[1:])], 1)
+    outs, states = [], []
+    for i, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
+        h0 = None if initial_state is None else initial_state[i:i + 1].transpose(-1, -2)
+        o, h = naive_recurrent_gated_delta_rule(q[:, s:e], k[:, s:e], v[:, s:e], beta[:, s:e], g[:, s:e],
+                                                scale=scale, initial_state=h0, output_final_state=True)
+        outs.append(o)
+        states.append(h[0].transpose(-1, -2))
+    return torch.cat(outs, 1), torch.stack(states)
 
 
 def _marker(k):
@@ -230,63 +237,99 @@ def _marker(k):
     return k.float().sum(-1, keepdim=True).expand(*k.shape[:-1], 64).contiguous()
 
 
-@pytest.mark.interpreter
-def test_backward_in_groups_wiring(monkeypatch):
-    """The triton backend's GatedDeltaNet in training with ``recurrence_parts`` 1, 2 and 3: fla's chunk kernels do
-    not run in the interpreter, so ``chunk_gated_delta_rule_fwd`` / ``_bwd`` are replaced by fla's naive rule per
-    segment (the backward by autograd through it, and checking that the saved tensors it gets are its group's
-    rows). What this holds: one forward call and one backward call per group (cut where ``segment_groups`` says),
-    fla's L2 norms and beta sigmoid around them (real, interpreted), the groups' gradients put together, A_log's
-    and dt_bias's summed; outputs and every gradient equal the torch backend's."""
+def _naive_chunk_functions(monkeypatch, calls):
+    """fla's ``chunk_gated_delta_rule_fwd`` / ``_bwd`` (which its chunk kernels run, and which do not run in the
+    interpreter) replaced by its naive rule per segment, the backward by autograd through it; each call logged in
+    ``calls`` as (direction, rows). The backward checks that the saved tensors it gets are its own rows."""
     import fla.ops.gated_delta_rule.chunk as fla_chunk
     from fla.ops.utils.index import prepare_chunk_indices
-    calls = []
 
     def naive_fwd(q, k, v, g, beta, scale, initial_state, output_final_state, state_v_first, cu_seqlens,
                   chunk_indices, use_gate_in_kernel, A_log, dt_bias, chunk_size, cp_context=None):
-        assert initial_state is None and not output_final_state and state_v_first and use_gate_in_kernel
+        assert state_v_first and use_gate_in_kernel
         assert torch.equal(chunk_indices, prepare_chunk_indices(cu_seqlens, chunk_size))
         calls.append(('fwd', q.shape[1]))
-        o = _naive_gated_delta(q, k, v, beta, g, A_log, dt_bias, scale, cu_seqlens)
-        return g.float() * 3, o, _marker(k), None, None, g
+        o, ht = _naive_gated_delta(q, k, v, beta, g, A_log, dt_bias, scale, cu_seqlens, initial_state)
+        return g.float() * 3, o, _marker(k), ht if output_final_state else None, initial_state, g
 
     def naive_bwd(q, k, v, g, beta, A, scale, initial_state, do, dht, state_v_first, cu_seqlens, chunk_indices,
                   use_gate_in_kernel, g_input, A_log, dt_bias, chunk_size, cp_context=None):
-        assert initial_state is None and dht is None
         assert torch.equal(chunk_indices, prepare_chunk_indices(cu_seqlens, chunk_size))
         assert cu_seqlens[-1] == q.shape[1]
-        assert torch.equal(A, _marker(k)) and torch.equal(g, g_input.float() * 3)  # the group's own rows
+        assert torch.equal(A, _marker(k)) and torch.equal(g, g_input.float() * 3)  # the call's own rows
         calls.append(('bwd', q.shape[1]))
         leaves = [t.detach().requires_grad_() for t in (q, k, v, beta, g_input, A_log, dt_bias)]
+        h0 = None if initial_state is None else initial_state.detach().requires_grad_()
         with torch.enable_grad():
-            o = _naive_gated_delta(*leaves[:4], *leaves[4:], scale, cu_seqlens)
-            dq, dk, dv, db, dg, dA, ddt = torch.autograd.grad(o, leaves, do)
-        return dq, dk, dv, db, dg, None, dA, ddt
+            o, ht = _naive_gated_delta(*leaves[:4], *leaves[4:], scale, cu_seqlens, h0)
+            loss = (o * do).sum() + ((ht * dht).sum() if dht is not None else 0)
+            grads = torch.autograd.grad(loss, leaves + ([h0] if h0 is not None else []))
+        dq, dk, dv, db, dg, dA, ddt = grads[:7]
+        return dq, dk, dv, db, dg, grads[7] if h0 is not None else None, dA, ddt
 
     monkeypatch.setattr(fla_chunk, 'chunk_gated_delta_rule_fwd', naive_fwd)
     monkeypatch.setattr(fla_chunk, 'chunk_gated_delta_rule_bwd', naive_bwd)
-    made, segment_groups = [], Dispatch.segment_groups
-    monkeypatch.setattr(Dispatch, 'segment_groups', lambda *a, **k: made.append(segment_groups(*a, **k)) or made[-1])
-    registered, _ = ADAPTERS['GatedDeltaNet']
-    mom = wrap(registered.example_host(), init='random', backend='torch', num_memories=4, topk=2).train()
+
+
+def _backends_agree(mom, runs_of):
+    """Output, input gradient and every parameter gradient of ``mom`` for each (backend, parts) of ``runs_of``
+    (after each run, ``runs_of``'s callback checks the calls), all against the torch backend in one call."""
     x = torch.randn(2, 24, mom.hidden_size)
     dy = torch.randn(2, 24, mom.hidden_size)
     runs = {}
-    for backend, parts in (('torch', 1), ('triton', 1), ('triton', 2), ('triton', 3)):
+    for (backend, parts), check in runs_of.items():
         mom.backend, mom.recurrence_parts = backend, parts
-        calls.clear()
         xi = x.clone().requires_grad_()
         y = mom(xi)[0]
         y.backward(dy)
         runs[backend, parts] = [y.detach(), xi.grad] + [p.grad.clone() for p in mom.parameters()]
         mom.zero_grad()
+        check(backend, parts)
+    names = ['output', 'input grad'] + [n for n, _ in mom.named_parameters()]
+    reference = runs['torch', 1]
+    for key, run in runs.items():
+        for a, b, n in zip(reference, run, names):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=f'{key}: {n}')
+
+
+@pytest.mark.interpreter
+def test_backward_in_groups_wiring(monkeypatch):
+    """The triton backend's GatedDeltaNet in training with ``recurrence_parts`` 1, 2 and 3, fla's chunk functions
+    replaced by its naive rule (``_naive_chunk_functions``). What this holds: one forward call and one backward call
+    per group (cut where ``segment_groups`` says), each on its own rows of what the forward saved, fla's L2 norms
+    and beta sigmoid around them (real, interpreted), the groups' gradients put together, A_log's and dt_bias's
+    summed; outputs and every gradient equal the torch backend's."""
+    calls = []
+    _naive_chunk_functions(monkeypatch, calls)
+    made, segment_groups = [], Dispatch.segment_groups
+    monkeypatch.setattr(Dispatch, 'segment_groups', lambda *a, **k: made.append(segment_groups(*a, **k)) or made[-1])
+    registered, _ = ADAPTERS['GatedDeltaNet']
+    mom = wrap(registered.example_host(), init='random', backend='torch', num_memories=4, topk=2).train()
+    S = 3 * 2 * 24
+
+    def check(backend, parts):
         if backend == 'triton':
-            S = 3 * x.shape[0] * x.shape[1]
             rows = [S] if parts == 1 else [g.stop - g.start for g in made.pop()]
             assert len(rows) == parts and not made
             assert calls == [('fwd', S)] + [('bwd', n) for n in rows]
-    names = ['output', 'input grad'] + [n for n, _ in mom.named_parameters()]
-    for key, run in runs.items():
-        for a, b, n in zip(runs['torch', 1], run, names):
-            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=f'{key}: {n}')
+        calls.clear()
+    _backends_agree(mom, {('torch', 1): check, ('triton', 1): check, ('triton', 2): check, ('triton', 3): check})
 
+
+@pytest.mark.interpreter
+def test_backward_in_groups_gives_way_to_the_parts_over_time(monkeypatch):
+    """Where the segments do not split evenly (``segment_groups`` says []), the triton backend's GatedDeltaNet
+    runs the parts over time instead (fla's chunk function per part, states carried): the norms the groups' path
+    queued before it asked are dropped, and outputs and gradients still equal the torch backend's."""
+    calls = []
+    _naive_chunk_functions(monkeypatch, calls)
+    monkeypatch.setattr(Dispatch, 'segment_groups', lambda *a, **k: [])
+    monkeypatch.setattr(recurrence, 'ALIGN', 2)  # (short segments: blocks of 2 rows, as test_parts_equal_one_call)
+    registered, _ = ADAPTERS['GatedDeltaNet']
+    mom = wrap(registered.example_host(), init='random', backend='torch', num_memories=4, topk=2).train()
+
+    def check(backend, parts):
+        if backend == 'triton':  # two forward calls over time, and their two backward calls
+            assert [c[0] for c in calls] == ['fwd', 'fwd', 'bwd', 'bwd'] and sum(n for _, n in calls[:2]) == 144
+        calls.clear()
+    _backends_agree(mom, {('torch', 1): check, ('triton', 2): check})
