@@ -279,7 +279,7 @@ class Dispatch:
             return []
         # each group's chunk indices: its rows of the plan's, segments counted from its first
         chunks = chunk_indices(self.cu_seqlens_cpu, chunk_size).numpy()
-        first_chunk = np.concatenate([[0], np.cumsum((np.diff(cu) + chunk_size - 1) // chunk_size)])[bounds]
+        first_chunk = np.searchsorted(chunks[:, 0], bounds)  # (chunks are in segment order)
         host = []
         for g0, g1, c0, c1 in zip(bounds[:-1], bounds[1:], first_chunk[:-1], first_chunk[1:]):
             host += [cu[g0:g1 + 1] - cu[g0], (chunks[c0:c1] - [g0, 0]).reshape(-1)]
