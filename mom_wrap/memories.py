@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from mom_wrap.adapters.base import WriteProjection
 from mom_wrap.dispatch import Dispatch, gather
-from mom_wrap.ops import ACTIVATIONS, add_memory_bias, cached_conv, grouped_linear, segment_conv
+from mom_wrap.ops import add_memory_bias, cached_conv, check_activation, grouped_linear, segment_conv
 from mom_wrap.pool import PoolRows
 
 
@@ -182,8 +182,7 @@ class MemoryBank(nn.Module):
                 convs.append(None)
                 continue
             act = self.conv_activation[name]
-            if act not in ACTIVATIONS:
-                raise ValueError(f"activation: unsupported short-conv activation {act!r}")
+            check_activation(act)
             convs.append((act is not None, name in self.conv_bias))
             params += [self.conv[name]] + ([self.conv_bias[name]] if name in self.conv_bias else [])
         return dict(zip(self.x_names, split_convs_triton(y, self.out_features, tuple(convs), dispatch.memory,

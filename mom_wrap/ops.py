@@ -14,6 +14,12 @@ from mom_wrap.pool import PoolRows
 ACTIVATIONS = (None, 'silu', 'swish')
 
 
+def check_activation(activation: str | None) -> None:
+    """A short conv's activation: one of ACTIVATIONS, or a ValueError naming it."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation: unsupported short-conv activation {activation!r}")
+
+
 def acc(t: torch.Tensor) -> torch.Tensor:
     """t in its accumulation dtype: fp32, or fp64 for fp64 inputs (the exactness tests run in fp64)."""
     return t.to(torch.promote_types(t.dtype, torch.float32))
@@ -250,8 +256,7 @@ def segment_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     Accumulates in fp32. ``backend="torch"``: PyTorch ops (the reference; weight gradients reduced per
     memory by a one-hot GEMM); ``"triton"``: ``mom_wrap.kernels.segment_conv``.
     """
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation: unsupported short-conv activation {activation!r}")
+    check_activation(activation)
     if backend == 'triton':
         from mom_wrap.kernels.segment_conv import segment_conv_triton
         return segment_conv_triton(x, weight, bias, memory, position, activation is not None)
@@ -325,8 +330,7 @@ def cached_conv(x: torch.Tensor, rows: PoolRows, weight: torch.Tensor, bias: tor
     cu_seqlens [G+1] (device), or None when every segment is one row (a decode step: S == G). A decode step
     without autograd on the triton backend is one kernel that updates the pool in place.
     """
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation: unsupported short-conv activation {activation!r}")
+    check_activation(activation)
     if cu_seqlens is None:
         if backend == 'triton' and not torch.is_grad_enabled():
             from mom_wrap.kernels.conv_step import conv_step_triton
