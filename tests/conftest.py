@@ -6,6 +6,7 @@ every config under the interpreter; here it takes the first one (``mom_wrap.chec
 Both must be set before fla (and so Triton) is imported, hence at the top of conftest. On a CUDA machine
 nothing is changed.
 """
+import importlib.util
 import os
 import warnings
 
@@ -14,19 +15,26 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault('TRITON_INTERPRET', '1')  # before mom_wrap (and so Triton) is imported
-    from mom_wrap.check import interpret_on_cpu
+    from mom_wrap.interpret import interpret_on_cpu
     interpret_on_cpu()
 
 warnings.filterwarnings('ignore', message='.*Triton is not supported on current platform.*')
 
 
+HAS_MAMBA_SSM = importlib.util.find_spec('mamba_ssm') is not None
+
+
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason='needs a CUDA GPU')
+    """The one rule for optional hardware and packages: tests marked ``gpu`` are skipped without CUDA, tests marked
+    ``mamba_ssm`` (every test that needs the Mamba2 host: ``tests/hosts.py`` marks the host parameters) without
+    mamba-ssm."""
+    skip_gpu = pytest.mark.skip(reason='needs a CUDA GPU')
+    skip_mamba = pytest.mark.skip(reason='needs mamba-ssm (pip install "mom_wrap[mamba]")')
     for item in items:
-        if 'gpu' in item.keywords:
-            item.add_marker(skip)
+        if item.get_closest_marker('gpu') is not None and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
+        if item.get_closest_marker('mamba_ssm') is not None and not HAS_MAMBA_SSM:
+            item.add_marker(skip_mamba)
 
 
 @pytest.fixture(autouse=True)

@@ -14,6 +14,7 @@ import torch.nn as nn
 import mom_wrap
 from mom_wrap import MixtureOfMemories, convert, set_balance_loss_weight
 from mom_wrap.wrapper import INITS
+from tests import hosts
 from tests.test_models import MODELS, host_model
 
 pytestmark = pytest.mark.skipif(os.environ.get('TRITON_INTERPRET') != '1' and not torch.cuda.is_available(),
@@ -59,7 +60,6 @@ def assert_same_weights(got, want):
 
 
 def mamba_model(**kw):
-    pytest.importorskip('mamba_ssm')
     from mamba_ssm.models.config_mamba import MambaConfig
     from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
     options = dict(d_model=64, n_layer=2, vocab_size=64, pad_vocab_size_multiple=8, rms_norm=True,
@@ -143,7 +143,7 @@ def test_convert_errors():
 
 
 @needs_preserve
-@pytest.mark.parametrize('host', sorted(MODELS) + ['Mamba2'])
+@pytest.mark.parametrize('host', [*sorted(MODELS), hosts.param('Mamba2')])
 def test_convert_default_preserves_the_logits(host):
     model = mamba_model() if host == 'Mamba2' else host_model(host)
     ids = torch.randint(0, 64, (2, 10))
@@ -241,7 +241,7 @@ def test_fla_load_in_a_fresh_process(tmp_path):
     torch.save({'ids': ids, 'logits': logits(model, ids)}, tmp_path / 'want.pt')
     script = f"""
 import sys, torch
-from mom_wrap.check import interpret_on_cpu
+from mom_wrap.interpret import interpret_on_cpu
 interpret_on_cpu()
 import mom_wrap
 assert 'fla.models' not in sys.modules
@@ -262,6 +262,7 @@ print('ok')
 
 # mamba-ssm ---------------------------------------------------------------------------------------------------
 
+@pytest.mark.mamba_ssm
 @pytest.mark.parametrize('writer', ['save_mamba', 'mamba_ssm_save_pretrained'])
 def test_mamba_round_trip(writer, tmp_path):
     model = mamba_model()
@@ -285,6 +286,7 @@ def test_mamba_round_trip(writer, tmp_path):
     assert torch.equal(logits(loaded, ids), want)
 
 
+@pytest.mark.mamba_ssm
 def test_mamba_listed_layers_round_trip_and_errors(tmp_path):
     model = mamba_model(tie_embeddings=False)
     with pytest.raises(ValueError, match='model: .* no MixtureOfMemories layer'):
@@ -310,7 +312,7 @@ def test_mamba_listed_layers_round_trip_and_errors(tmp_path):
 # fine-tuning and generating after conversion -------------------------------------------------------------------
 
 @needs_preserve
-@pytest.mark.parametrize('host', ['GatedDeltaNet', 'RWKV7Attention', 'Mamba2'])
+@pytest.mark.parametrize('host', ['GatedDeltaNet', 'RWKV7Attention', hosts.param('Mamba2')])
 def test_fine_tuning_a_converted_model_lowers_the_loss_and_moves_the_routed_memories(host):
     """A few AdamW steps on a synthetic next-token task: the loss falls and the routed memories' silenced
     stage (zero after convert) moves off zero."""

@@ -44,6 +44,8 @@ if os.environ.get('MOM_WRAP_TEST_WORKER') == '1':  # a spawned worker (_worker) 
     from mom_wrap import interpret_on_cpu  # fla and mamba-ssm are imported (HOSTS below), as tests/conftest.py
     interpret_on_cpu()  # does (the autotuner's first config; mamba-ssm without its CUDA extensions)
 
+from tests import hosts  # noqa: E402  (after the worker's interpreter setup: it imports fla)
+
 WORLD = 2
 ROWS, T = 2, 9  # DDP: rows per rank, tokens
 BALANCE = 0.1
@@ -327,7 +329,7 @@ def _close(a, b, tol=1e-5, what=''):
     assert err <= tol * max(scale, 1.0), f"{what}: max abs err {err:.3e} (ref max {scale:.3e})"
 
 
-@pytest.mark.parametrize('host', HOSTS)
+@pytest.mark.parametrize('host', hosts.params())  # the workers ran the installed ones (HOSTS)
 def test_ddp_memory_starved_on_one_rank_and_all_padding_rank_match_one_process(results, host):
     refs = _ok(results[1]['ddp_reference'].get(host, {'error': f'no reference for {host}'}))
     for rank, res in enumerate(results):

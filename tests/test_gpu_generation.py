@@ -98,11 +98,11 @@ def _restore(cache, snapshot):
         v.copy_(snapshot[k])
 
 
+@pytest.mark.mamba_ssm
 def test_wrapped_mamba2_model_generate_with_cuda_graphs_equals_full_forwards():
     """mamba-ssm's MambaLMHeadModel, mixers wrapped: generate(cg=True) (decode steps captured as a CUDA graph
     on the pools ``allocate_inference_cache`` made) gives the tokens and scores of generate(cg=False) and of
     greedy decoding by full forwards."""
-    pytest.importorskip('mamba_ssm')
     from mamba_ssm.models.config_mamba import MambaConfig
     from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
     cfg = MambaConfig(d_model=256, n_layer=2, vocab_size=256, pad_vocab_size_multiple=8, rms_norm=True,

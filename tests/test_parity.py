@@ -7,15 +7,15 @@ import torch
 import mom_wrap.check as check
 import mom_wrap.ops as ops
 import mom_wrap.testing as testing
-from mom_wrap.adapters.base import _REGISTRY
+from tests import hosts
 
 needs_host_kernels = pytest.mark.skipif(os.environ.get('TRITON_INTERPRET') != '1' and not torch.cuda.is_available(),
                                         reason="the host layers' forwards need TRITON_INTERPRET=1 or CUDA")
-ADAPTERS = {a.host_class.rpartition('.')[2]: a for a in _REGISTRY}
+ADAPTERS = hosts.ADAPTERS
 
 
 @needs_host_kernels
-@pytest.mark.parametrize('host', sorted(ADAPTERS))
+@pytest.mark.parametrize('host', hosts.params())
 def test_parity_suite_passes(host):
     results = testing.run_checks(ADAPTERS[host].example_host, host)
     assert len(results) >= 10

@@ -5,12 +5,12 @@ import pytest
 import torch
 
 import mom_wrap.recurrence as recurrence
-from mom_wrap.adapters.base import _REGISTRY
 from mom_wrap.dispatch import Dispatch, plan_dispatch
 from mom_wrap.fla_mom import FlaMomAdapter
 from mom_wrap.testing import recurrence_calls, wrap
+from tests import hosts
 
-ADAPTERS = {a.host_class.rpartition('.')[2]: (a, None) for a in _REGISTRY if a.load_host_class() is not None}
+ADAPTERS = {name: (a, None) for name, a in hosts.ADAPTERS.items()}
 ADAPTERS['GatedDeltaNet/FlaMomAdapter'] = (ADAPTERS['GatedDeltaNet'][0], FlaMomAdapter)  # q per memory, per slot
 
 
@@ -101,7 +101,7 @@ def test_short_segments_stay_in_the_first_parts():
     assert plan.time_parts(1, 1) == []
 
 
-@pytest.mark.parametrize('host', sorted(ADAPTERS))
+@pytest.mark.parametrize('host', [*hosts.params(), 'GatedDeltaNet/FlaMomAdapter'])
 @pytest.mark.parametrize('padded', [False, True])
 def test_parts_equal_one_call(host, padded, monkeypatch):
     """Outputs and every gradient, with the recurrence in 1 and in 3 calls over time (blocks of 2 rows here: the
@@ -132,7 +132,7 @@ def test_parts_equal_one_call(host, padded, monkeypatch):
         torch.testing.assert_close(b, a, msg=n)
 
 
-GPU_HOSTS = ['GatedLinearAttention', 'DeltaNet', 'RWKV6Attention', 'RWKV7Attention', 'Mamba2']
+GPU_HOSTS = hosts.params(['GatedLinearAttention', 'DeltaNet', 'RWKV6Attention', 'RWKV7Attention', 'Mamba2'])
 
 
 @pytest.mark.gpu

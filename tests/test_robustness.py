@@ -14,7 +14,6 @@
   packing, for every registered host, with no Triton kernel launched (the torch backends are pure PyTorch).
 """
 import contextlib
-import importlib.util
 import os
 
 import pytest
@@ -23,11 +22,10 @@ from fla.layers import DeltaNet, GatedDeltaNet
 from fla.models.utils import Cache
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from mom_wrap.adapters.base import _REGISTRY
 from mom_wrap.testing import TOL, naive_mom, rel_err, routed, wrap
+from tests import hosts
 
-HAS_MAMBA = importlib.util.find_spec('mamba_ssm') is not None
-needs_mamba = pytest.mark.skipif(not HAS_MAMBA, reason='needs mamba-ssm')
+needs_mamba = pytest.mark.mamba_ssm  # skipped without mamba-ssm (tests/conftest.py)
 interpreter = pytest.mark.skipif(os.environ.get('TRITON_INTERPRET') != '1' and not torch.cuda.is_available(),
                                  reason='needs TRITON_INTERPRET=1 or CUDA')
 HOSTS = ['gdn', pytest.param('mamba2', marks=needs_mamba)]
@@ -643,8 +641,7 @@ def test_a_zero_router_routes_by_the_tie_rule_and_equals_the_naive_loop(name):
 # ========================================================================== 6. property-based, every host
 
 def registered_hosts():
-    return [pytest.param(cls, id=cls.__name__.removesuffix('Adapter')) for cls in _REGISTRY
-            if cls.load_host_class() is not None]
+    return hosts.adapter_params()
 
 
 @pytest.mark.parametrize('adapter', registered_hosts())
