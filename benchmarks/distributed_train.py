@@ -123,7 +123,7 @@ def setup(args):
         if not args.tf32:
             os.environ.setdefault('TRITON_F32_DEFAULT', 'ieee')
         if not args.autotune:
-            from mom_wrap.check import first_config_only
+            from mom_wrap.interpret import first_config_only
             first_config_only()
     warnings.filterwarnings('ignore', message='.*Triton is not supported on current platform.*')
     if args.device == 'cuda':

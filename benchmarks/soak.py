@@ -147,7 +147,7 @@ def setup(args):
         if not torch.cuda.is_available():
             raise SystemExit('--device cuda: no CUDA device (use --device cpu for the smoke run)')
         if not args.autotune:
-            from mom_wrap.check import first_config_only
+            from mom_wrap.interpret import first_config_only
             first_config_only()
         device = torch.device('cuda', torch.cuda.current_device())
     warnings.filterwarnings('ignore', message='.*Triton is not supported on current platform.*')

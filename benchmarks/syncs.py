@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_layer import fwd_bwd, host_factory, host_kwargs  # noqa: E402
 
 from mom_wrap import MixtureOfMemories  # noqa: E402
-from mom_wrap.check import first_config_only  # noqa: E402
+from mom_wrap.interpret import first_config_only  # noqa: E402
 from mom_wrap.testing import host_syncs  # noqa: E402
 
 HOSTS = ('GatedLinearAttention', 'RWKV6Attention', 'RWKV7Attention', 'GatedDeltaNet', 'DeltaNet', 'Mamba2')

@@ -1,6 +1,6 @@
 """mom_wrap: turn a linear-attention or state-space layer into a Mixture-of-Memories layer."""
 from mom_wrap.adapters import supported_hosts
-from mom_wrap.check import interpret_on_cpu
+from mom_wrap.interpret import interpret_on_cpu
 from mom_wrap.convert import convert, load_mamba, save_mamba
 from mom_wrap.fla_mom import import_fla_mom
 from mom_wrap.losses import load_balancing_loss, set_balance_loss_weight

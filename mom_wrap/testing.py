@@ -192,15 +192,22 @@ def _flat(outputs: list[torch.Tensor]) -> torch.Tensor:
 
 
 def run_checks(factory: Callable[[], nn.Module], name: str | None = None, device: str = 'cpu',
-               dtype: torch.dtype = torch.float32, interpret: bool = True) -> list[Result]:
+               dtype: torch.dtype = torch.float32, interpret: bool = True,
+               progress: Callable[[Result], None] | None = None) -> list[Result]:
     """Every check for the host ``factory()`` builds; ``interpret``: the host's own forward can run here (CUDA,
-    or the CPU under TRITON_INTERPRET=1); without it the checks against the host layer are skipped."""
+    or the CPU under TRITON_INTERPRET=1); without it the checks against the host layer are skipped.
+    ``progress``, if given, is called with each :class:`Result` as soon as its check is done."""
     host0 = factory().to(device, dtype)
     name = name or type(host0).__name__
     adapter = adapter_for(host0)
     hidden = adapter.hidden_size
     tol = TOL[dtype]
     results = []
+
+    def add(result: Result) -> None:
+        results.append(result)
+        if progress is not None:
+            progress(result)
 
     convention = adapter.convention
 
@@ -209,7 +216,7 @@ def run_checks(factory: Callable[[], nn.Module], name: str | None = None, device
         return convention.outputs(layer(x, **kwargs, **adapter.example_inputs(x)))
 
     def record(check, got, want, t=tol, detail=''):
-        results.append(Result(name, check, rel_err(got, want), t, detail))
+        add(Result(name, check, rel_err(got, want), t, detail))
 
     def new(**kw):
         return wrap(factory().to(device, dtype), **kw).eval()
@@ -270,17 +277,17 @@ def run_checks(factory: Callable[[], nn.Module], name: str | None = None, device
     run(mom, xg)[0].square().mean().backward()
     missing = [n for n, p in mom.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()
                or p.grad.abs().sum() == 0]
-    results.append(Result(name, 'every_parameter_gets_a_gradient', float(bool(missing)), 0.0,
-                          ', '.join(missing)))
+    add(Result(name, 'every_parameter_gets_a_gradient', float(bool(missing)), 0.0, ', '.join(missing)))
     # init="preserve": the routed memories' silenced stage starts at zero and still gets gradients
     mom = wrap(factory().to(device, dtype), init='preserve').train()
     run(mom, x.clone().requires_grad_())[0].square().mean().backward()
     grads = mom.memories.last_stage(adapter.silent_projection, grads=True)
     moved = bool(grads) and all(g[:mom.num_memories].abs().sum() > 0 for g in grads)
-    results.append(Result(name, 'preserve_routed_memories_get_gradients', float(not moved), 0.0))
+    add(Result(name, 'preserve_routed_memories_get_gradients', float(not moved), 0.0))
 
     if device == 'cuda':
-        results += _gpu_checks(factory, name, interpret)
+        for result in _gpu_checks(factory, name, interpret):
+            add(result)
     return results
 
 

@@ -47,6 +47,7 @@ def test_check_command_prints_a_table_and_fails_on_any_failure(monkeypatch, caps
 def test_check_command_on_cuda_runs_fp32_dots_in_ieee_unless_told(monkeypatch):
     """On CUDA the command sets TRITON_F32_DEFAULT=ieee before any kernel compiles (--tf32: left alone)."""
     seen = []
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)  # the command refuses --device cuda without CUDA
     monkeypatch.setattr(testing, 'run_checks', lambda *a, **k: seen.append(os.environ.get('TRITON_F32_DEFAULT'))
                         or [testing.Result('Host', 'good', 0.0, 1e-4)])
     monkeypatch.setenv('TRITON_F32_DEFAULT', 'tf32')  # recorded, so that teardown restores what was there
