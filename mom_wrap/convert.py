@@ -14,9 +14,10 @@ mom_wrap.save_mamba(model, path); model = mom_wrap.load_mamba(path)           # 
 The settings travel in config.json as ``"mom"``: ``num_memories``, ``topk``, ``shared_memory``, ``layers`` (the
 ``layer_idx`` of every wrapped layer), ``balance_loss_weight``, ``backend``, ``recurrence_parts``, and ``init``
 (how ``convert`` made the memories; loading takes the weights from the checkpoint whatever it was) and, for layers
-made with a variant adapter (``mom_wrap.fla_mom``'s imports of fla's MoM models), ``adapter``. fla models go through
-transformers (``mom_wrap.hf``), mamba-ssm's ``MambaLMHeadModel`` through ``save_mamba`` / ``load_mamba``
-(safetensors weights).
+made with a variant adapter (``mom_wrap.fla_mom``'s imports of fla's MoM models), ``adapter``. fla's models (and any
+transformers model) go through transformers (``mom_wrap.hf``), mamba-ssm's ``MambaLMHeadModel`` through
+``save_mamba`` / ``load_mamba`` (safetensors weights). Layers wrapped by hand are recorded by ``convert(model)``,
+which wraps what is left with their settings (nothing, where every host layer is wrapped).
 """
 from __future__ import annotations
 
@@ -67,7 +68,9 @@ def _num_layers(model: nn.Module) -> int | None:
     return None
 
 
-def _select(model: nn.Module, hosts: list, layers) -> list:
+def _select(model: nn.Module, hosts: list, layers, converted: set) -> list:
+    """The host layers ``layers`` names (their ``layer_idx``; None: all of them); a named layer that is converted
+    already (``converted``: their ``layer_idx``) is left as it is."""
     if layers is None:
         return hosts
     if isinstance(layers, (str, bytes)) or not hasattr(layers, '__iter__'):
@@ -83,54 +86,98 @@ def _select(model: nn.Module, hosts: list, layers) -> list:
     for i in layers:
         if n is not None and not 0 <= i < n:
             raise ValueError(f"layers: layer {i} is out of range (the model has {n} layers)")
-        if i not in by_idx:
+        if i not in by_idx and i not in converted:
             raise ValueError(f"layers: layer {i} is not a host layer (host layers: "
-                             f"{sorted(j for j in by_idx if j is not None)})")
+                             f"{sorted(j for j in by_idx | converted if j is not None)})")
     return [(paths, m) for paths, m in hosts if getattr(m, 'layer_idx', None) in set(layers)]
 
 
-def convert(model: nn.Module, num_memories: int = 4, topk: int = 2, shared_memory: bool = True,
-            init: str = 'preserve', layers=None, **kwargs) -> nn.Module:
+DEFAULTS = dict(num_memories=4, topk=2, shared_memory=True)
+
+
+def _adapter_path(cls: type | None) -> str | None:
+    """As ``MixtureOfMemories.adapter_path``: None for the adapter registered for the host (or none given)."""
+    return None if cls is None or cls in _REGISTRY else f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _settings_to_use(model: nn.Module, given: dict, init: str | None) -> tuple[dict, str, dict | None]:
+    """convert's settings: those given, and for the others those of the model's MixtureOfMemories layers where it
+    has some (a setting given must then equal theirs: a saved model carries one value for all layers), else the
+    defaults. Returns (the options for new layers, the init for new layers, the current settings or None)."""
+    given = {k: v for k, v in given.items() if v is not None}
+    unknown = sorted(set(given) - set(SETTINGS) - {'adapter'})
+    if unknown:
+        raise TypeError(f"convert() got an unexpected keyword argument {unknown[0]!r}")
+    layers = [m for m in model.modules() if isinstance(m, MixtureOfMemories)]
+    if not layers:
+        return {**DEFAULTS, **given}, init or 'preserve', None
+    current = {**_layer_settings(layers), 'init': _recorded_init(model)}
+    for key, value in given.items():
+        have, mine = (current.get('adapter'), _adapter_path(value)) if key == 'adapter' else (current[key], value)
+        if mine != have:
+            raise ValueError(f"{key}: the model's MixtureOfMemories layers have {key}={have!r}, got {mine!r}; "
+                             "layers converted later take the same settings (leave it out to take theirs)")
+    options = {key: current[key] for key in SETTINGS}
+    if current.get('adapter') is not None:
+        options['adapter'] = given.get('adapter') or _adapter_class(current['adapter'])
+    return options, init or current['init'] or 'preserve', current
+
+
+def convert(model: nn.Module, num_memories: int | None = None, topk: int | None = None,
+            shared_memory: bool | None = None, init: str | None = None, layers=None, **kwargs) -> nn.Module:
     """Wrap every supported host layer of ``model`` (``mom_wrap.supported_hosts()``) in place as
-    ``MixtureOfMemories(layer, num_memories, topk, shared_memory, init, **kwargs)``; returns ``model``.
+    ``MixtureOfMemories(layer, num_memories, topk, shared_memory, init, **kwargs)``, and record the settings on
+    the model; returns ``model``.
 
     Args:
         model: an fla model (``...ForCausalLM`` / ``...Model`` of GatedDeltaNet, GLA, DeltaNet, RWKV6, RWKV7),
-            mamba-ssm's ``MambaLMHeadModel``, or any module holding host layers. Host layers are found by their
-            class (an adapter matches them), wherever they sit.
-        layers: the ``layer_idx`` of the host layers to wrap; None (default): all of them.
-        init: as ``MixtureOfMemories``; ``"preserve"`` (default) keeps the model's function at the start.
+            mamba-ssm's ``MambaLMHeadModel``, a transformers model whose host layers a registered adapter wraps, or
+            any module holding host layers. Host layers are found by their class (an adapter matches them),
+            wherever they sit.
+        num_memories, topk, shared_memory: as ``MixtureOfMemories``; default 4, 2, True, or for a model with
+            MixtureOfMemories layers already (converted before, or wrapped by hand), theirs.
+        layers: the ``layer_idx`` of the host layers to wrap; None (default): all of them. A listed layer that is
+            converted already stays as it is.
+        init: as ``MixtureOfMemories``, for the layers wrapped now; ``"preserve"`` (default) keeps the model's
+            function at the start.
         kwargs: ``MixtureOfMemories``'s other options (``backend``, ``balance_loss_weight``, ``recurrence_parts``,
-            ``adapter``).
+            ``adapter``), defaults as above.
 
-    The settings are recorded on ``model.config`` as ``config.mom`` (a dict, see ``mom_settings``); an fla
-    model of a supported family and its config switch to the ``mom_wrap.hf`` subclasses (``model_type``
-    ``"mom_<fla type>"``), so that ``save_pretrained`` / ``AutoModelForCausalLM.from_pretrained`` bring the
-    converted model back. Raises ``ValueError`` for a model without host layers or already converted, and for
-    ``layers`` out of range or naming a layer that is not a host layer. The arguments and every selected host's
-    options (its adapter) are checked before any layer changes.
+    A model converted already (or with layers wrapped by hand) takes more layers with the same settings: a setting
+    given must equal its layers' (``ValueError`` naming it otherwise). With nothing left to wrap, ``convert`` only
+    records the layers' settings: after wrapping layers by hand, ``convert(model)`` makes ``save_pretrained``
+    (``save_mamba``) save a model that loads converted.
+
+    The settings are recorded on ``model.config`` as ``config.mom`` (a dict, see ``mom_settings``); a transformers
+    model and its config switch to the ``mom_wrap.hf`` subclasses (``model_type`` ``"mom_<its type>"``), so that
+    ``save_pretrained`` / ``AutoModelForCausalLM.from_pretrained`` bring the converted model back. Raises
+    ``ValueError`` for a model without host layers, and for ``layers`` out of range or naming a layer that is not a
+    host layer. The arguments and every selected host's options (its adapter) are checked before any layer
+    changes.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
-    if any(isinstance(m, MixtureOfMemories) for m in model.modules()):
-        raise ValueError("model: already converted (it contains MixtureOfMemories layers)")
+    given = dict(num_memories=num_memories, topk=topk, shared_memory=shared_memory, **kwargs)
+    options, init_now, current = _settings_to_use(model, given, init)
     hosts = host_layers(model)
-    if not hosts:
+    if not hosts and current is None:
         raise ValueError(f"model: no supported host layer in {type(model).__name__}; supported hosts: "
                          f"{', '.join(cls.host_class for cls in _REGISTRY if cls.load_host_class() is not None)}")
     if any('' in paths for paths, _ in hosts):
         raise ValueError("model: is itself a host layer; wrap it with MixtureOfMemories(model, ...)")
-    hosts = _select(model, hosts, layers)
+    converted = {m.layer_idx for m in model.modules() if isinstance(m, MixtureOfMemories)}
+    hosts = _select(model, hosts, layers, converted)
     for _, layer in hosts:  # the host's options are refused here, before any layer changes
         adapter_for(layer)
     for paths, layer in hosts:
-        mom = MixtureOfMemories(layer, num_memories=num_memories, topk=topk, shared_memory=shared_memory,
-                                init=init, **kwargs)
+        mom = MixtureOfMemories(layer, init=init_now, **options)
         for path in paths:
             parent, _, attr = path.rpartition('.')
             setattr(model.get_submodule(parent), attr, mom)
     settings = mom_settings(model)
-    settings['init'] = init
+    # the init of every layer where one made them all (unknown for layers wrapped by hand: None)
+    settings['init'] = init_now if current is None else \
+        current['init'] if not hosts or current['init'] == init_now else None
     _mark(model, settings)
     return model
 
@@ -157,6 +204,28 @@ def mom_settings(model: nn.Module) -> dict:
     layers = [m for m in model.modules() if isinstance(m, MixtureOfMemories)]
     if not layers:
         raise ValueError(f"model: {type(model).__name__} has no MixtureOfMemories layer (convert it first)")
+    settings = _layer_settings(layers)
+    idx = [m.layer_idx for m in layers]
+    if all(i is not None for i in idx):
+        settings['layers'] = sorted(set(idx))
+    elif not host_layers(model):  # None: every host layer (the only way to name layers without a layer_idx)
+        settings['layers'] = None
+    else:
+        raise ValueError("model: a MixtureOfMemories layer has no layer_idx while other host layers are not "
+                         "converted; the settings name the converted layers by their layer_idx")
+    settings['init'] = _recorded_init(model)
+    return settings
+
+
+def _recorded_init(model: nn.Module) -> str | None:
+    """The init ``convert`` recorded on the model's config (None where it recorded none)."""
+    recorded = getattr(getattr(model, 'config', None), 'mom', None)
+    return recorded.get('init') if isinstance(recorded, dict) else None
+
+
+def _layer_settings(layers: list[MixtureOfMemories]) -> dict:
+    """``SETTINGS`` read off the layers (one value for all of them) and, where they use a variant adapter,
+    ``adapter``."""
     settings = {}
     for key in SETTINGS:
         values = {getattr(m, key) for m in layers}
@@ -170,16 +239,6 @@ def mom_settings(model: nn.Module) -> dict:
                          "a saved model carries one for all layers")
     if paths != {None}:
         settings['adapter'] = paths.pop()
-    idx = [m.layer_idx for m in layers]
-    if all(i is not None for i in idx):
-        settings['layers'] = sorted(set(idx))
-    elif not host_layers(model):  # None: every host layer (the only way to name layers without a layer_idx)
-        settings['layers'] = None
-    else:
-        raise ValueError("model: a MixtureOfMemories layer has no layer_idx while other host layers are not "
-                         "converted; the settings name the converted layers by their layer_idx")
-    recorded = getattr(getattr(model, 'config', None), 'mom', None)
-    settings['init'] = recorded.get('init') if isinstance(recorded, dict) else None
     return settings
 
 
@@ -197,6 +256,10 @@ def convert_from_settings(model: nn.Module, settings: dict) -> nn.Module:
     kwargs = {k: settings[k] for k in SETTINGS[3:] if k in settings}
     if settings.get('adapter') is not None:
         kwargs['adapter'] = _adapter_class(settings['adapter'])
+    if not host_layers(model):
+        raise ValueError(f"config: the 'mom' settings convert layers {settings['layers']} of this "
+                         f"{type(model).__name__}, but no registered adapter takes a layer of it: import the module "
+                         "that registers its adapter (mom_wrap.adapters.register_adapter) before loading")
     convert(model, settings['num_memories'], settings['topk'], settings['shared_memory'], init=init,
             layers=settings['layers'], **kwargs)
     model.config.mom = dict(settings)

@@ -1,149 +1,182 @@
-"""Converted fla models through transformers: ``save_pretrained`` / ``AutoModelForCausalLM.from_pretrained``.
+"""Converted transformers models (fla's, or any ``PreTrainedModel``): ``save_pretrained`` /
+``AutoModelForCausalLM.from_pretrained``.
 
 ``mom_wrap.convert`` records its settings on the model's config (``config.mom``, see ``mom_wrap.convert``) and
-switches the config (and a plain fla ``...ForCausalLM`` / ``...Model``) to this module's subclasses, whose
-``model_type`` is ``"mom_" + the fla model type``. ``save_pretrained`` then writes a config.json transformers
-maps back to them, and their ``__init__`` builds the fla model and converts it with the saved settings before
-transformers loads the weights (every MoM parameter is in the checkpoint: none is missing or unexpected).
+switches the config and the model to subclasses made here, whose ``model_type`` is ``"mom_" + the model's own``
+(``MomGLAConfig`` / ``MomGLAForCausalLM`` for fla's GLA, and so for every family, a family whose host layer a user's
+adapter wraps included). ``save_pretrained`` then writes a config.json that the Auto classes map back to them, and
+their ``__init__`` builds the model and converts it with the saved settings before transformers loads the weights
+(every MoM parameter is in the checkpoint: none is missing or unexpected). A checkpoint that names a ``mom_`` type
+nobody registered is refused by transformers ("does not recognize this architecture"); it never loads as the plain
+model with its MoM weights dropped.
 
 Registration is lazy, so that ``import mom_wrap`` does not import fla's models (about 8 s on a CPU machine):
-``import mom_wrap`` registers with ``AutoConfig`` one light placeholder config class per family, whose
-``from_dict`` (what ``AutoConfig.from_pretrained`` calls) and constructor first ``register()`` the real
-classes (config, ``AutoModel`` and ``AutoModelForCausalLM``), which then replace the placeholders.
+``import mom_wrap`` registers with ``AutoConfig`` one light placeholder config class per model type that fla
+defines (read from fla's configuration files, without importing them); reading such a config
+(``AutoConfig.from_pretrained``, ``from_dict``) imports fla's models and registers the real classes (the config,
+and the model classes of ``AutoModel`` and ``AutoModelForCausalLM``), which then replace the placeholder. Models
+outside fla are registered when they are converted (in a fresh process: convert one, or call ``register`` with
+its config class, before loading).
 """
 from __future__ import annotations
 
+import importlib.util
+import re
+from pathlib import Path
+
 import torch.nn as nn
 
-# family (the prefix of its fla.models class names: GLAConfig, GLAModel, GLAForCausalLM) -> fla's model_type
-FAMILIES = {
-    'GatedDeltaNet': 'gated_deltanet',
-    'GLA': 'gla',
-    'DeltaNet': 'delta_net',
-    'RWKV6': 'rwkv6',
-    'RWKV7': 'rwkv7',
-}
 PREFIX = 'mom_'
 
-_CLASSES: dict[str, dict[str, type]] = {}  # family -> {'config', 'model', 'causal_lm', 'base_config', ...}
+_CONFIGS: dict[type, type] = {}  # base config class -> its Mom config class
+_MODELS: dict[type, type] = {}  # base model class -> its Mom model class
 
 
-def _build_family(family: str) -> dict[str, type]:
-    import fla.models as models
-
-    base_config = getattr(models, f'{family}Config')
-    base_model = getattr(models, f'{family}Model')
-    base_lm = getattr(models, f'{family}ForCausalLM')
-    if base_config.model_type != FAMILIES[family]:  # a renamed type would break existing checkpoints
-        raise RuntimeError(f"fla's {base_config.__name__}.model_type is {base_config.model_type!r}, mom_wrap "
-                           f"expects {FAMILIES[family]!r}")
-
-    def __init__(self, *args, **kwargs):  # an own __init__: transformers would give a subclass without one a
-        base_config.__init__(self, *args, **kwargs)  # dataclass __init__ instead of fla's
-
-    config = type(f'Mom{family}Config', (base_config,), {
-        'model_type': PREFIX + base_config.model_type, '__module__': __name__, '__init__': __init__,
-        '__doc__': f"fla's {base_config.__name__} of a model whose host layers are MixtureOfMemories layers; "
-                   "their settings are ``config.mom`` (``mom_wrap.convert``)."})
-    model = type(f'Mom{family}Model', (_MomModelMixin, base_model), {
-        'config_class': config, '__module__': __name__,
-        '__doc__': f"fla's {base_model.__name__} with its host layers converted (``config.mom``)."})
-    lm = type(f'Mom{family}ForCausalLM', (_MomModelMixin, base_lm), {
-        'config_class': config, '__module__': __name__,
-        '__doc__': f"fla's {base_lm.__name__} with its host layers converted (``config.mom``)."})
-    return {'config': config, 'model': model, 'causal_lm': lm, 'base_config': base_config,
-            'base_model': base_model, 'base_causal_lm': base_lm}
+def _auto_classes() -> list:
+    """The Auto classes whose mapping a converted model joins: those fla registers its models with."""
+    from transformers import AutoModel, AutoModelForCausalLM
+    return [AutoModel, AutoModelForCausalLM]
 
 
-def register() -> dict[str, dict[str, type]]:
-    """Define and register with transformers the Mom classes of every fla family (imports fla's models).
-    Idempotent; returns family -> classes."""
-    if len(_CLASSES) < len(FAMILIES):
-        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
-        for family in FAMILIES:
-            if family in _CLASSES:
-                continue
-            classes = _build_family(family)
-            AutoConfig.register(classes['config'].model_type, classes['config'], exist_ok=True)
-            AutoModel.register(classes['config'], classes['model'], exist_ok=True)
-            AutoModelForCausalLM.register(classes['config'], classes['causal_lm'], exist_ok=True)
-            _CLASSES[family] = classes
-            for key in ('config', 'model', 'causal_lm'):  # module attributes, for pickle
-                globals()[classes[key].__name__] = classes[key]
-    return _CLASSES
+def mom_config_class(base: type) -> type:
+    """The Mom config class of the config class ``base`` (made once): ``base`` with ``model_type`` ``"mom_" +
+    base.model_type``, registered with ``AutoConfig``."""
+    if base in _CONFIGS.values():
+        return base
+    if base not in _CONFIGS:
+        from transformers import AutoConfig
+
+        def __init__(self, *args, **kwargs):  # an own __init__: transformers would give a subclass without one a
+            base.__init__(self, *args, **kwargs)  # dataclass __init__ instead of the base's
+
+        name = f'Mom{base.__name__}'
+        _CONFIGS[base] = cls = type(name, (base,), {
+            'model_type': PREFIX + base.model_type, '__module__': __name__, '__qualname__': name, '__init__': __init__,
+            '__doc__': f"{base.__name__} of a model whose host layers are MixtureOfMemories layers; their settings "
+                       "are ``config.mom`` (``mom_wrap.convert``)."})
+        AutoConfig.register(cls.model_type, cls, exist_ok=True)
+        globals()[name] = cls  # a module attribute, for pickle
+    return _CONFIGS[base]
 
 
-def __getattr__(name: str):
-    """``mom_wrap.hf.MomGLAForCausalLM`` and the like (what pickle looks up): defined on first use."""
-    if name.startswith('Mom') and any(name[3:].startswith(f) for f in FAMILIES):
-        register()
-        if name in globals():
-            return globals()[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+def mom_model_class(base: type) -> type:
+    """The Mom model class of the ``PreTrainedModel`` class ``base`` (made once): ``base`` whose ``__init__``
+    converts the model with ``config.mom``, with the Mom config class of ``base.config_class``."""
+    if base in _MODELS.values():
+        return base
+    if base not in _MODELS:
+        name = f'Mom{base.__name__}'
+        _MODELS[base] = cls = type(name, (_MomModelMixin, base), {
+            'config_class': mom_config_class(base.config_class), '__module__': __name__, '__qualname__': name,
+            '__doc__': f"{base.__name__} with its host layers converted (``config.mom``)."})
+        globals()[name] = cls
+    return _MODELS[base]
 
 
-def _placeholder(family: str) -> type:
-    """A light config class registered under the family's Mom model type until ``register()`` runs: building or
-    reading it (``from_dict``) registers the real classes and returns the real config."""
+def register(base_config: type) -> type:
+    """Register with transformers the Mom classes of the config class ``base_config``: its Mom config with
+    ``AutoConfig``, and for each Auto class (``AutoModel``, ``AutoModelForCausalLM``) under which a model class is
+    registered for ``base_config``, that class's Mom class for the Mom config. Idempotent; returns the Mom config
+    class. ``mom_wrap.convert`` calls it; call it yourself before loading a converted model of a family outside fla
+    in a fresh process."""
+    config = mom_config_class(base_config)
+    for auto in _auto_classes():
+        mapping = auto._model_mapping
+        if base_config in mapping:
+            auto.register(config, mom_model_class(mapping[base_config]), exist_ok=True)
+    return config
+
+
+# fla's model types, registered lazily ---------------------------------------------------------------------------
+
+def fla_model_types() -> list[str]:
+    """The ``model_type`` of every fla model family, read from fla's ``models/*/configuration_*.py`` without
+    importing them (importing fla's models takes seconds; this, a few milliseconds)."""
+    spec = importlib.util.find_spec('fla')
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    root = Path(list(spec.submodule_search_locations)[0]) / 'models'
+    types = []
+    for path in sorted(root.glob('*/configuration_*.py')):
+        match = re.search(r"^\s+model_type\s*=\s*['\"]([\w\-.]+)['\"]", path.read_text(encoding='utf-8'), re.M)
+        if match:
+            types.append(match.group(1))
+    return types
+
+
+def _resolve(model_type: str) -> type:
+    """The real Mom config class of the base model type ``model_type``, registering it (imports fla's models, which
+    register their families with ``AutoConfig``)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    if model_type not in CONFIG_MAPPING:
+        import fla.models  # noqa: F401
+    return register(CONFIG_MAPPING[model_type])
+
+
+def _placeholder(model_type: str) -> type:
+    """A light config class registered under ``"mom_" + model_type`` until the real one is: building or reading it
+    (``from_dict``) registers the real classes and returns the real config."""
     from transformers import PreTrainedConfig
 
-    def real():
-        return register()[family]['config']
-
     def __new__(cls, *args, **kwargs):
-        return real()(*args, **kwargs)  # not an instance of cls: Python skips cls.__init__
+        return _resolve(model_type)(*args, **kwargs)  # not an instance of cls: Python skips cls.__init__
 
     def from_dict(cls, config_dict, **kwargs):
-        return real().from_dict(config_dict, **kwargs)
+        return _resolve(model_type).from_dict(config_dict, **kwargs)
 
     def from_pretrained(cls, *args, **kwargs):
-        return real().from_pretrained(*args, **kwargs)
+        return _resolve(model_type).from_pretrained(*args, **kwargs)
 
-    return type(f'Mom{family}Config', (PreTrainedConfig,), {
-        'model_type': PREFIX + FAMILIES[family], '__module__': __name__, '__new__': __new__,
+    return type('MomPlaceholderConfig', (PreTrainedConfig,), {
+        'model_type': PREFIX + model_type, '__module__': __name__, '__new__': __new__,
         'from_dict': classmethod(from_dict), 'from_pretrained': classmethod(from_pretrained)})
 
 
 def register_lazy() -> None:
-    """What ``import mom_wrap`` runs: the placeholders, without importing fla (no-op without transformers)."""
+    """What ``import mom_wrap`` runs: the placeholders of fla's model types, without importing fla (no-op without
+    transformers)."""
     try:
         from transformers import AutoConfig
     except ImportError:
         return
-    for family, model_type in FAMILIES.items():
-        if family not in _CLASSES:
-            AutoConfig.register(PREFIX + model_type, _placeholder(family), exist_ok=True)
+    real = {c.model_type for c in _CONFIGS.values()}
+    for model_type in fla_model_types():
+        if PREFIX + model_type not in real:
+            AutoConfig.register(PREFIX + model_type, _placeholder(model_type), exist_ok=True)
 
 
-def family_of(config) -> dict[str, type] | None:
-    """The Mom classes of the fla family whose config ``config`` is (a plain or a Mom one), or None."""
-    module = type(config).__module__
-    if not (module.startswith('fla.') or module == __name__):
-        return None
-    for classes in register().values():
-        if type(config) in (classes['base_config'], classes['config']):
-            return classes
-    return None
+def __getattr__(name: str):
+    """``mom_wrap.hf.MomGLAForCausalLM`` and the like for fla's classes (what pickle looks up): made on first use."""
+    if name.startswith('Mom'):
+        import fla.models
+        base = getattr(fla.models, name[3:], None)
+        if isinstance(base, type):
+            from transformers import PreTrainedConfig
+            return mom_config_class(base) if issubclass(base, PreTrainedConfig) else mom_model_class(base)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
+
+# converting ------------------------------------------------------------------------------------------------------
 
 def mark_converted(model: nn.Module, settings: dict) -> None:
-    """After ``convert``: record ``settings`` on the config and switch a plain fla model and its config to the
-    family's Mom classes (in place: they only add class attributes and methods). Other models keep their
-    classes (only ``config.mom`` is recorded)."""
+    """After ``convert``: record ``settings`` on the config (``config.mom``) and, for a transformers model, switch it
+    and its config to their Mom classes (in place: they only add class attributes and methods) and register them
+    with the Auto classes. Other models keep their classes (only ``config.mom`` is recorded)."""
     config = model.config
     config.mom = settings
-    classes = family_of(config)
-    if classes is None:
+    try:
+        from transformers import PreTrainedConfig, PreTrainedModel
+    except ImportError:
         return
-    config.__class__ = classes['config']
-    if type(model) is classes['base_causal_lm']:
-        model.__class__ = classes['causal_lm']
-    elif type(model) is classes['base_model']:
-        model.__class__ = classes['model']
+    if not (isinstance(model, PreTrainedModel) and isinstance(config, PreTrainedConfig)):
+        return
+    base_config = type(config) if type(config) not in _CONFIGS.values() else type(config).__mro__[1]
+    config.__class__ = register(base_config)
+    model.__class__ = mom_model_class(type(model))
 
 
 class _MomModelMixin:
-    """``__init__``: the fla model of ``config``, converted with ``config.mom``. Under ``from_pretrained`` the
+    """``__init__``: the model of ``config``, converted with ``config.mom``. Under ``from_pretrained`` the
     parameters are on the meta device and the memories take init ``"copy"`` (the checkpoint overwrites them);
     otherwise (``from_config``) the init recorded by ``convert``. ``save_pretrained`` first refreshes
     ``config.mom`` from the layers (a ``set_balance_loss_weight`` since ``convert`` is saved too).

@@ -44,6 +44,16 @@ def _run_eagerly(layer: MixtureOfMemories, *args, **kwargs):
     return layer._forward(*args, **kwargs)
 
 
+WRAPPED = '_mom_wrap_wrapped'  # set on a host layer once a MixtureOfMemories has taken it over
+
+
+def _refuse_wrapped_host(host: nn.Module, args) -> None:
+    """Forward pre-hook of a wrapped host: its write-side modules have moved into the wrapper's memories, so its own
+    forward would fail on a missing attribute deep inside."""
+    raise RuntimeError(f"this {type(host).__name__} layer was wrapped by mom_wrap (its write side moved into a "
+                       "MixtureOfMemories): call the MixtureOfMemories instead")
+
+
 def _check_count(name: str, value, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
@@ -111,6 +121,9 @@ class MixtureOfMemories(nn.Module):
             raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
         if isinstance(balance_loss_weight, bool) or not isinstance(balance_loss_weight, (int, float)):
             raise TypeError(f"balance_loss_weight: expected a float, got {type(balance_loss_weight).__name__}")
+        if getattr(host, WRAPPED, False):
+            raise ValueError("host: this layer was already wrapped by mom_wrap (its write side moved into a "
+                             "MixtureOfMemories); use that MixtureOfMemories, or wrap a fresh layer")
         if adapter is None:
             adapter = adapter_for(host)
         elif not (isinstance(adapter, type) and issubclass(adapter, HostAdapter)):
@@ -131,13 +144,17 @@ class MixtureOfMemories(nn.Module):
         self.recurrence_parts = recurrence_parts
         self.layer_idx = getattr(host, 'layer_idx', None)
         self.hidden_size = adapter.hidden_size
-        ref = next(host.parameters())
+        projections = adapter.write_projections()
+        # the router takes the device and dtype of the host's projections, not of its first parameter: fla keeps
+        # some in fp32 in a bf16 model on purpose (GatedDeltaNet's A_log), and the router's input is x
+        ref = projections[0].linear.weight
         self.router = Router(self.hidden_size, num_memories, topk, device=ref.device, dtype=ref.dtype)
-        self.memories = MemoryBank(adapter.write_projections(), self.num_slots_memories,
-                                   'copy' if init == 'preserve' else init)
+        self.memories = MemoryBank(projections, self.num_slots_memories, 'copy' if init == 'preserve' else init)
         if init == 'preserve':
             self.memories.silence(adapter.silent_projection, num_memories)
         adapter.detach_write_side()
+        setattr(host, WRAPPED, True)  # its write side is gone: a second wrap and a direct call are refused
+        host.register_forward_pre_hook(_refuse_wrapped_host)
         self.host = host
         self._adapter = adapter
         # detached results of the last forward, for logging: nothing here holds an autograd graph

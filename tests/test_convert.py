@@ -138,8 +138,13 @@ def test_convert_errors():
         convert(model, init='copy', layers=[1])
     convert(model, init='copy')
     assert model.config.mom['layers'] == [0]
-    with pytest.raises(ValueError, match='model: already converted'):
-        convert(model, init='copy')
+    convert(model)  # converted already, nothing left to wrap: the same settings, recorded again
+    assert model.config.mom['layers'] == [0] and model.config.mom['init'] == 'copy'
+    with pytest.raises(ValueError, match=r'num_memories: the model.s MixtureOfMemories layers have num_memories=4, '
+                                         r'got 3'):
+        convert(model, num_memories=3)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'topK'"):
+        convert(model, topK=3)
 
 
 @needs_preserve
@@ -258,6 +263,125 @@ print('ok')
     run = subprocess.run([sys.executable, '-c', script], cwd=root, capture_output=True, text=True, timeout=300,
                          env={**os.environ, 'PYTHONWARNINGS': 'ignore'})
     assert run.returncode == 0 and run.stdout.strip().endswith('ok'), run.stderr[-3000:]
+
+
+def test_every_fla_family_loads_after_import_mom_wrap_alone():
+    """``import mom_wrap`` registers a placeholder for the Mom type of every model type fla defines (read from fla's
+    files, without importing its models): each is one that fla's models register, and resolves to its Mom class."""
+    import fla.models
+    from transformers import AutoConfig, PreTrainedConfig
+    from mom_wrap import hf
+    registered = {c.model_type for c in vars(fla.models).values()
+                  if isinstance(c, type) and issubclass(c, PreTrainedConfig)}
+    assert set(hf.fla_model_types()) == registered
+    config = AutoConfig.for_model('mom_hgrn2', mom=dict(num_memories=2, topk=1, shared_memory=True, layers=[0]))
+    assert type(config).__name__ == 'MomHGRN2Config' and type(config).__mro__[1] is fla.models.HGRN2Config
+
+
+def test_convert_more_layers_of_a_converted_model(tmp_path):
+    """A converted model takes more layers with its settings (those given must equal them), and saves and loads with
+    all of them."""
+    model = host_model('GatedLinearAttention')
+    convert(model, layers=[1], init='copy', **SETTINGS)
+    first = model.model.layers[1].attn
+    with pytest.raises(ValueError, match=r'topk: the model.s MixtureOfMemories layers have topk=2, got 1'):
+        convert(model, layers=[0], topk=1)
+    assert type(model.model.layers[0].attn).__name__ == 'GatedLinearAttention'  # nothing changed
+    convert(model, layers=[0, 1])  # layer 1 is converted already: it stays as it is
+    assert model.model.layers[1].attn is first
+    assert_same_settings(model, SETTINGS, [0, 1])
+    assert model.config.mom == {**SETTINGS, 'backend': 'auto', 'recurrence_parts': 1, 'layers': [0, 1], 'init': 'copy'}
+    perturb(model)
+    ids = torch.randint(0, 64, (2, 10))
+    loaded = save_and_load(model, tmp_path)
+    assert_same_settings(loaded, SETTINGS, [0, 1])
+    assert torch.equal(logits(loaded, ids), logits(model, ids))
+
+
+def test_layers_wrapped_by_hand_save_and_load_converted_after_convert_records_them(tmp_path):
+    """README's recipe wraps the layers by hand; ``convert(model)`` then wraps nothing more and records their settings
+    (the init is unknown: None), so that the model saves and loads converted (it reloaded as the plain model with
+    random attention weights)."""
+    model = host_model('DeltaNet')
+    for layer in model.model.layers:
+        layer.attn = MixtureOfMemories(layer.attn, num_memories=3, topk=2, init='random', balance_loss_weight=0.05)
+    convert(model)
+    assert [layer.attn.num_memories for layer in model.model.layers] == [3, 3]
+    assert model.config.model_type == 'mom_delta_net'
+    assert model.config.mom == {**SETTINGS, 'backend': 'auto', 'recurrence_parts': 1, 'layers': [0, 1], 'init': None}
+    perturb(model)
+    ids = torch.randint(0, 64, (2, 10))
+    loaded = save_and_load(model, tmp_path)
+    assert type(loaded) is type(model)
+    assert_same_weights(loaded, model)
+    assert torch.equal(logits(loaded, ids), logits(model, ids))
+
+
+CUSTOM_LOAD = """
+import sys, torch
+from mom_wrap.interpret import interpret_on_cpu
+interpret_on_cpu()
+import mom_wrap
+from transformers import AutoModelForCausalLM
+from tests.custom_family import CustomConfig  # the user's package registers its family
+path, register = sys.argv[1], sys.argv[2] == 'register'
+if register:
+    mom_wrap.hf.register(CustomConfig)
+try:
+    model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True)
+except ValueError as e:  # transformers: the architecture is not recognised
+    print('refused:', e)
+    raise SystemExit
+assert not any(info.values()), info
+want = torch.load(path + '/want.pt')
+with torch.no_grad():
+    assert torch.equal(model.eval()(want['ids']).logits, want['logits'])
+print('loaded', type(model).__name__)
+"""
+
+
+def test_a_model_family_of_the_users_own_round_trips(tmp_path):
+    """A transformers family outside fla's (tests/custom_family.py) converts, saves as ``mom_<its type>`` and loads
+    converted: in the same process, and in a fresh one once ``mom_wrap.hf.register`` knows its config class; without
+    that, transformers refuses the checkpoint (it never loads as the plain model with its MoM weights dropped)."""
+    from transformers import AutoModelForCausalLM
+    from tests.custom_family import CustomConfig, CustomForCausalLM
+    model = CustomForCausalLM(CustomConfig()).eval()
+    convert(model, init='copy', **SETTINGS)
+    assert type(model).__name__ == 'MomCustomForCausalLM' and isinstance(model, CustomForCausalLM)
+    perturb(model)
+    ids = torch.randint(0, 64, (2, 10))
+    loaded = save_and_load(model, tmp_path)
+    assert json.loads((tmp_path / 'config.json').read_text())['model_type'] == 'mom_mom_wrap_test_custom'
+    assert type(loaded) is type(model)
+    assert_same_settings(loaded, SETTINGS, [0, 1])
+    assert torch.equal(logits(loaded, ids), logits(model, ids))
+    assert type(AutoModelForCausalLM.from_config(loaded.config)) is type(model)
+
+    torch.save({'ids': ids, 'logits': logits(model, ids)}, tmp_path / 'want.pt')
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for mode, want in (('register', 'loaded MomCustomForCausalLM'), ('plain', 'refused:')):
+        run = subprocess.run([sys.executable, '-c', CUSTOM_LOAD, str(tmp_path), mode], cwd=root, capture_output=True,
+                             text=True, timeout=300, env={**os.environ, 'PYTHONWARNINGS': 'ignore'})
+        assert run.returncode == 0 and want in run.stdout, run.stderr[-3000:]
+    assert 'mom_mom_wrap_test_custom' in run.stdout  # transformers' error names the type
+
+
+def test_loading_without_an_adapter_for_the_layers_is_refused(tmp_path):
+    """A converted checkpoint whose host layers no registered adapter takes (a user's adapter not imported) is
+    refused with a clear error, not loaded half converted."""
+    from transformers import AutoModelForCausalLM
+    from mom_wrap.adapters.base import _REGISTRY
+    model = convert(host_model('GatedLinearAttention'), init='copy')
+    model.save_pretrained(tmp_path)
+    registered = list(_REGISTRY)
+    _REGISTRY[:] = [a for a in registered if not a.host_class.endswith('.GatedLinearAttention')]
+    try:
+        with pytest.raises(ValueError, match=r"config: the 'mom' settings convert layers \[0, 1\] of this "
+                                             r"MomGLAForCausalLM, but no registered adapter takes a layer of it"):
+            AutoModelForCausalLM.from_pretrained(tmp_path)
+    finally:
+        _REGISTRY[:] = registered
 
 
 # mamba-ssm ---------------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@
   packing, for every registered host, with no Triton kernel launched (the torch backends are pure PyTorch).
 """
 import contextlib
+import copy
 import os
 
 import pytest
@@ -642,6 +643,26 @@ def test_a_zero_router_routes_by_the_tie_rule_and_equals_the_naive_loop(name):
 
 def registered_hosts():
     return hosts.adapter_params()
+
+
+@pytest.mark.parametrize('adapter', registered_hosts())
+def test_a_wrapped_host_refuses_a_second_wrap_and_a_direct_call(adapter):
+    """Wrapping takes the host over (its write-side modules move into the wrapper): wrapping it again, or calling it,
+    says so, for every host alike (it was a raw AttributeError deep inside, or a misleading message)."""
+    from mom_wrap import MixtureOfMemories
+    host = adapter.example_host().eval()
+    mom = MixtureOfMemories(host, num_memories=2, topk=1, backend='torch').eval()
+    with pytest.raises(ValueError, match=r'host: this layer was already wrapped by mom_wrap \(its write side moved '
+                                         r'into a MixtureOfMemories\)'):
+        MixtureOfMemories(host, num_memories=2, topk=1)
+    with pytest.raises(ValueError, match='host: this layer was already wrapped'):
+        MixtureOfMemories(copy.deepcopy(mom).host, num_memories=2, topk=1)
+    x = torch.randn(1, 3, mom.hidden_size)
+    with pytest.raises(RuntimeError, match=f'this {type(host).__name__} layer was wrapped by mom_wrap .*: call the '
+                                           'MixtureOfMemories instead'):
+        host(x, **adapter.example_inputs(x))
+    with torch.no_grad():
+        mom(x, **adapter.example_inputs(x))  # the wrapper runs
 
 
 @pytest.mark.parametrize('adapter', registered_hosts())
