@@ -93,6 +93,8 @@ marked as ``mom_wrap.convert`` marks its models (``config.mom``, with ``adapter`
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -100,6 +102,24 @@ import torch.nn.functional as F
 from mom_wrap.adapters.base import WriteProjection
 from mom_wrap.adapters.gated_deltanet import GatedDeltaNetAdapter
 from mom_wrap.wrapper import MixtureOfMemories
+
+
+@contextlib.contextmanager
+def stable_argsort():
+    """Inside: ``Tensor.argsort`` sorts stably, as fla's MoM layer assumes (mom.py:183 calls ``argsort()`` and relies
+    on a memory's tokens staying in time order; see the module docstring). Run fla's layer or model under it to get
+    the outputs fla intends, which ``import_fla_mom`` reproduces; without it fla's CPU outputs scramble time inside a
+    memory once batch x length x topk > 16. Process-wide while inside (not thread-safe)."""
+    base = torch._C.TensorBase.argsort
+
+    def argsort(self, dim=-1, descending=False, stable=False):
+        return base(self, dim=dim, descending=descending, stable=True)
+
+    torch.Tensor.argsort = argsort
+    try:
+        yield
+    finally:
+        del torch.Tensor.argsort  # back to TensorBase's
 
 
 class FlaMomAdapter(GatedDeltaNetAdapter):

@@ -13,7 +13,6 @@ forward runs here under ``stable_argsort()``: its intended order, the one our im
 GPU (marked ``gpu``): the same comparisons at T = 512 on CUDA, fp32 and bf16, fla's default kernels (eval:
 chunk), with the paper's layer shape (hidden 1024, 4 heads x 256) so that fla's autotune cache hits.
 """
-import contextlib
 import json
 import os
 
@@ -22,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from mom_wrap import MixtureOfMemories, import_fla_mom
+from mom_wrap.fla_mom import stable_argsort
 
 
 def cpu_oracle(test):
@@ -36,21 +36,6 @@ LAYER = dict(hidden_size=HIDDEN, head_dim=16, num_heads=2, expand_v=0.5, num_mem
              layer_idx=0)
 MODEL = dict(vocab_size=64, hidden_size=HIDDEN, num_hidden_layers=2, num_heads=2, head_dim=16, expand_v=0.5,
              intermediate_size=128, num_memories=4, topk=2, shared_mem=True, fuse_cross_entropy=False)
-
-
-@contextlib.contextmanager
-def stable_argsort():
-    """fla's ``tensor.argsort()`` as a stable sort (see the module docstring)."""
-    base = torch._C.TensorBase.argsort
-
-    def argsort(self, dim=-1, descending=False, stable=False):
-        return base(self, dim=dim, descending=descending, stable=True)
-
-    torch.Tensor.argsort = argsort
-    try:
-        yield
-    finally:
-        del torch.Tensor.argsort  # back to TensorBase's
 
 
 def assert_close(got, want, tol):

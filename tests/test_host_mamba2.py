@@ -202,7 +202,7 @@ def test_supported_hosts_lists_mamba2_only_when_mamba_ssm_is_installed(monkeypat
     monkeypatch.setattr(Mamba2Adapter, 'load_host_class', classmethod(lambda cls: None))
     assert 'mamba_ssm.modules.mamba2.Mamba2' not in supported_hosts()
     assert 'fla.layers.rwkv7.RWKV7Attention' in supported_hosts()
-    with pytest.raises(ValueError, match=r'not installed here: mamba_ssm.modules.mamba2.Mamba2'):
+    with pytest.raises(ValueError, match=r'supported once its package is installed: mamba_ssm.modules.mamba2.Mamba2'):
         MixtureOfMemories(torch.nn.Linear(4, 4), num_memories=2, topk=1)
 
 

@@ -645,6 +645,20 @@ def registered_hosts():
     return hosts.adapter_params()
 
 
+def test_a_layer_without_adapter_gets_what_is_supported_and_not_a_hint_to_install_a_namesake():
+    """fla's own Mamba2 is not mamba-ssm's (whose adapter mom_wrap has): the error says so, and what is supported."""
+    from fla.layers import Mamba2
+    from mom_wrap import MixtureOfMemories
+    with pytest.raises(ValueError) as e:
+        MixtureOfMemories(Mamba2(num_heads=8, head_dim=16, hidden_size=64, state_size=16, layer_idx=0), 2, 1)
+    message = str(e.value)
+    assert message.startswith('host: no adapter for fla.layers.mamba2.Mamba2 (mom_wrap\'s Mamba2 adapter takes '
+                              'mamba_ssm.modules.mamba2.Mamba2, a different class: installing its package does not '
+                              'make this one supported); supported here: ')
+    assert 'fla.layers.gated_deltanet.GatedDeltaNet' in message
+    assert message.endswith('any other layer needs an adapter of its own (mom_wrap/adapters/base.py)')
+
+
 @pytest.mark.parametrize('adapter', registered_hosts())
 def test_a_wrapped_host_refuses_a_second_wrap_and_a_direct_call(adapter):
     """Wrapping takes the host over (its write-side modules move into the wrapper): wrapping it again, or calling it,
