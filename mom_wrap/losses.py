@@ -10,11 +10,18 @@ is right wherever the output's backward runs:
 * several forwards before one backward (each output carries its own term);
 * any number of layers (each adds ``weight * its term``: the weights add up over layers, as in Megatron).
 
-The weight multiplies the gradient as it is: with a loss scaler or a loss divided over accumulation steps,
-scale the weight the same way (``set_balance_loss_weight``). ``load_balancing_loss(module)`` reads the
-terms of the last forward for logging; it is detached, so adding it to a loss changes nothing.
+The task loss's gradient comes scaled by whatever the training loop multiplies the loss by (1/accumulation
+steps, a loss scaler's scale); the injected one is ``weight * scale * d(term)``, where ``scale`` is each
+layer's ``balance_loss_scale`` as the backward runs (1 by default). ``set_balance_loss_scale(model, scale)``
+sets it to the loop's factor (a number, or a 0-dim tensor such as a GradScaler's scale: read without a host
+sync), as Megatron sets its ``MoEAuxLossAutoScaler``'s; ``mom_wrap.training.BalanceLossScaleCallback`` sets it
+from a transformers ``Trainer``. Read at backward time, it is also right for a forward recomputed inside the
+backward and for several forwards before one backward. ``load_balancing_loss(module)`` reads the terms of the
+last forward for logging; it is detached, so adding it to a loss changes nothing.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn as nn
@@ -50,19 +57,28 @@ def balance_loss(probs: torch.Tensor, indices: torch.Tensor, valid: torch.Tensor
 
 
 class AttachAuxLoss(torch.autograd.Function):
-    """Identity on ``output`` whose backward also sends the gradient ``weight`` into ``aux`` (a scalar):
-    the backward of ``output`` then includes that of ``weight * aux``."""
+    """Identity on ``output`` whose backward also sends the gradient ``weight * scale`` into ``aux`` (a scalar):
+    the backward of ``output`` then includes that of ``weight * scale * aux``. ``weight`` is taken when the
+    forward runs; ``scale`` is ``layer.balance_loss_scale`` when the backward runs (``set_balance_loss_scale``),
+    so a loop may set it at any time before its backward."""
 
     @staticmethod
-    def forward(ctx, output: torch.Tensor, aux: torch.Tensor, weight: float):
+    def forward(ctx, output: torch.Tensor, aux: torch.Tensor, weight: float, layer: nn.Module):
         ctx.weight = weight
+        ctx.layer = layer
         ctx.aux_meta = (aux.shape, aux.dtype, aux.device)
         return output.view_as(output)
 
     @staticmethod
     def backward(ctx, grad):
         shape, dtype, device = ctx.aux_meta
-        return grad, torch.full(shape, ctx.weight, dtype=dtype, device=device), None
+        scale = ctx.layer.balance_loss_scale
+        if isinstance(scale, torch.Tensor):  # a kernel, no host sync (a CPU scale's copy does not wait either)
+            scale = scale.to(device, dtype, non_blocking=True)
+            grad_aux = torch.full(shape, ctx.weight, dtype=dtype, device=device) * scale
+        else:
+            grad_aux = torch.full(shape, ctx.weight * scale, dtype=dtype, device=device)
+        return grad, grad_aux, None, None
 
 
 def _mom_layers(module: nn.Module) -> list[nn.Module]:
@@ -92,3 +108,45 @@ def set_balance_loss_weight(module: nn.Module, weight: float) -> None:
         raise TypeError(f"weight: expected a float, got {type(weight).__name__}")
     for m in _mom_layers(module):
         m.balance_loss_weight = float(weight)
+
+
+def _checked_scale(scale) -> float | torch.Tensor:
+    """``scale`` as the layers keep it: a float, or a detached one-element floating tensor."""
+    if isinstance(scale, torch.Tensor):
+        if scale.numel() != 1 or not scale.is_floating_point():
+            raise TypeError(f"scale: expected a number or a one-element floating tensor, got a {scale.dtype} "
+                            f"tensor of shape {tuple(scale.shape)}")
+        scale = scale.detach().reshape(())
+        if scale.device.type != 'cpu':  # its value stays unchecked: reading it would wait for the device
+            return scale
+        value = float(scale)
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale: expected a number or a one-element floating tensor, got {type(scale).__name__}")
+    else:
+        value = scale = float(scale)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"scale: must be finite and >= 0, got {value}")
+    return scale
+
+
+def set_balance_loss_scale(module: nn.Module, scale: float | torch.Tensor) -> None:
+    """Set ``balance_loss_scale`` of every MixtureOfMemories layer in ``module``: the factor the training loop
+    multiplies its task loss by before the backward, so that the balancing gradient is scaled alike.
+
+    Each layer then adds ``balance_loss_weight * scale * d(term)`` to its backward, ``scale`` read when that
+    backward runs: set it before the backward (a forward recomputed inside it, under activation checkpointing,
+    and every forward before one backward get the same). For a loop that divides its loss over ``n``
+    accumulation steps and scales it with a ``torch.amp.GradScaler``::
+
+        set_balance_loss_scale(model, scaler.scale(torch.ones((), device=device)) / n)  # each step: no sync
+        scaler.scale(loss / n).backward()
+
+    ``scale``: a number >= 0 (1, the default, leaves the gradient of ``weight * term``; 0 turns the loss off),
+    or a one-element floating tensor, used where it is (a GradScaler's scale on the GPU: no host sync; its value
+    is checked only on the CPU). ``mom_wrap.training.BalanceLossScaleCallback`` sets it for HF's ``Trainer``.
+    Under ``torch.compile`` a traced layer (the ``'torch'`` backend; the others run eagerly) takes the scale
+    when its forward runs instead: there, set it before the forward (as the callback does).
+    """
+    scale = _checked_scale(scale)
+    for m in _mom_layers(module):
+        m.balance_loss_scale = scale

@@ -141,6 +141,7 @@ class MixtureOfMemories(nn.Module):
         self.shared_memory = bool(shared_memory)
         self.backend = backend
         self.balance_loss_weight = float(balance_loss_weight)
+        self.balance_loss_scale = 1.0  # the loop's loss factor, read in the backward (mom_wrap.losses)
         self.recurrence_parts = recurrence_parts
         self.layer_idx = getattr(host, 'layer_idx', None)
         self.hidden_size = adapter.hidden_size
@@ -272,13 +273,14 @@ class MixtureOfMemories(nn.Module):
         return dispatch, probs
 
     def _attach_balance_loss(self, o: torch.Tensor, probs: torch.Tensor, dispatch: Dispatch) -> torch.Tensor:
-        """o, whose backward also applies balance_loss_weight x the balancing loss (see mom_wrap.losses).
-        Only where a backward can follow: inference (a decode step) launches nothing for it."""
+        """o, whose backward also applies balance_loss_weight x balance_loss_scale (as the backward runs: the
+        loop's loss factor) x the balancing loss (see mom_wrap.losses). Only where a backward can follow:
+        inference (a decode step) launches nothing for it."""
         if not (self.balance_loss_weight and torch.is_grad_enabled() and probs.requires_grad):
             return o
         _, indices, valid = self._routing
         return AttachAuxLoss.apply(o, balance_loss(probs, indices, valid, dispatch.memory_counts),
-                                   self.balance_loss_weight)
+                                   self.balance_loss_weight, self)
 
     @property
     def balance_loss(self) -> torch.Tensor | None:
