@@ -1,0 +1,1 @@
+"""Experiments that measure what MoM delivers: recall (MQAR), retrofit on real text, memory statistics."""
