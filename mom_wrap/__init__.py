@@ -3,11 +3,13 @@ from mom_wrap.adapters import supported_hosts
 from mom_wrap.interpret import interpret_on_cpu
 from mom_wrap.convert import convert, load_mamba, save_mamba
 from mom_wrap.fla_mom import import_fla_mom
+from mom_wrap import stats
 from mom_wrap.losses import load_balancing_loss, set_balance_loss_scale, set_balance_loss_weight
+from mom_wrap.stats import MemoryStats
 from mom_wrap.training import BalanceLossScaleCallback
 from mom_wrap.wrapper import MixtureOfMemories
 
 __version__ = '0.1.0'
-__all__ = ['BalanceLossScaleCallback', 'MixtureOfMemories', 'convert', 'import_fla_mom', 'interpret_on_cpu',
-           'load_balancing_loss', 'load_mamba', 'save_mamba', 'set_balance_loss_scale', 'set_balance_loss_weight',
-           'supported_hosts']
+__all__ = ['BalanceLossScaleCallback', 'MemoryStats', 'MixtureOfMemories', 'convert', 'import_fla_mom',
+           'interpret_on_cpu', 'load_balancing_loss', 'load_mamba', 'save_mamba', 'set_balance_loss_scale',
+           'set_balance_loss_weight', 'stats', 'supported_hosts']
