@@ -1,0 +1,289 @@
+"""MQAR (multi-query associative recall) training and evaluation of the models of ``evidence.models``.
+
+    python -m evidence.mqar train --host GatedDeltaNet --d-model 128 --variant mom --lr 1e-3 --seed 0
+    python -m evidence.mqar sweep --hosts GatedDeltaNet GLA Mamba2 --d-models 64 128 256 --jobs 8
+    python -m evidence.mqar plot   (see evidence.plots)
+
+One run: a seeded model, AdamW (weight decay 0.1, betas 0.9 / 0.98) with a linear warm-up over the first tenth of
+the steps and a cosine decay, batches of Zoology's training mix (``evidence.mqar_data.TRAIN_MIX``, one setting per
+batch), the loss on the answer positions only, bf16 autocast on a GPU; then accuracy on fixed test sets
+(``TEST_SETTINGS``, the same examples for every run). The row (``evidence.runs``) records the spec, parameter count
+and state size, the optimisation settings, the accuracy per test setting, the loss curve, and for MoM models the
+memory loads over training and which memory the keys, values, queries and fillers of a test batch went to
+(``mom_wrap.stats``). A run whose ``run_id`` is in the results file already is skipped: a sweep resumes, and a later
+sweep appends.
+
+What is cut from Zoology's protocol (its 64 epochs of 100,000 examples per setting mix; learning rates swept over
+1e-4 .. 1e-2): ``steps`` batches of ``batch_size`` (default 2000 x 64), three learning rates; README's "Does it
+work?" says which were run.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import math
+import os
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from evidence import runs
+from evidence.models import HOSTS, VARIANTS, ModelSpec, build, describe
+from evidence.mqar_data import (DEFAULT_VOCAB_SIZE, IGNORE_INDEX, TEST_SETTINGS, TRAIN_MIX, MQARBatch, MQARMixture,
+                                MQARSetting, make_eval_sets, mqar_accuracy)
+
+EVAL_SEED = 1234  # the test sets: the same for every run
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    lr: float = 1e-3
+    seed: int = 0
+    steps: int = 2000
+    batch_size: int = 64
+    eval_examples: int = 1000
+    eval_batch: int = 64
+    snapshots: int = 10  # memory-load snapshots over training (MoM models)
+    train_mix: tuple = TRAIN_MIX
+    test_settings: tuple = TEST_SETTINGS
+    assignment_setting: MQARSetting = MQARSetting(256, 64)  # a test batch's token -> memory assignment (MoM rows)
+    assignment_examples: int = 32
+
+    def run_id(self, spec: ModelSpec) -> str:
+        return f"{spec.name}-v{spec.vocab_size}-lr{self.lr:g}-s{self.seed}-n{self.steps}-b{self.batch_size}"
+
+
+def _logits(model, inputs: torch.Tensor) -> torch.Tensor:
+    return model(inputs).logits
+
+
+def _schedule(step: int, steps: int) -> float:
+    """The learning-rate factor: linear warm-up over the first tenth, then cosine decay to 0."""
+    warm = max(1, steps // 10)
+    if step < warm:
+        return (step + 1) / warm
+    return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
+
+
+def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over the answer positions (labels != -100), in fp32."""
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+
+
+def categories(batch: MQARBatch) -> dict[str, torch.Tensor]:
+    """Each position's role in ``batch``, as masks [B, T]: 'key' and 'value' (the context's pairs), 'query' (a key
+    asked again), 'filler' (the rest)."""
+    B, T = batch.inputs.shape
+    n = batch.setting.num_kv_pairs
+    position = torch.arange(T, device=batch.inputs.device).expand(B, T)
+    query = torch.zeros(B, T, dtype=torch.bool, device=batch.inputs.device)
+    query.scatter_(1, batch.query_positions, True)
+    context = position < 2 * n
+    return {'key': context & (position % 2 == 0), 'value': context & (position % 2 == 1), 'query': query,
+            'filler': ~context & ~query}
+
+
+@torch.no_grad()
+def evaluate(model, sets: dict[MQARSetting, MQARBatch], batch: int, autocast: bool) -> dict[str, float]:
+    """Accuracy on each test set: ``{"<seq_len>x<pairs>": fraction of answers right}``."""
+    model.eval()
+    out = {}
+    for setting, data in sets.items():
+        right = total = 0
+        for i in range(0, data.inputs.shape[0], batch):
+            x, y = data.inputs[i:i + batch], data.labels[i:i + batch]
+            with torch.autocast(x.device.type, torch.bfloat16, enabled=autocast):
+                pred = _logits(model, x).argmax(-1)
+            mask = y != IGNORE_INDEX
+            right += (pred[mask] == y[mask]).sum()
+            total += mask.sum()
+        out[f"{setting.seq_len}x{setting.num_kv_pairs}"] = float(right / total)
+    model.train()
+    return out
+
+
+def train(spec: ModelSpec, config: TrainConfig, device: str = 'cpu', results: str | None = None,
+          progress: bool = True) -> dict:
+    """Train and evaluate one model; returns its row (and appends it to ``results`` if given, unless a row of
+    the same run_id is there: then that row is returned and nothing runs). On the CPU the plain hosts run as
+    their one-memory copies (``evidence.models.build``)."""
+    from tqdm import tqdm
+
+    from mom_wrap.stats import MemoryStats
+    run_id = config.run_id(spec)
+    if results is not None:
+        for row in runs.read_rows(results):
+            if row.get('run_id') == run_id:
+                return row
+    cpu = torch.device(device).type == 'cpu'
+    torch.manual_seed(config.seed)
+    model = build(spec, device, host_as_one_memory=cpu).train()
+    row = {'run_id': run_id, 'task': 'mqar', **describe(spec, model), 'host_as_one_memory': cpu and
+           spec.variant != 'mom', **{k: v for k, v in dataclasses.asdict(config).items()
+                                     if k not in ('train_mix', 'test_settings', 'assignment_setting')},
+           'train_mix': [[s.seq_len, s.num_kv_pairs] for s in config.train_mix]}
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and 'embed' not in n]
+    rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and 'embed' not in n)]
+    opt = torch.optim.AdamW([{'params': decay, 'weight_decay': 0.1}, {'params': rest, 'weight_decay': 0.0}],
+                            lr=config.lr, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, config.steps))
+    data = MQARMixture(config.train_mix, config.batch_size, vocab_size=spec.vocab_size, seed=config.seed,
+                       device=device, num_batches=config.steps)
+    stats = MemoryStats(model).attach() if spec.variant == 'mom' else None
+    autocast = not cpu
+    every = max(1, config.steps // max(1, config.snapshots))
+    losses, start = [], time.time()
+    for step, batch in enumerate(tqdm(data, total=config.steps, desc=run_id, disable=not progress,
+                                      mininterval=5)):
+        with torch.autocast(batch.inputs.device.type, torch.bfloat16, enabled=autocast):
+            loss = loss_fn(_logits(model, batch.inputs), batch.labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.detach())
+        if stats is not None and (step + 1) % every == 0:
+            stats.snapshot(step + 1)
+    train_seconds = time.time() - start
+    row['loss'] = [float(x) for x in torch.stack(losses)[::every].cpu()]  # one host sync, at the end
+    row['final_loss'] = float(torch.stack(losses[-max(1, len(losses) // 20):]).mean())
+    row['train_seconds'] = round(train_seconds, 1)
+    sets = make_eval_sets(config.test_settings, config.eval_examples, vocab_size=spec.vocab_size, seed=EVAL_SEED,
+                          device=device)
+    row['accuracy'] = evaluate(model, sets, config.eval_batch, autocast)
+    row['mean_accuracy'] = sum(row['accuracy'].values()) / len(row['accuracy'])
+    if stats is not None:
+        stats.detach()
+        row['loads'] = {name: {'steps': h['steps'], 'load': h['load'].tolist(), 'entropy': h['entropy'].tolist()}
+                        for name, h in stats.history().items()}
+        row['assignment'] = _assignment(model, spec, config, device, autocast)
+    row.update(runs.environment())
+    if results is not None:
+        runs.append_row(results, row)
+    return row
+
+
+@torch.no_grad()
+def _assignment(model, spec: ModelSpec, config: TrainConfig, device, autocast: bool) -> dict:
+    """Per layer, the share of each category's routed slots (key / value / query / filler) taken by each memory,
+    on one test batch of ``config.assignment_setting``."""
+    from mom_wrap.stats import MemoryStats
+    setting = config.assignment_setting
+    batch = make_eval_sets([setting], config.assignment_examples, vocab_size=spec.vocab_size, seed=EVAL_SEED,
+                           device=device)[setting]
+    model.eval()
+    with MemoryStats(model) as rec:
+        rec.capture_next()
+        with torch.autocast(batch.inputs.device.type, torch.bfloat16, enabled=autocast):
+            _logits(model, batch.inputs)
+    model.train()
+    masks = categories(batch)
+    out = {}
+    for name, assignment in rec.assignments().items():
+        names, share = assignment.shares({k: v.cpu() for k, v in masks.items()})
+        out[name] = {'categories': names, 'share': share.tolist(), 'setting': [setting.seq_len,
+                                                                                 setting.num_kv_pairs]}
+    return out
+
+
+# command line ----------------------------------------------------------------------------------------------------
+
+LRS = (3e-4, 1e-3, 3e-3)
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument('--steps', type=int, default=TrainConfig.steps)
+    p.add_argument('--batch-size', type=int, default=TrainConfig.batch_size)
+    p.add_argument('--eval-examples', type=int, default=TrainConfig.eval_examples)
+    p.add_argument('--vocab-size', type=int, default=DEFAULT_VOCAB_SIZE)
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--results', default='evidence/results/mqar.jsonl', help='JSON lines, appended (resumable)')
+
+
+def jobs(hosts, d_models, variants, lrs, seeds, balances) -> list[tuple[ModelSpec, float, int]]:
+    """The sweep's grid: every (spec, lr, seed); the balancing-loss settings apply to MoM models only."""
+    out = []
+    for host, d, variant, lr, seed in itertools.product(hosts, d_models, variants, lrs, seeds):
+        for balance in (balances if variant == 'mom' else (ModelSpec.balance,)):
+            out.append((ModelSpec(host, d, variant, balance=balance), lr, seed))
+    return out
+
+
+def _sweep(args) -> int:
+    """Run the grid as ``--jobs`` processes at a time (small models leave a GPU mostly idle), skipping runs in the
+    results file; returns the number of failed runs."""
+    from tqdm import tqdm
+    grid = jobs(args.hosts, args.d_models, args.variants, args.lrs, args.seeds, args.balances)
+    have = runs.done(args.results)
+    todo = [(s, lr, seed) for s, lr, seed in grid
+            if TrainConfig(lr=lr, seed=seed, steps=args.steps, batch_size=args.batch_size).run_id(
+                dataclasses.replace(s, vocab_size=args.vocab_size)) not in have]
+    print(f"{len(grid)} runs, {len(grid) - len(todo)} done already, {len(todo)} to run", flush=True)
+    running, failed = [], 0
+    bar = tqdm(total=len(todo), desc='sweep', mininterval=10)
+    os.makedirs(args.logs, exist_ok=True)
+    while todo or running:
+        while todo and len(running) < args.jobs:
+            spec, lr, seed = todo.pop(0)
+            cmd = [sys.executable, '-m', 'evidence.mqar', 'train', '--host', spec.host, '--d-model', str(spec.d_model),
+                   '--variant', spec.variant, '--balance', str(spec.balance), '--lr', str(lr), '--seed', str(seed),
+                   '--steps', str(args.steps), '--batch-size', str(args.batch_size), '--eval-examples',
+                   str(args.eval_examples), '--vocab-size', str(args.vocab_size), '--device', args.device,
+                   '--results', args.results, '--quiet']
+            log = open(os.path.join(args.logs, f"{spec.name}-lr{lr:g}-s{seed}.log"), 'w')
+            running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log, spec.name))
+        time.sleep(1)
+        for item in list(running):
+            proc, log, name = item
+            if proc.poll() is not None:
+                running.remove(item)
+                log.close()
+                bar.update(1)
+                if proc.returncode:
+                    failed += 1
+                    print(f"failed: {name} (log {log.name})", flush=True)
+    bar.close()
+    return failed
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog='python -m evidence.mqar', description=__doc__.split('\n\n')[0])
+    sub = p.add_subparsers(dest='command', required=True)
+    t = sub.add_parser('train', help='train and evaluate one model; append its row')
+    t.add_argument('--host', choices=HOSTS, required=True)
+    t.add_argument('--d-model', type=int, required=True)
+    t.add_argument('--variant', choices=VARIANTS, default='host')
+    t.add_argument('--balance', type=float, default=ModelSpec.balance)
+    t.add_argument('--lr', type=float, default=TrainConfig.lr)
+    t.add_argument('--seed', type=int, default=0)
+    t.add_argument('--quiet', action='store_true')
+    _train_args(t)
+    s = sub.add_parser('sweep', help='train a grid of models, several processes at a time')
+    s.add_argument('--hosts', nargs='+', choices=HOSTS, default=list(HOSTS))
+    s.add_argument('--d-models', nargs='+', type=int, default=[64, 128, 256])
+    s.add_argument('--variants', nargs='+', choices=VARIANTS, default=list(VARIANTS))
+    s.add_argument('--lrs', nargs='+', type=float, default=list(LRS))
+    s.add_argument('--seeds', nargs='+', type=int, default=[0])
+    s.add_argument('--balances', nargs='+', type=float, default=[ModelSpec.balance])
+    s.add_argument('--jobs', type=int, default=8)
+    s.add_argument('--logs', default='evidence/results/logs')
+    _train_args(s)
+    args = p.parse_args(argv)
+    if args.command == 'train':
+        spec = ModelSpec(args.host, args.d_model, args.variant, vocab_size=args.vocab_size, balance=args.balance)
+        config = TrainConfig(lr=args.lr, seed=args.seed, steps=args.steps, batch_size=args.batch_size,
+                             eval_examples=args.eval_examples)
+        row = train(spec, config, args.device, args.results, progress=not args.quiet)
+        print(f"{row['run_id']}: mean accuracy {row['mean_accuracy']:.3f}, {row['params']:,} parameters, state "
+              f"{row['state_size']:,}")
+        return 0
+    return 1 if _sweep(args) else 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""The MQAR experiment's code on the CPU (the results come from the GPU): every model of the comparison trains a step
+through the same code and writes its row, the variants hold what they claim (equal parameters, equal state), runs
+resume, and the figures and table come out of the rows."""
+import json
+import os
+
+import pytest
+import torch
+
+from evidence import runs
+from evidence.models import ModelSpec, build, count_parameters, describe
+from evidence.mqar import TrainConfig, categories, jobs, main, train
+from evidence.mqar_data import MQARSetting, make_mqar_batch
+from tests import hosts
+
+pytestmark = pytest.mark.skipif(os.environ.get('TRITON_INTERPRET') != '1' and not torch.cuda.is_available(),
+                                reason="fla's model norms and MLP need TRITON_INTERPRET=1 or CUDA")
+
+HOSTS = ['GatedDeltaNet', 'GLA', hosts.param('Mamba2')]
+VARIANTS = ['host', 'mom', 'host_params', 'host_state']
+TINY = TrainConfig(steps=2, batch_size=2, eval_examples=2, eval_batch=2, snapshots=2,
+                   train_mix=(MQARSetting(64, 4),), test_settings=(MQARSetting(64, 4), MQARSetting(64, 8)),
+                   assignment_setting=MQARSetting(64, 4), assignment_examples=2)
+
+
+@pytest.mark.parametrize('host', HOSTS)
+def test_every_model_trains_writes_its_row_and_resumes(host, tmp_path, monkeypatch):
+    results = tmp_path / 'mqar.jsonl'
+    rows = [train(ModelSpec(host, 64, variant, vocab_size=512), TINY, 'cpu', results, progress=False)
+            for variant in VARIANTS]
+    for row, variant in zip(rows, VARIANTS):
+        assert row['variant'] == variant and row['task'] == 'mqar'
+        assert set(row['accuracy']) == {'64x4', '64x8'} and all(0 <= a <= 1 for a in row['accuracy'].values())
+        assert torch.isfinite(torch.tensor(row['loss'])).all() and len(row['loss']) == 2
+        assert row['device'] == 'cpu' and row['commit'] and row['date']
+        assert row['host_as_one_memory'] == (variant != 'mom')  # the CPU's stand-in for a plain host
+        assert ('loads' in row) == ('assignment' in row) == (variant == 'mom')
+    mom = rows[1]
+    for layer in mom['loads'].values():
+        assert layer['steps'] == [1, 2] and all(abs(sum(load) - 1) < 1e-9 for load in layer['load'])
+    for layer in mom['assignment'].values():
+        assert layer['categories'] == ['key', 'value', 'query', 'filler']
+        assert all(abs(sum(share) - 1) < 1e-9 for share in layer['share'])
+    assert [json.loads(line)['run_id'] for line in results.read_text().splitlines()] == [r['run_id'] for r in rows]
+
+    def no_training(*args, **kwargs):
+        raise AssertionError('a finished run trained again')
+    monkeypatch.setattr('evidence.mqar.build', no_training)
+    assert train(ModelSpec(host, 64, 'mom', vocab_size=512), TINY, 'cpu', results, progress=False) == mom
+
+    from evidence import plots
+    entries = plots.best(runs.read_rows(results))
+    assert len(entries) == 4
+    for plot in (plots.plot_pairs, plots.plot_state, plots.plot_loads, plots.plot_assignment):
+        path = plot(entries, tmp_path / f'{plot.__name__}.png')
+        assert path.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    table = plots.summary_table(entries)
+    assert table.count('\n') == 5 and f'MoM({host})' in table
+
+
+@pytest.mark.parametrize('host', HOSTS)
+def test_variants_hold_equal_parameters_and_equal_state(host):
+    """``host_params`` has MoM's parameter count (within 2%: the nearest value width), ``host_state`` exactly MoM's
+    state, (M + 1) times the host's; MoM's write side is M + 1 copies of the host's."""
+    d = {v: describe(ModelSpec(host, 64, v), build(ModelSpec(host, 64, v))) for v in VARIANTS}
+    assert abs(d['host_params']['params'] - d['mom']['params']) <= 0.02 * d['mom']['params']
+    assert d['host']['params'] < d['mom']['params']
+    assert d['mom']['state_size'] == d['host_state']['state_size'] == 5 * d['host']['state_size']
+    assert d['host_params']['state_size'] > d['host']['state_size']
+
+
+def test_one_memory_stand_in_has_the_hosts_parameters():
+    """On the CPU the plain host trains as its one-memory copy: the same parameter count but for the router
+    (d_model x 1 per layer)."""
+    spec = ModelSpec('GatedDeltaNet', 64)
+    plain, stand_in = build(spec), build(spec, host_as_one_memory=True)
+    assert count_parameters(stand_in) == count_parameters(plain) + 2 * 64
+
+
+def test_categories_mark_every_position_once():
+    batch = make_mqar_batch(MQARSetting(64, 4), 3, vocab_size=64, seed=0)
+    masks = categories(batch)
+    assert torch.equal(sum(m.long() for m in masks.values()), torch.ones(3, 64, dtype=torch.long))
+    assert masks['key'][:, :8].sum() == 12 and masks['query'].sum() == 12
+    assert torch.equal(batch.inputs[masks['query']].view(3, 4).sort(1).values, batch.keys.sort(1).values)
+
+
+def test_sweep_grid_and_errors():
+    grid = jobs(['GatedDeltaNet', 'GLA'], [64, 128], VARIANTS, [1e-3, 3e-3], [0, 1], [0.01, 0.0])
+    assert len(grid) == 2 * 2 * (3 + 2) * 2 * 2  # the balancing-loss settings multiply the MoM models only
+    assert len({TINY.run_id(s) + f'{lr}{seed}' for s, lr, seed in grid}) == len(grid)
+    with pytest.raises(ValueError, match='host: expected one of'):
+        ModelSpec('LSTM', 64)
+    with pytest.raises(ValueError, match='d_model: must be a multiple of 64'):
+        ModelSpec('GLA', 96)
+    with pytest.raises(SystemExit):
+        main(['train', '--host', 'GLA'])  # --d-model is required
