@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from evidence import runs
 from evidence.models import HOSTS, VARIANTS, ModelSpec, build, describe
 from evidence.mqar_data import (DEFAULT_VOCAB_SIZE, IGNORE_INDEX, TEST_SETTINGS, TRAIN_MIX, MQARBatch, MQARMixture,
-                                MQARSetting, make_eval_sets, mqar_accuracy)
+                                MQARSetting, make_eval_sets)
 
 EVAL_SEED = 1234  # the test sets: the same for every run
 

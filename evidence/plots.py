@@ -92,7 +92,7 @@ def plot_pairs(entries: list[dict], path) -> Path:
         for ax in row:
             if ax.has_data():
                 ax.legend(fontsize='x-small')
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_state(entries: list[dict], path) -> Path:
@@ -108,36 +108,38 @@ def plot_state(entries: list[dict], path) -> Path:
     ax.set(xscale='log', xlabel='recurrent state (elements per sequence, all layers)',
            ylabel='mean accuracy over the test settings', ylim=(0, 1.02), title='MQAR accuracy vs state size')
     ax.legend(fontsize='x-small')
-    return _save(fig, path)
+    return save_png(fig, path)
+
+
+def _layer_panels(entries: list[dict], field: str, width: float, height: float):
+    """A panel per (MoM entry, layer) of the first seed's ``field`` ('loads' or 'assignment'): the figure and
+    [(axes, entry, layer name, its data)]."""
+    panels = [(e, name, data) for e in entries if e['variant'] == 'mom' and e['rows'][0].get(field)
+              for name, data in e['rows'][0][field].items()]
+    if not panels:
+        raise ValueError(f"entries: no MoM row with {field}")
+    cols = min(4, len(panels))
+    fig, axes = _figure(math.ceil(len(panels) / cols), cols, width, height)
+    return fig, [(ax, *panel) for ax, panel in zip([a for row in axes for a in row], panels)]
 
 
 def plot_loads(entries: list[dict], path) -> Path:
     """The loads of every MoM entry's first seed, a panel per (entry, layer)."""
-    moms = [e for e in entries if e['variant'] == 'mom' and e['rows'][0].get('loads')]
-    panels = [(e, name, h) for e in moms for name, h in e['rows'][0]['loads'].items()]
-    if not panels:
-        raise ValueError("entries: no MoM row with memory loads")
-    cols = min(4, len(panels))
-    fig, axes = _figure(math.ceil(len(panels) / cols), cols, 4.0, 3.0)
-    for ax, (e, name, h) in zip([a for row in axes for a in row], panels):
+    fig, panels = _layer_panels(entries, 'loads', 4.0, 3.0)
+    for ax, e, name, h in panels:
         M = len(h['load'][0])
         for m in range(M):
             ax.plot(h['steps'], [load[m] for load in h['load']], marker='.', label=f"memory {m}")
         ax.axhline(1 / M, color='gray', linestyle='--')
         ax.set(title=f"{_label(e)} d{e['d_model']}\n{name}", xlabel='step', ylabel='load', ylim=(0, 1))
         ax.title.set_fontsize('small')
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_assignment(entries: list[dict], path) -> Path:
     """Heatmaps of the share of each token category's slots per memory, for every MoM entry's first seed and layer."""
-    moms = [e for e in entries if e['variant'] == 'mom' and e['rows'][0].get('assignment')]
-    panels = [(e, name, a) for e in moms for name, a in e['rows'][0]['assignment'].items()]
-    if not panels:
-        raise ValueError("entries: no MoM row with an assignment")
-    cols = min(4, len(panels))
-    fig, axes = _figure(math.ceil(len(panels) / cols), cols, 3.6, 2.8)
-    for ax, (e, name, a) in zip([x for row in axes for x in row], panels):
+    fig, panels = _layer_panels(entries, 'assignment', 3.6, 2.8)
+    for ax, e, name, a in panels:
         ax.imshow(a['share'], vmin=0, vmax=1, cmap='viridis', aspect='auto')
         for c, row in enumerate(a['share']):
             for m, v in enumerate(row):
@@ -145,7 +147,7 @@ def plot_assignment(entries: list[dict], path) -> Path:
         ax.set(title=f"{_label(e)} d{e['d_model']}\n{name}", xlabel='memory', xticks=range(len(a['share'][0])),
                yticks=range(len(a['categories'])), yticklabels=a['categories'])
         ax.title.set_fontsize('small')
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def summary_table(entries: list[dict]) -> str:
@@ -162,7 +164,8 @@ def summary_table(entries: list[dict]) -> str:
     return '\n'.join(lines)
 
 
-def _save(fig, path) -> Path:
+def save_png(fig, path) -> Path:
+    """Write the matplotlib Figure ``fig`` as a PNG to ``path`` (its folder made); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format='png', dpi=100)

@@ -24,7 +24,6 @@ import argparse
 import dataclasses
 import hashlib
 import math
-import os
 import statistics
 import sysconfig
 import time
@@ -181,7 +180,8 @@ def experiment(config: RetrofitConfig, seed: int, device: str = 'cpu', results: 
 
     def row(arm, curve, seconds, model):
         r = {'run_id': config.run_id(arm, seed), 'task': 'retrofit', 'arm': arm, 'seed': seed,
-             **dataclasses.asdict(config), 'curve': [[s, v] for s, v in curve], 'final_bpb': curve[-1][1], 'seconds': round(seconds, 1),
+             **dataclasses.asdict(config), 'curve': [[s, v] for s, v in curve], 'final_bpb': curve[-1][1],
+             'seconds': round(seconds, 1),
              'params': sum(p.numel() for p in model.parameters()), 'host_as_one_memory': cpu,
              'train_bytes': train.numel(), 'val_bytes': val.numel(), **env}
         if results:
@@ -261,10 +261,8 @@ def plot(rows: list[dict], path) -> Path:
         ax.set(title=f"{key[0]}, d_model {key[1]}, {key[2]} layers", xlabel='step',
                ylabel='validation bits per byte')
         ax.legend(fontsize='small')
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format='png', dpi=100)
-    return path
+    from evidence.plots import save_png
+    return save_png(fig, path)
 
 
 def main(argv=None) -> int:

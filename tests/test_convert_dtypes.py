@@ -70,8 +70,8 @@ def test_fla_fp32_checkpoint_loaded_in_half_converts_runs_saves_and_loads(host, 
     with torch.no_grad():
         if not torch.isfinite(plain(ids).logits).all():
             assert not torch.cuda.is_available(), f"the plain {host} model's logits in {dtype} are not finite"
-            pytest.skip(f"fla's plain {host} model (without mom_wrap) gives non-finite logits in {dtype} under Triton's "
-                        "interpreter (its token-shift mixes); the GPU runs this case")
+            pytest.skip(f"fla's plain {host} model (without mom_wrap) gives non-finite logits in {dtype} under "
+                        "Triton's interpreter (its token-shift mixes); the GPU runs this case")
     converted = convert(AutoModelForCausalLM.from_pretrained(tmp_path / 'plain', dtype=dtype).to(DEVICE).eval())
     assert_dtypes(converted, plain, dtype)
     with torch.no_grad():

@@ -205,8 +205,8 @@ def adapter_for(host: nn.Module) -> HostAdapter:
     namesakes = [path for path in supported_hosts() + missing
                  if path.rpartition('.')[2] == type(host).__name__ and path != name]
     raise ValueError(f"host: no adapter for {name}"
-                     + ''.join(f" (mom_wrap's {type(host).__name__} adapter takes {path}, a different class: installing "
-                               "its package does not make this one supported)" for path in namesakes)
+                     + ''.join(f" (mom_wrap's {type(host).__name__} adapter takes {path}, a different class: "
+                               "installing its package does not make this one supported)" for path in namesakes)
                      + f"; supported here: {', '.join(supported_hosts())}"
                      + (f"; supported once its package is installed: {', '.join(missing)}" if missing else '')
                      + "; any other layer needs an adapter of its own (mom_wrap/adapters/base.py)")
