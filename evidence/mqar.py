@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import itertools
 import math
 import os
@@ -54,7 +55,12 @@ class TrainConfig:
     assignment_examples: int = 32
 
     def run_id(self, spec: ModelSpec) -> str:
-        return f"{spec.name}-v{spec.vocab_size}-lr{self.lr:g}-s{self.seed}-n{self.steps}-b{self.batch_size}"
+        data = ''
+        if (self.train_mix, self.test_settings) != (TRAIN_MIX, TEST_SETTINGS):  # another protocol: its own runs
+            text = repr([(s.seq_len, s.num_kv_pairs, s.power_a) for s in (*self.train_mix, None, *self.test_settings)
+                         if s is not None] + [len(self.train_mix)])
+            data = '-data' + hashlib.sha256(text.encode()).hexdigest()[:8]
+        return f"{spec.name}-v{spec.vocab_size}-lr{self.lr:g}-s{self.seed}-n{self.steps}-b{self.batch_size}{data}"
 
 
 def _logits(model, inputs: torch.Tensor) -> torch.Tensor:
@@ -196,8 +202,19 @@ def _assignment(model, spec: ModelSpec, config: TrainConfig, device, autocast: b
 LRS = (3e-4, 1e-3, 3e-3)
 
 
+def _settings(text: str) -> tuple[MQARSetting, ...]:
+    """'64x4,128x8' -> the settings (seq_len x pairs)."""
+    try:
+        return tuple(MQARSetting(*map(int, item.split('x'))) for item in text.split(','))
+    except (TypeError, ValueError) as e:
+        raise argparse.ArgumentTypeError(f"expected settings as SEQLENxPAIRS[,...], got {text!r}: {e}") from None
+
+
 def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument('--steps', type=int, default=TrainConfig.steps)
+    p.add_argument('--train-mix', type=_settings, default=None, help='default: Zoology\'s mix, 64x4 .. 256x64')
+    p.add_argument('--test-settings', type=_settings, default=None, help='default: 64x4 .. 1024x256')
+    p.add_argument('--eval-batch', type=int, default=TrainConfig.eval_batch)
     p.add_argument('--batch-size', type=int, default=TrainConfig.batch_size)
     p.add_argument('--eval-examples', type=int, default=TrainConfig.eval_examples)
     p.add_argument('--vocab-size', type=int, default=DEFAULT_VOCAB_SIZE)
@@ -214,6 +231,17 @@ def jobs(hosts, d_models, variants, lrs, seeds, balances) -> list[tuple[ModelSpe
     return out
 
 
+def _config(args, **kw) -> TrainConfig:
+    more = {}
+    if args.train_mix:
+        more['train_mix'] = args.train_mix
+    if args.test_settings:
+        more['test_settings'] = args.test_settings
+        more['assignment_setting'] = max(args.test_settings, key=lambda s: (s.num_kv_pairs, s.seq_len))
+    return TrainConfig(steps=args.steps, batch_size=args.batch_size, eval_examples=args.eval_examples,
+                       eval_batch=args.eval_batch, **more, **kw)
+
+
 def _sweep(args) -> int:
     """Run the grid as ``--jobs`` processes at a time (small models leave a GPU mostly idle), skipping runs in the
     results file; returns the number of failed runs."""
@@ -221,20 +249,25 @@ def _sweep(args) -> int:
     grid = jobs(args.hosts, args.d_models, args.variants, args.lrs, args.seeds, args.balances)
     have = runs.done(args.results)
     todo = [(s, lr, seed) for s, lr, seed in grid
-            if TrainConfig(lr=lr, seed=seed, steps=args.steps, batch_size=args.batch_size).run_id(
-                dataclasses.replace(s, vocab_size=args.vocab_size)) not in have]
+            if _config(args, lr=lr, seed=seed).run_id(dataclasses.replace(s, vocab_size=args.vocab_size)) not in have]
     print(f"{len(grid)} runs, {len(grid) - len(todo)} done already, {len(todo)} to run", flush=True)
-    running, failed = [], 0
+    running, failed, start = [], 0, time.time()
     bar = tqdm(total=len(todo), desc='sweep', mininterval=10)
     os.makedirs(args.logs, exist_ok=True)
     while todo or running:
+        if args.deadline is not None and time.time() - start > args.deadline and todo:
+            print(f"deadline: {len(todo)} runs not started (a later sweep resumes them)", flush=True)
+            todo = []
         while todo and len(running) < args.jobs:
             spec, lr, seed = todo.pop(0)
             cmd = [sys.executable, '-m', 'evidence.mqar', 'train', '--host', spec.host, '--d-model', str(spec.d_model),
                    '--variant', spec.variant, '--balance', str(spec.balance), '--lr', str(lr), '--seed', str(seed),
                    '--steps', str(args.steps), '--batch-size', str(args.batch_size), '--eval-examples',
-                   str(args.eval_examples), '--vocab-size', str(args.vocab_size), '--device', args.device,
-                   '--results', args.results, '--quiet']
+                   str(args.eval_examples), '--eval-batch', str(args.eval_batch), '--vocab-size',
+                   str(args.vocab_size), '--device', args.device, '--results', args.results, '--quiet']
+            for flag, settings in (('--train-mix', args.train_mix), ('--test-settings', args.test_settings)):
+                if settings:
+                    cmd += [flag, ','.join(f"{x.seq_len}x{x.num_kv_pairs}" for x in settings)]
             log = open(os.path.join(args.logs, f"{spec.name}-lr{lr:g}-s{seed}.log"), 'w')
             running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log, spec.name))
         time.sleep(1)
@@ -272,12 +305,16 @@ def main(argv=None) -> int:
     s.add_argument('--balances', nargs='+', type=float, default=[ModelSpec.balance])
     s.add_argument('--jobs', type=int, default=8)
     s.add_argument('--logs', default='evidence/results/logs')
+    s.add_argument('--deadline', type=float, default=None,
+                   help='seconds after which no new run starts (those running finish): for time-boxed machines')
     _train_args(s)
     args = p.parse_args(argv)
+    if torch.device(args.device).type == 'cpu':
+        from mom_wrap import interpret_on_cpu
+        interpret_on_cpu()  # fla's model norms and MLP are Triton kernels: the interpreter runs them (slowly)
     if args.command == 'train':
         spec = ModelSpec(args.host, args.d_model, args.variant, vocab_size=args.vocab_size, balance=args.balance)
-        config = TrainConfig(lr=args.lr, seed=args.seed, steps=args.steps, batch_size=args.batch_size,
-                             eval_examples=args.eval_examples)
+        config = _config(args, lr=args.lr, seed=args.seed)
         row = train(spec, config, args.device, args.results, progress=not args.quiet)
         print(f"{row['run_id']}: mean accuracy {row['mean_accuracy']:.3f}, {row['params']:,} parameters, state "
               f"{row['state_size']:,}")

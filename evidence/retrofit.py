@@ -276,6 +276,9 @@ def main(argv=None) -> int:
     p.add_argument('--results', default='evidence/results/retrofit.jsonl')
     p.add_argument('--plot', metavar='PNG', help='draw the rows of --results into PNG and stop')
     args = p.parse_args(argv)
+    if torch.device(args.device).type == 'cpu':
+        from mom_wrap import interpret_on_cpu
+        interpret_on_cpu()  # fla's model norms and MLP are Triton kernels: the interpreter runs them (slowly)
     if args.plot:
         print(plot(runs.read_rows(args.results), args.plot))
         return 0

@@ -85,6 +85,18 @@ def test_categories_mark_every_position_once():
     assert torch.equal(batch.inputs[masks['query']].view(3, 4).sort(1).values, batch.keys.sort(1).values)
 
 
+def test_sweep_runs_its_grid_in_processes_and_resumes(tmp_path):
+    results = tmp_path / 'mqar.jsonl'
+    args = ['sweep', '--hosts', 'GLA', '--d-models', '64', '--variants', 'host', '--lrs', '1e-3', '--steps', '1',
+            '--batch-size', '2', '--eval-examples', '2', '--eval-batch', '2', '--vocab-size', '256', '--train-mix',
+            '64x4', '--test-settings', '64x4', '--device', 'cpu', '--results', str(results), '--logs',
+            str(tmp_path / 'logs'), '--jobs', '1']
+    assert main(args) == 0, (tmp_path / 'logs').joinpath(os.listdir(tmp_path / 'logs')[0]).read_text()[-3000:]
+    rows = runs.read_rows(results)
+    assert len(rows) == 1 and rows[0]['run_id'].startswith('GLA-d64-host-v256-lr0.001-s0-n1-b2-data')
+    assert main(args) == 0 and len(runs.read_rows(results)) == 1  # resumed: nothing left to run
+
+
 def test_sweep_grid_and_errors():
     grid = jobs(['GatedDeltaNet', 'GLA'], [64, 128], VARIANTS, [1e-3, 3e-3], [0, 1], [0.01, 0.0])
     assert len(grid) == 2 * 2 * (3 + 2) * 2 * 2  # the balancing-loss settings multiply the MoM models only
