@@ -60,6 +60,53 @@ class Result:
         return self.error <= self.tolerance  # NaN fails
 
 
+# Routing rounding: the tolerance of comparisons across batch shapes ---------------------------------------------
+# How far the router's fp32 rounding may move a routed output between two batch shapes: the tolerance of the tests
+# that compare the same tokens routed in calls of different shapes (a batch vs its rows alone, padded vs unpadded,
+# packed vs separate, full forward vs decode steps or cached chunks, one process vs DDP ranks).
+#
+# The router computes its logits l = x @ w.T in fp32 whatever the module's dtype (mom_wrap/router.py), and an fp32
+# matmul rounds differently for different row counts (MKL's kernels per shape and instruction set; cuBLAS's per
+# shape): a logit moves by up to about 2 u sum_i |x_i w_i|, u = 2^-24 (measured with MKL here: up to 1.9, between row
+# counts and with MKL_CBWR=AVX2). The renormalised top-k weights w_e = exp(l_e) / sum_{f in top-k} exp(l_f) (the
+# softmax's denominator cancels) then move by
+#     |dw_e| = w_e |(1 - w_e) dl_e - sum_{f != e} w_f dl_f| <= 2 w_e (1 - w_e) max|dl|,
+# zero for a token whose weights are exact (top-1, or all but one underflowed); the softmax and the renormalisation,
+# rounded on their own, add a few u of each weight. A routed sum sum_e w_e o_e then moves by at most
+# sum_e |dw_e| max_e |o_e|; what follows it in the layer (the host's output norm, gate and projection) carries that
+# to the output at about the same relative size. tests/routing_perturbation.py moves the logits by this much.
+
+U = 2.0 ** -24  # fp32's unit roundoff
+LOGIT_ROUNDING = 2  # a logit's move between shapes, in u * sum_i |x_i w_i|
+WEIGHT_ROUNDING = 12  # the softmax's and the renormalisation's own rounding (~3 u a weight each), both ways
+
+
+def routing_rounding(mom, x: torch.Tensor, topk: int | None = None) -> float:
+    """The bound on sum_e |dw_e| above, the largest over the tokens ``x`` [..., hidden] (rows that are not
+    finite, e.g. NaN padding, left out) routed by ``mom.router``: the relative move of the routed output that
+    another batch shape may cause. ``topk``: default the layer's; ``mom.num_memories`` bounds the softmax's
+    probabilities themselves."""
+    x, w = _tokens(x), mom.router.weight.detach().double()
+    top, chosen = (x @ w.t()).softmax(-1).topk(topk or mom.topk, -1)
+    weights = top / top.sum(-1, keepdim=True)
+    # [N]: the largest move of a token's chosen logits (the others cancel in the renormalised weights)
+    dl = LOGIT_ROUNDING * U * (x.abs() @ w.abs().t()).gather(-1, chosen).amax(-1)
+    return (2 * dl * (weights * (1 - weights)).sum(-1)).max().item() + WEIGHT_ROUNDING * U
+
+
+def logit_rounding(mom, x: torch.Tensor) -> float:
+    """The largest move of a logit of the tokens ``x`` between two batch shapes, LOGIT_ROUNDING u sum_i |x_i w_i|.
+    A token's router entropy H = -sum_e p_e log p_e moves by |sum_e log p_e p_e (dl_e - sum_f p_f dl_f)|
+    <= 2 max|dl| H: relatively, by at most twice this."""
+    x, w = _tokens(x), mom.router.weight.detach().double()
+    return LOGIT_ROUNDING * U * (x.abs() @ w.abs().t()).max().item()
+
+
+def _tokens(x: torch.Tensor) -> torch.Tensor:
+    x = x.detach().reshape(-1, x.shape[-1]).double()
+    return x[x.isfinite().all(-1)]
+
+
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     """max |got - want| / max(max |want|, 1)"""
     got, want = got.detach().double(), want.detach().double()
@@ -247,18 +294,21 @@ def run_checks(factory: Callable[[], nn.Module], name: str | None = None, device
 
         mom = new()
         full = run(mom, x)[0]
+        # the checks below route the same tokens in calls of other shapes: the router's fp32 rounding may move
+        # their weights by up to routing_rounding (above fp64's tolerance, far below fp32's and bf16's)
+        shapes = tol + routing_rounding(mom, x)
         y = x.clone()
         y[:, 12:] = randn(2, 8, hidden)
         record('causal', run(mom, y)[0][:, :12], full[:, :12])
-        record('batch_rows_independent', torch.cat([run(mom, x[b:b + 1])[0] for b in range(2)]), full)
+        record('batch_rows_independent', torch.cat([run(mom, x[b:b + 1])[0] for b in range(2)]), full, shapes)
         cu = torch.tensor([0, 7, 8, 20], device=device)
         packed = run(mom, x[:1], **convention.packed_kwargs(cu))[0][0]
         record('packed_sequences', packed,
-               torch.cat([run(mom, x[:1, s:e])[0][0] for s, e in zip(cu[:-1], cu[1:])]))
+               torch.cat([run(mom, x[:1, s:e])[0][0] for s, e in zip(cu[:-1], cu[1:])]), shapes)
 
         def call(xc, cache, **kw):
             return convention.call_cached(mom, xc, cache, **kw, **adapter.example_inputs(xc))
-        record('cached_chunks_equal_full_forward', _feed(convention, call, x, [9, 1, 1, 6, 1, 2]), full)
+        record('cached_chunks_equal_full_forward', _feed(convention, call, x, [9, 1, 1, 6, 1, 2]), full, shapes)
         if convention.padding_mask:  # (mamba-ssm's layers take no padding mask)
             lengths = [20, 11]
             mask = torch.zeros(2, 20, dtype=torch.long, device=device)
@@ -268,9 +318,9 @@ def run_checks(factory: Callable[[], nn.Module], name: str | None = None, device
                 xp[b, :20 - n] = float('nan')  # padding content must not matter, not even NaN
             out = run(mom, xp, attention_mask=mask)[0]
             record('left_padding', torch.cat([out[b, 20 - n:] for b, n in enumerate(lengths)]),
-                   torch.cat([run(mom, x[b:b + 1, 20 - n:])[0][0] for b, n in enumerate(lengths)]))
+                   torch.cat([run(mom, x[b:b + 1, 20 - n:])[0][0] for b, n in enumerate(lengths)]), shapes)
             record('cached_chunks_with_padding', _feed(convention, call, xp, [9, 1, 1, 6, 1, 2], mask)[mask.bool()],
-                   out[mask.bool()])
+                   out[mask.bool()], shapes)
 
     mom = new().train()
     xg = x.clone().requires_grad_()

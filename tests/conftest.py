@@ -2,7 +2,7 @@
 
 On the CPU, Triton's interpreter (TRITON_INTERPRET=1) runs fla's fused_recurrent kernels and its norm
 modules, so the real host layer (eval mode, T <= 64) is a CI oracle. Triton's autotuner would benchmark
-every config under the interpreter; here it takes the first one (``mom_wrap.check.interpret_on_cpu``).
+every config under the interpreter; here it takes the first one (``mom_wrap.interpret_on_cpu``).
 Both must be set before fla (and so Triton) is imported, hence at the top of conftest. On a CUDA machine
 nothing is changed.
 """
@@ -40,3 +40,8 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+if os.environ.get('MOM_WRAP_PERTURB_ROUTING', '0') != '0':  # opt-in: tests/routing_perturbation.py
+    from tests.routing_perturbation import install
+    install()

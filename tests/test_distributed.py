@@ -43,6 +43,9 @@ WORKER_ENV = {'TRITON_INTERPRET': '1', 'CUDA_VISIBLE_DEVICES': '', 'OMP_NUM_THRE
 if os.environ.get('MOM_WRAP_TEST_WORKER') == '1':  # a spawned worker (_worker) importing this module: before
     from mom_wrap import interpret_on_cpu  # fla and mamba-ssm are imported (HOSTS below), as tests/conftest.py
     interpret_on_cpu()  # does (the autotuner's first config; mamba-ssm without its CUDA extensions)
+    if os.environ.get('MOM_WRAP_PERTURB_ROUTING', '0') != '0':  # tests/conftest.py's opt-in tool, here too
+        from tests.routing_perturbation import install
+        install()
 
 from tests import hosts  # noqa: E402  (after the worker's interpreter setup: it imports fla)
 

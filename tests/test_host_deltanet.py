@@ -20,6 +20,7 @@ from mom_wrap import MixtureOfMemories
 from mom_wrap.adapters.deltanet import DeltaNetAdapter, delta_rule_reference
 from mom_wrap.dispatch import plan_dispatch
 from mom_wrap.testing import routed
+from mom_wrap.testing import routing_rounding
 from tests.test_layer import HIDDEN, close, wrap
 
 needs_kernels = pytest.mark.skipif(os.environ.get('TRITON_INTERPRET') != '1' and not torch.cuda.is_available(),
@@ -365,7 +366,8 @@ def test_left_padding_equals_unpadded():
         x[b, :T - n] = float('nan')
     out = mom(x, attention_mask=mask)[0]
     for b, n in enumerate(lengths):
-        close(out[b, T - n:], mom(x[b:b + 1, T - n:])[0][0], tol=1e-6)
+        # fp32 as a batch, and the router's fp32 weights rounded for another row count (tests/routing_rounding.py)
+        close(out[b, T - n:], mom(x[b:b + 1, T - n:])[0][0], tol=1e-6 + routing_rounding(mom, x))
         assert torch.all(out[b, :T - n] == 0)
 
 
@@ -376,7 +378,8 @@ def test_packed_sequences_equal_separate_runs():
     cu = torch.tensor([0] + lengths).cumsum(0)
     out = mom(x, cu_seqlens=cu)[0][0]
     for s, e in zip(cu[:-1], cu[1:]):
-        close(out[s:e], mom(x[:, s:e])[0][0], tol=1e-6)
+        # fp32 as a batch, and the router's fp32 weights rounded for another row count (tests/routing_rounding.py)
+        close(out[s:e], mom(x[:, s:e])[0][0], tol=1e-6 + routing_rounding(mom, x))
 
 
 def test_causal():
@@ -508,7 +511,7 @@ def test_bad_options_name_the_option(option, value):
 def test_wrapping_twice_is_refused():
     host = make_dn()
     wrap(host)
-    with pytest.raises(ValueError, match='host: .*k_proj'):
+    with pytest.raises(ValueError, match='host: this layer was already wrapped by mom_wrap'):
         wrap(host)
 
 
