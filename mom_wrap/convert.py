@@ -14,28 +14,23 @@ mom_wrap.save_mamba(model, path); model = mom_wrap.load_mamba(path)           # 
 The settings travel in config.json as ``"mom"``: ``num_memories``, ``topk``, ``shared_memory``, ``layers`` (the
 ``layer_idx`` of every wrapped layer), ``balance_loss_weight``, ``backend``, ``recurrence_parts``, and ``init``
 (how ``convert`` made the memories; loading takes the weights from the checkpoint whatever it was) and, for layers
-made with a variant adapter (``mom_wrap.fla_mom``'s imports of fla's MoM models), ``adapter``. fla's models (and any
-transformers model) go through transformers (``mom_wrap.hf``), mamba-ssm's ``MambaLMHeadModel`` through
-``save_mamba`` / ``load_mamba`` (safetensors weights). Layers wrapped by hand are recorded by ``convert(model)``,
+made with a variant adapter (``mom_wrap.fla_mom``'s imports of fla's MoM models), ``adapter``. Saving and loading
+live where this module is imported from, not here: fla's models (and any transformers model) go through
+transformers (``mom_wrap.hf``), mamba-ssm's ``MambaLMHeadModel`` through ``save_mamba`` / ``load_mamba``
+(``mom_wrap.saving``, safetensors weights). Layers wrapped by hand are recorded by ``convert(model)``,
 which wraps what is left with their settings (nothing, where every host layer is wrapped).
 """
 from __future__ import annotations
 
-import dataclasses
 import importlib
-import json
-import os
 
 import torch.nn as nn
 
-from mom_wrap import hf
 from mom_wrap.adapters.base import _REGISTRY, adapter_for
 from mom_wrap.wrapper import MixtureOfMemories
 
 # read off the layers
 SETTINGS = ('num_memories', 'topk', 'shared_memory', 'balance_loss_weight', 'backend', 'recurrence_parts')
-CONFIG_NAME = 'config.json'
-WEIGHTS_NAME = 'model.safetensors'
 
 
 def host_layers(model: nn.Module) -> list[tuple[list[str], nn.Module]]:
@@ -178,22 +173,25 @@ def convert(model: nn.Module, num_memories: int | None = None, topk: int | None 
     # the init of every layer where one made them all (unknown for layers wrapped by hand: None)
     settings['init'] = init_now if current is None else \
         current['init'] if not hosts or current['init'] == init_now else None
-    _mark(model, settings)
+    mark(model, settings)
     return model
 
 
-def _mark(model: nn.Module, settings: dict) -> None:
+# what more records a converted model, each called as marker(model, settings) after config.mom is set:
+# mom_wrap.hf's switches a transformers model and its config to their Mom classes (registered when it is imported,
+# with the package: this module does not import the saving and loading modules, they import it)
+MARKERS: list = []
+
+
+def mark(model: nn.Module, settings: dict) -> None:
+    """Record ``settings`` on ``model.config`` as ``config.mom`` (a model without a config has nowhere to keep them)
+    and run the ``MARKERS``."""
     config = getattr(model, 'config', None)
     if config is None:
         return
-    try:
-        from transformers import PreTrainedConfig
-    except ImportError:
-        PreTrainedConfig = ()
-    if isinstance(config, PreTrainedConfig):
-        hf.mark_converted(model, settings)
-    else:
-        config.mom = settings
+    config.mom = settings
+    for marker in MARKERS:
+        marker(model, settings)
 
 
 def mom_settings(model: nn.Module) -> dict:
@@ -277,60 +275,3 @@ def _adapter_class(path: str) -> type:
     if not (isinstance(cls, type) and issubclass(cls, HostAdapter)):
         raise ValueError(f"config: the 'mom' settings name adapter {path!r}, which is no HostAdapter")
     return cls
-
-
-# mamba-ssm ----------------------------------------------------------------------------------------------------
-
-def _mamba_lm_class():
-    try:
-        from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
-    except ImportError as e:
-        raise ImportError("mamba-ssm is not installed: pip install 'mom_wrap[mamba]'") from e
-    return MambaLMHeadModel
-
-
-def save_mamba(model: nn.Module, directory: str | os.PathLike) -> None:
-    """Save a converted mamba-ssm ``MambaLMHeadModel``: ``config.json`` (mamba-ssm's ``MambaConfig`` fields and
-    ``"mom"``, the settings: ``mom_settings``) and ``model.safetensors`` (every parameter; a tied lm_head once).
-    ``load_mamba`` reads it back."""
-    from safetensors.torch import save_model
-    if not isinstance(model, _mamba_lm_class()):
-        raise TypeError(f"model: expected mamba-ssm's MambaLMHeadModel, got {type(model).__name__}")
-    settings = mom_settings(model)
-    os.makedirs(directory, exist_ok=True)
-    config = {**dataclasses.asdict(model.config), 'mom': settings}
-    with open(os.path.join(directory, CONFIG_NAME), 'w') as f:
-        json.dump(config, f, indent=2)
-    save_model(model, os.path.join(directory, WEIGHTS_NAME), metadata={'format': 'pt'}, force_contiguous=True)
-    model.config.mom = settings
-
-
-def load_mamba(directory: str | os.PathLike, device=None, dtype=None) -> nn.Module:
-    """The converted ``MambaLMHeadModel`` saved in ``directory`` by ``save_mamba`` (or by mamba-ssm's own
-    ``save_pretrained`` of a converted model: its config.json carries ``"mom"`` too, its weights are
-    ``pytorch_model.bin``), built on ``device`` in ``dtype`` (mamba-ssm's defaults: the CPU, torch's default
-    dtype) and the saved weights copied in (cast to it). Every parameter must be in the file (strict). The model
-    is built with mamba-ssm's random initialisation first, as its own ``from_pretrained`` does."""
-    from mamba_ssm.models.config_mamba import MambaConfig
-    cls = _mamba_lm_class()
-    with open(os.path.join(directory, CONFIG_NAME)) as f:
-        config = json.load(f)
-    settings = config.pop('mom', None)
-    if not isinstance(settings, dict):
-        raise ValueError(f"directory: {os.path.join(directory, CONFIG_NAME)} has no 'mom' settings (not a "
-                         "converted model; load it with MambaLMHeadModel.from_pretrained)")
-    config = MambaConfig(**config)
-    config.mom = settings
-    model = cls(config, device=device, dtype=dtype)
-    convert_from_settings(model, {**settings, 'init': 'copy'})
-    model.config.mom = settings
-    path = os.path.join(directory, WEIGHTS_NAME)
-    if os.path.exists(path):
-        from safetensors.torch import load_model
-        load_model(model, path, strict=True, device=str(device) if device is not None else 'cpu')
-    else:
-        import torch
-        state = torch.load(os.path.join(directory, 'pytorch_model.bin'), map_location=device or 'cpu',
-                           weights_only=True)
-        model.load_state_dict(state, strict=True)
-    return model

@@ -263,7 +263,7 @@ def _import_model(model, backend: str, balance_loss_weight: float) -> nn.Module:
     from fla.layers.mom import MomAttention
     from fla.models import GatedDeltaNetForCausalLM, GatedDeltaNetModel, MomForCausalLM
 
-    from mom_wrap.convert import _mark, mom_settings
+    from mom_wrap.convert import mark, mom_settings
     gcfg = _gdn_config(model.config)
     causal = isinstance(model, MomForCausalLM)
     src_base = model.model if causal else model
@@ -291,5 +291,5 @@ def _import_model(model, backend: str, balance_loss_weight: float) -> nn.Module:
         raise RuntimeError(f"import_fla_mom: tensors left unset (internal error): {left}")
     if getattr(model, 'generation_config', None) is not None and causal:
         out.generation_config = model.generation_config.__class__.from_dict(model.generation_config.to_dict())
-    _mark(out, mom_settings(out))
+    mark(out, mom_settings(out))
     return out.train(model.training)

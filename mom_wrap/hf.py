@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch.nn as nn
 
+from mom_wrap.convert import MARKERS, convert_from_settings, mom_settings
+
 PREFIX = 'mom_'
 
 _CONFIGS: dict[type, type] = {}  # base config class -> its Mom config class
@@ -183,7 +185,6 @@ class _MomModelMixin:
     ``initialize_weights`` (run by transformers after loading) refills mom_wrap's non-persistent buffers."""
 
     def __init__(self, config, *args, **kwargs):
-        from mom_wrap.convert import convert_from_settings
         super().__init__(config, *args, **kwargs)
         settings = getattr(config, 'mom', None)
         if not isinstance(settings, dict):
@@ -192,7 +193,6 @@ class _MomModelMixin:
         convert_from_settings(self, settings)
 
     def save_pretrained(self, *args, **kwargs):
-        from mom_wrap.convert import mom_settings
         self.config.mom = mom_settings(self)
         return super().save_pretrained(*args, **kwargs)
 
@@ -215,3 +215,4 @@ def reset_mom_buffers(module: nn.Module) -> None:
 
 
 register_lazy()
+MARKERS.append(mark_converted)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from transformers import TrainerCallback
 
-from mom_wrap.losses import set_balance_loss_scale
+from mom_wrap.balance import set_balance_loss_scale
 from mom_wrap.wrapper import MixtureOfMemories
 
 

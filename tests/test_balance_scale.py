@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mom_wrap import MixtureOfMemories, set_balance_loss_weight
-from mom_wrap.losses import set_balance_loss_scale
+from mom_wrap.balance import set_balance_loss_scale
 from tests.test_hardening import reference_balance_loss
 from tests.test_layer import HIDDEN, wrap
 
