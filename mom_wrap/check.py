@@ -106,13 +106,14 @@ def _setup(device: str, first_config: bool, tf32: bool) -> None:
 def _host_adapters() -> tuple[list, list]:
     """The registered host adapters whose host class imports here, and those whose package is missing.
     Loading a host class imports its package (fla, mamba-ssm)."""
-    from mom_wrap.adapters.base import _REGISTRY
+    from mom_wrap.adapters import registered_adapters
 
     with warnings.catch_warnings():
         # fla's notice that Triton runs on the CPU: here it does on purpose, through the interpreter
         warnings.filterwarnings('ignore', message='.*Triton is not supported on current platform')
-        loaded = {a: a.load_host_class() is not None for a in _REGISTRY}
-    return [a for a in _REGISTRY if loaded[a]], [a for a in _REGISTRY if not loaded[a]]
+        adapters = registered_adapters()  # (mom_wrap's and those of installed packages' entry points)
+        loaded = {a: a.load_host_class() is not None for a in adapters}
+    return [a for a in adapters if loaded[a]], [a for a in adapters if not loaded[a]]
 
 
 def _name(adapter) -> str:

@@ -22,22 +22,20 @@ which wraps what is left with their settings (nothing, where every host layer is
 """
 from __future__ import annotations
 
-import importlib
-
 import torch.nn as nn
 
-from mom_wrap.adapters.base import _REGISTRY, adapter_for
+from mom_wrap.adapters.registry import adapter_by_path, adapter_for, path_of, registered_adapters, supported_hosts
 from mom_wrap.wrapper import MixtureOfMemories
 
 # read off the layers
 SETTINGS = ('num_memories', 'topk', 'shared_memory', 'balance_loss_weight', 'backend', 'recurrence_parts')
 
 
-def host_layers(model: nn.Module) -> list[tuple[list[str], nn.Module]]:
-    """Every submodule of ``model`` that an adapter matches, outside MixtureOfMemories layers (whose ``host`` is
-    one) and not inside another host, in module order, with all the paths it is reachable by (a module shared
-    between parents has several)."""
-    adapters = [cls for cls in _REGISTRY if cls.load_host_class() is not None]
+def host_layers(model: nn.Module, adapter: type | None = None) -> list[tuple[list[str], nn.Module]]:
+    """Every submodule of ``model`` that a registered adapter (or ``adapter``, where given) matches, outside
+    MixtureOfMemories layers (whose ``host`` is one) and not inside another host, in module order, with all the
+    paths it is reachable by (a module shared between parents has several)."""
+    adapters = [adapter] if adapter is not None else registered_adapters(installed=True)
     found: dict[int, tuple[list[str], nn.Module]] = {}
     skip: list[str] = []  # paths of the hosts found and of MoM layers: what is inside them is theirs
     for name, module in model.named_modules(remove_duplicate=False):
@@ -91,8 +89,8 @@ DEFAULTS = dict(num_memories=4, topk=2, shared_memory=True)
 
 
 def _adapter_path(cls: type | None) -> str | None:
-    """As ``MixtureOfMemories.adapter_path``: None for the adapter registered for the host (or none given)."""
-    return None if cls is None or cls in _REGISTRY else f"{cls.__module__}.{cls.__qualname__}"
+    """As ``MixtureOfMemories.adapter_path``: None for a registered adapter (or none given)."""
+    return None if cls is None or cls in registered_adapters() else path_of(cls)
 
 
 def _settings_to_use(model: nn.Module, given: dict, init: str | None) -> tuple[dict, str, dict | None]:
@@ -114,7 +112,7 @@ def _settings_to_use(model: nn.Module, given: dict, init: str | None) -> tuple[d
                              "layers converted later take the same settings (leave it out to take theirs)")
     options = {key: current[key] for key in SETTINGS}
     if current.get('adapter') is not None:
-        options['adapter'] = given.get('adapter') or _adapter_class(current['adapter'])
+        options['adapter'] = given.get('adapter') or adapter_by_path(current['adapter'])
     return options, init or current['init'] or 'preserve', current
 
 
@@ -154,16 +152,17 @@ def convert(model: nn.Module, num_memories: int | None = None, topk: int | None 
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     given = dict(num_memories=num_memories, topk=topk, shared_memory=shared_memory, **kwargs)
     options, init_now, current = _settings_to_use(model, given, init)
-    hosts = host_layers(model)
+    hosts = host_layers(model, options.get('adapter'))
     if not hosts and current is None:
-        raise ValueError(f"model: no supported host layer in {type(model).__name__}; supported hosts: "
-                         f"{', '.join(cls.host_class for cls in _REGISTRY if cls.load_host_class() is not None)}")
+        what = f"layer that adapter {options['adapter'].__name__} takes" if 'adapter' in options else \
+            'supported host layer'
+        raise ValueError(f"model: no {what} in {type(model).__name__}; supported hosts: {', '.join(supported_hosts())}")
     if any('' in paths for paths, _ in hosts):
         raise ValueError("model: is itself a host layer; wrap it with MixtureOfMemories(model, ...)")
     converted = {m.layer_idx for m in model.modules() if isinstance(m, MixtureOfMemories)}
     hosts = _select(model, hosts, layers, converted)
     for _, layer in hosts:  # the host's options are refused here, before any layer changes
-        adapter_for(layer)
+        adapter_for(layer, options.get('adapter'))
     for paths, layer in hosts:
         mom = MixtureOfMemories(layer, init=init_now, **options)
         for path in paths:
@@ -253,8 +252,8 @@ def convert_from_settings(model: nn.Module, settings: dict) -> nn.Module:
         init = 'copy'
     kwargs = {k: settings[k] for k in SETTINGS[3:] if k in settings}
     if settings.get('adapter') is not None:
-        kwargs['adapter'] = _adapter_class(settings['adapter'])
-    if not host_layers(model):
+        kwargs['adapter'] = adapter_by_path(settings['adapter'])
+    if not host_layers(model, kwargs.get('adapter')):
         raise ValueError(f"config: the 'mom' settings convert layers {settings['layers']} of this "
                          f"{type(model).__name__}, but no registered adapter takes a layer of it: import the module "
                          "that registers its adapter (mom_wrap.adapters.register_adapter) before loading")
@@ -262,16 +261,3 @@ def convert_from_settings(model: nn.Module, settings: dict) -> nn.Module:
             layers=settings['layers'], **kwargs)
     model.config.mom = dict(settings)
     return model
-
-
-def _adapter_class(path: str) -> type:
-    """The variant adapter class saved as ``path`` (``MixtureOfMemories.adapter_path``); only mom_wrap's own
-    modules are imported for a saved model."""
-    from mom_wrap.adapters.base import HostAdapter
-    module, _, name = str(path).rpartition('.')
-    if not module.startswith('mom_wrap.'):
-        raise ValueError(f"config: the 'mom' settings name adapter {path!r}, not one of mom_wrap's")
-    cls = getattr(importlib.import_module(module), name, None)
-    if not (isinstance(cls, type) and issubclass(cls, HostAdapter)):
-        raise ValueError(f"config: the 'mom' settings name adapter {path!r}, which is no HostAdapter")
-    return cls

@@ -101,6 +101,7 @@ import torch.nn.functional as F
 
 from mom_wrap.adapters.base import WriteProjection
 from mom_wrap.adapters.gated_deltanet import GatedDeltaNetAdapter
+from mom_wrap.adapters.registry import register_adapter
 from mom_wrap.wrapper import MixtureOfMemories
 
 
@@ -122,6 +123,7 @@ def stable_argsort():
         del torch.Tensor.argsort  # back to TensorBase's
 
 
+@register_adapter(variant=True)  # only where named: GatedDeltaNet layers keep GatedDeltaNetAdapter
 class FlaMomAdapter(GatedDeltaNetAdapter):
     """GatedDeltaNet with fla MomAttention's q path: ``q_proj`` and ``q_conv1d`` are per memory (write side), so
     each memory's q is projected and convolved over that memory's own tokens, as fla computes it. Not

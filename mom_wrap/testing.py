@@ -131,6 +131,9 @@ def wrap(host: nn.Module, num_memories: int = 4, topk: int = 2, shared: bool = T
     return mom.to(next(host.parameters()).device)
 
 
+_wrap = wrap  # run_checks' own ``wrap`` passes its adapter on to this one
+
+
 @contextlib.contextmanager
 def recurrence_calls(mom: MixtureOfMemories):
     """Inside: a list that gets one entry per call of ``mom``'s adapter's recurrence (the tests of
@@ -240,13 +243,18 @@ def _flat(outputs: list[torch.Tensor]) -> torch.Tensor:
 
 def run_checks(factory: Callable[[], nn.Module], name: str | None = None, device: str = 'cpu',
                dtype: torch.dtype = torch.float32, interpret: bool = True,
-               progress: Callable[[Result], None] | None = None) -> list[Result]:
+               progress: Callable[[Result], None] | None = None, adapter: type | None = None) -> list[Result]:
     """Every check for the host ``factory()`` builds; ``interpret``: the host's own forward can run here (CUDA,
     or the CPU under TRITON_INTERPRET=1); without it the checks against the host layer are skipped.
-    ``progress``, if given, is called with each :class:`Result` as soon as its check is done."""
+    ``progress``, if given, is called with each :class:`Result` as soon as its check is done. ``adapter``: the
+    adapter class to wrap with (as ``MixtureOfMemories(..., adapter=)``: a variant, or one not registered);
+    default: the registered one."""
     host0 = factory().to(device, dtype)
     name = name or type(host0).__name__
-    adapter = adapter_for(host0)
+    adapter_cls, adapter = adapter, adapter_for(host0, adapter)
+
+    def wrap(host, **kw):
+        return _wrap(host, adapter=adapter_cls, **kw)
     hidden = adapter.hidden_size
     tol = TOL[dtype]
     results = []
@@ -336,14 +344,17 @@ def run_checks(factory: Callable[[], nn.Module], name: str | None = None, device
     add(Result(name, 'preserve_routed_memories_get_gradients', float(not moved), 0.0))
 
     if device == 'cuda':
-        for result in _gpu_checks(factory, name, interpret):
+        for result in _gpu_checks(factory, name, interpret, adapter_cls):
             add(result)
     return results
 
 
-def _gpu_checks(factory, name: str, interpret: bool) -> list[Result]:
+def _gpu_checks(factory, name: str, interpret: bool, adapter_cls: type | None = None) -> list[Result]:
     results = []
-    adapter = adapter_for(factory())
+    adapter = adapter_for(factory(), adapter_cls)
+
+    def wrap(host, **kw):
+        return _wrap(host, adapter=adapter_cls, **kw)
     hidden = adapter.hidden_size
     for dtype in (torch.float32, torch.bfloat16):
         mom = wrap(factory().to('cuda', dtype)).train()

@@ -16,8 +16,8 @@ import torch
 import torch.nn as nn
 
 from mom_wrap import cached
-from mom_wrap.adapters import HostAdapter, adapter_for
-from mom_wrap.adapters.base import _REGISTRY
+from mom_wrap.adapters import adapter_for, registered_adapters
+from mom_wrap.adapters.registry import path_of
 from mom_wrap.calls import check_hidden_states
 from mom_wrap.dispatch import Dispatch, combine, plan_decode, plan_dispatch
 from mom_wrap.layout import TokenLayout
@@ -124,18 +124,9 @@ class MixtureOfMemories(nn.Module):
         if getattr(host, WRAPPED, False):
             raise ValueError("host: this layer was already wrapped by mom_wrap (its write side moved into a "
                              "MixtureOfMemories); use that MixtureOfMemories, or wrap a fresh layer")
-        if adapter is None:
-            adapter = adapter_for(host)
-        elif not (isinstance(adapter, type) and issubclass(adapter, HostAdapter)):
-            raise TypeError(f"adapter: expected a HostAdapter subclass, got {adapter!r}")
-        elif not adapter.matches(host):
-            raise ValueError(f"adapter: {adapter.__name__} does not take a {type(host).__name__} host "
-                             f"(it takes {adapter.host_class})")
-        else:
-            adapter = adapter(host)
-        # a variant's dotted path (convert saves it), None for the adapter registered for the host's class
-        self.adapter_path = None if type(adapter) in _REGISTRY else \
-            f"{type(adapter).__module__}.{type(adapter).__qualname__}"
+        adapter = adapter_for(host, adapter)
+        # a variant's dotted path (convert saves it), None for a registered adapter (found by the host's class)
+        self.adapter_path = None if type(adapter) in registered_adapters() else path_of(type(adapter))
         self.num_memories = num_memories
         self.topk = topk
         self.shared_memory = bool(shared_memory)

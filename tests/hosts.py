@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import pytest
 
-from mom_wrap.adapters.base import _REGISTRY, HostAdapter
+from mom_wrap.adapters import HostAdapter, registered_adapters
 
 # the top-level package of a host's class -> the marker of the tests that need it (only optional packages)
 OPTIONAL = {'mamba_ssm': pytest.mark.mamba_ssm}
 
 # class name of the host -> its adapter, for every registered adapter (also those whose package is missing)
-ADAPTERS: dict[str, type[HostAdapter]] = {a.host_class.rpartition('.')[2]: a for a in _REGISTRY}
+ADAPTERS: dict[str, type[HostAdapter]] = {a.host_class.rpartition('.')[2]: a for a in registered_adapters()}
 
 
 def marks(host: str | type[HostAdapter]) -> list:

@@ -371,7 +371,7 @@ def test_loading_without_an_adapter_for_the_layers_is_refused(tmp_path):
     """A converted checkpoint whose host layers no registered adapter takes (a user's adapter not imported) is
     refused with a clear error, not loaded half converted."""
     from transformers import AutoModelForCausalLM
-    from mom_wrap.adapters.base import _REGISTRY
+    from mom_wrap.adapters.registry import _REGISTRY
     model = convert(host_model('GatedLinearAttention'), init='copy')
     model.save_pretrained(tmp_path)
     registered = list(_REGISTRY)

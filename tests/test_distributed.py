@@ -58,8 +58,8 @@ FSDP_ROWS, FSDP_T, FIRST, MORE = 2, 16, 2, 2  # FSDP2: rows per rank, tokens, st
 
 
 def _adapters():
-    from mom_wrap.adapters.base import _REGISTRY
-    return {a.host_class.rpartition('.')[2]: a for a in _REGISTRY if a.load_host_class() is not None}
+    from mom_wrap.adapters import registered_adapters
+    return {a.host_class.rpartition('.')[2]: a for a in registered_adapters(installed=True)}
 
 
 HOSTS = list(_adapters())

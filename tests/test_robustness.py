@@ -660,7 +660,7 @@ def test_a_layer_without_adapter_gets_what_is_supported_and_not_a_hint_to_instal
                               'mamba_ssm.modules.mamba2.Mamba2, a different class: installing its package does not '
                               'make this one supported); supported here: ')
     assert 'fla.layers.gated_deltanet.GatedDeltaNet' in message
-    assert message.endswith('any other layer needs an adapter of its own (mom_wrap/adapters/base.py)')
+    assert message.endswith('any other layer needs an adapter of its own (docs/adapters.md)')
 
 
 @pytest.mark.parametrize('adapter', registered_hosts())

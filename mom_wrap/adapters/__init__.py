@@ -6,10 +6,11 @@ are imported here, so a new host needs its module and nothing else.
 import importlib
 import pkgutil
 
-from mom_wrap.adapters.base import HostAdapter, WriteProjection, adapter_for, register_adapter, supported_hosts
+from mom_wrap.adapters.base import HostAdapter, WriteProjection
+from mom_wrap.adapters.registry import adapter_for, register_adapter, registered_adapters, supported_hosts
 
-_SHARED = {'base', 'fla_common', 'rwkv_common'}  # the protocol and helpers, no adapter
+_SHARED = {'base', 'registry', 'fla_common', 'rwkv_common'}  # the protocol and helpers, no adapter
 for _module in sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name not in _SHARED):
     importlib.import_module(f'{__name__}.{_module}')
 
-__all__ = ['HostAdapter', 'WriteProjection', 'adapter_for', 'register_adapter', 'supported_hosts']
+__all__ = ['HostAdapter', 'WriteProjection', 'adapter_for', 'register_adapter', 'registered_adapters', 'supported_hosts']

@@ -176,37 +176,3 @@ class HostAdapter:
     def finish(self, o: torch.Tensor, read: dict[str, torch.Tensor], backend: str) -> torch.Tensor:
         """Combined per-token memory output -> [N, hidden] (output norm, gate, output projection)."""
         raise NotImplementedError
-
-
-_REGISTRY: list[type[HostAdapter]] = []
-
-
-def register_adapter(cls: type[HostAdapter]) -> type[HostAdapter]:
-    _REGISTRY.append(cls)
-    return cls
-
-
-def supported_hosts() -> list[str]:
-    """Dotted paths of the host classes that can be wrapped here: those with an adapter whose package is
-    installed (mamba-ssm is optional: without it Mamba2 is not listed)."""
-    return [cls.host_class for cls in _REGISTRY if cls.load_host_class() is not None]
-
-
-def adapter_for(host: nn.Module) -> HostAdapter:
-    if not isinstance(host, nn.Module):
-        raise TypeError(f"host: expected an nn.Module layer, got {type(host).__name__}")
-    for cls in _REGISTRY:
-        if cls.matches(host):
-            return cls(host)
-    name = f"{type(host).__module__}.{type(host).__qualname__}"
-    missing = [cls.host_class for cls in _REGISTRY if cls.load_host_class() is None]
-    # a class of another package with the name of a supported host (fla's Mamba2, mamba-ssm's Mamba2): say that the
-    # adapter takes the other one, so that nobody installs a package in the hope that it helps
-    namesakes = [path for path in supported_hosts() + missing
-                 if path.rpartition('.')[2] == type(host).__name__ and path != name]
-    raise ValueError(f"host: no adapter for {name}"
-                     + ''.join(f" (mom_wrap's {type(host).__name__} adapter takes {path}, a different class: "
-                               "installing its package does not make this one supported)" for path in namesakes)
-                     + f"; supported here: {', '.join(supported_hosts())}"
-                     + (f"; supported once its package is installed: {', '.join(missing)}" if missing else '')
-                     + "; any other layer needs an adapter of its own (mom_wrap/adapters/base.py)")

@@ -22,7 +22,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from mom_wrap.adapters.base import HostAdapter, WriteProjection, register_adapter
+from mom_wrap.adapters.base import HostAdapter, WriteProjection
+from mom_wrap.adapters.registry import register_adapter
 from mom_wrap.adapters.fla_common import gated_norm_out, l2norm, padded_segments, q_conv_shapes, q_projection
 from mom_wrap.dispatch import gather
 from mom_wrap.ops import acc

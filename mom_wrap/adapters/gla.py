@@ -19,7 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mom_wrap.adapters.base import HostAdapter, WriteProjection, register_adapter
+from mom_wrap.adapters.base import HostAdapter, WriteProjection
+from mom_wrap.adapters.registry import register_adapter
 from mom_wrap.adapters.fla_common import padded_segments, q_conv_shapes, q_projection, rms_norm, rms_norm_gated
 from mom_wrap.dispatch import gather
 from mom_wrap.ops import acc

@@ -34,7 +34,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mom_wrap.adapters.base import HostAdapter, WriteProjection, register_adapter
+from mom_wrap.adapters.base import HostAdapter, WriteProjection
+from mom_wrap.adapters.registry import register_adapter
 from mom_wrap.calls import MambaConvention
 from mom_wrap.dispatch import gather
 from mom_wrap.ops import acc

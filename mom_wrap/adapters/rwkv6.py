@@ -21,7 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mom_wrap.adapters.base import HostAdapter, WriteProjection, register_adapter
+from mom_wrap.adapters.base import HostAdapter, WriteProjection
+from mom_wrap.adapters.registry import register_adapter
 from mom_wrap.adapters.fla_common import padded_segments
 from mom_wrap.adapters.rwkv_common import (check_group_norm, group_norm, install_token_shift, lora_projection,
                                            previous_token, token_shift_shapes)

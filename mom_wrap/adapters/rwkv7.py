@@ -37,7 +37,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mom_wrap.adapters.base import HostAdapter, register_adapter
+from mom_wrap.adapters.base import HostAdapter
+from mom_wrap.adapters.registry import register_adapter
 from mom_wrap.adapters.fla_common import l2norm, padded_segments
 from mom_wrap.adapters.rwkv_common import (check_group_norm, group_norm, install_token_shift, lora_projection,
                                            previous_token, token_shift_shapes)
