@@ -18,6 +18,12 @@ An adapter splits its host into
   once, because RWKV7 layers take ``v_first`` from layer 0 and return it, and Mamba2 is called and caches
   unlike fla's layers: a wrapped layer must keep its host's contract to stay a drop-in replacement inside the
   host's model.
+
+Per token and per slot: ``read`` gets the layer's tokens flattened, [N, hidden] in token order, and returns per-token
+tensors [N, ...]; the write side reaches ``recurrence`` per sorted slot, [S, ...] (one row per selected (token,
+memory), sorted by memory, sequence, time); a per-token tensor the recurrence needs per slot goes through
+``mom_wrap.adapters.toolkit.gather``. The toolkit also holds the PyTorch references of the recurrences and fla's
+norms. Registration and lookup: ``mom_wrap.adapters.registry``; a new adapter step by step: docs/adapters.md.
 """
 from __future__ import annotations
 
