@@ -105,3 +105,12 @@ def test_run_checks_with_a_named_adapter(clean_registry):
     finally:
         MyGLAAdapter.recurrence = original
     assert seen == {MyGLAAdapter} and all(r.passed for r in results), [r for r in results if not r.passed]
+
+
+def test_toolkit_exports_what_the_builtin_adapters_use():
+    """The toolkit's names are the very functions the built-in adapters call (no second copy to drift)."""
+    from mom_wrap import dispatch
+    from mom_wrap.adapters import fla_common, gla, toolkit
+    assert all(hasattr(toolkit, name) for name in toolkit.__all__)
+    assert toolkit.gather is dispatch.gather and toolkit.gla_reference is gla.gla_reference
+    assert toolkit.rms_norm is fla_common.rms_norm
