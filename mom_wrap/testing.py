@@ -296,6 +296,8 @@ def run_checks(factory: Callable[[], nn.Module], name: str | None = None, device
             host = factory().to(device, dtype).eval()
             want = _flat(run(copy.deepcopy(host), x))
             record('preserve_equals_host', _flat(run(wrap(host, init='preserve').eval(), x)), want)
+            for label, make in adapter.example_models().items():
+                record(f'model_one_memory_equals_host[{label}]', *_one_memory_model(make, device, dtype, adapter_cls, g))
         for shared in (False, True):
             mom = new(shared=shared)
             record(f'naive_loop[shared={shared}]', run(mom, x)[0], naive_mom(mom, x, adapter.example_inputs(x)))
@@ -347,6 +349,18 @@ def run_checks(factory: Callable[[], nn.Module], name: str | None = None, device
         for result in _gpu_checks(factory, name, interpret, adapter_cls):
             add(result)
     return results
+
+
+def _one_memory_model(make: Callable[[], nn.Module], device, dtype, adapter: type | None,
+                      g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the logits of ``make()``'s model converted with one-memory copies, its logits before) for 2 x 12 token ids:
+    the host layers inside their model, with the settings the model gives them."""
+    from mom_wrap.convert import convert
+    model = make().to(device, dtype).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=g).to(device)
+    want = model(ids).logits
+    convert(model, num_memories=1, topk=1, shared_memory=False, init='copy', balance_loss_weight=0.0, adapter=adapter)
+    return model(ids).logits, want
 
 
 def _gpu_checks(factory, name: str, interpret: bool, adapter_cls: type | None = None) -> list[Result]:

@@ -72,3 +72,21 @@ def test_parity_suite_in_fp64_allows_the_routers_fp32_rounding_across_shapes():
     run = subprocess.run([sys.executable, '-c', code], cwd=root, capture_output=True, text=True, timeout=300,
                          env={**os.environ, 'MKL_CBWR': 'AVX2', 'CUDA_VISIBLE_DEVICES': '', 'PYTHONWARNINGS': 'ignore'})
     assert run.returncode == 0 and run.stdout.strip().startswith('ok'), run.stdout[-2000:] + run.stderr[-2000:]
+
+
+@needs_host_kernels
+def test_model_check_sees_a_norm_eps_the_model_sets(monkeypatch):
+    """The suite's model-level check (``example_models``: the host layers inside their model): an adapter that took
+    its output norm's eps from anywhere but the layer's own norm (which the model's config sets) fails it, as the
+    layer-level checks on ``example_host`` cannot see."""
+    from mom_wrap.adapters import fla_common
+    make = ADAPTERS['GatedDeltaNet'].example_models()['norm_eps=1e-2']
+    real = fla_common.rms_norm_gated
+
+    def check():
+        with torch.no_grad():
+            return testing.rel_err(*testing._one_memory_model(make, 'cpu', torch.float32, None,
+                                                              torch.Generator().manual_seed(0)))
+    assert check() <= testing.TOL[torch.float32]
+    monkeypatch.setattr(fla_common, 'rms_norm_gated', lambda x, g, w, b, eps, *a: real(x, g, w, b, 1e-6, *a))
+    assert check() > 2 * testing.TOL[torch.float32]  # the check fails (measured: 7e-4)

@@ -28,7 +28,7 @@ norms. Registration and lookup: ``mom_wrap.adapters.registry``; a new adapter st
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Callable, ClassVar
 
 import torch
 import torch.nn as nn
@@ -99,6 +99,15 @@ class HostAdapter:
         one; the host's default options otherwise): what ``mom_wrap.check`` runs the parity checks
         (``mom_wrap.testing``) on."""
         raise NotImplementedError
+
+    @classmethod
+    def example_models(cls) -> dict[str, Callable[[], nn.Module]]:
+        """Small models of the host's family, name -> factory, for the parity suite's model-level check: each,
+        converted with one-memory copies, must keep its logits (``model(input_ids).logits``, token ids below
+        ``model.config.vocab_size``). A host layer inside its model may run with settings ``example_host`` does not
+        have (a norm's eps that the model's config sets, options the config passes on): give a configuration for
+        each such setting. Grown for every host at once; default: none (no model family)."""
+        return {}
 
     @classmethod
     def example_inputs(cls, x: torch.Tensor) -> dict:

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 from mom_wrap.adapters.base import HostAdapter, WriteProjection
 from mom_wrap.adapters.registry import register_adapter
-from mom_wrap.adapters.fla_common import gated_norm_out, l2norm, padded_segments, q_conv_shapes, q_projection
+from mom_wrap.adapters.fla_common import (fla_models, gated_norm_out, l2norm, padded_segments, q_conv_shapes,
+                                          q_projection)
 from mom_wrap.dispatch import gather
 from mom_wrap.ops import acc
 
@@ -124,6 +125,11 @@ class DeltaNetAdapter(HostAdapter):
     @classmethod
     def example_host(cls):
         return cls.load_host_class()(hidden_size=64, num_heads=2, layer_idx=0)
+
+    @classmethod
+    def example_models(cls):
+        return fla_models('DeltaNet', {'default': {}, 'norm_eps=1e-2': dict(norm_eps=1e-2),
+                                       'gate': dict(use_gate=True)}, num_heads=2)
 
     def __init__(self, host):
         # fla asserts these at construction; a value set on the module afterwards would reach its forward

@@ -1,7 +1,10 @@
 """PyTorch versions of the fla building blocks that several fla hosts share (the ``torch`` backend)."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from mom_wrap.ops import acc
@@ -78,3 +81,23 @@ def q_projection(host, x: torch.Tensor, layout, backend: str, conv_rows=None) ->
         q = layout.conv(q, conv.weight, conv.bias, conv.activation, backend,
                         None if conv_rows is None else conv_rows['q'])
     return q
+
+
+def fla_models(family: str, variants: dict[str, dict], **options) -> dict[str, Callable[[], nn.Module]]:
+    """Factories of small fla models of ``family`` (``fla.models.<family>Config`` / ``<family>ForCausalLM``), one per
+    variant (name -> config options on top of ``options``): 2 layers, hidden 64, vocabulary 64, every parameter that
+    fla's init leaves constant (zeros, ones) redrawn from a fixed seed, so that a model-level check sees each one."""
+    def make(extra: dict) -> nn.Module:
+        import fla.models as models
+        config = getattr(models, f'{family}Config')(vocab_size=64, hidden_size=64, num_hidden_layers=2,
+                                                    intermediate_size=128, fuse_cross_entropy=False,
+                                                    **{**options, **extra})
+        model = getattr(models, f'{family}ForCausalLM')(config)
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.numel() > 1 and bool((p == p.flatten()[0]).all()):
+                    noise = torch.randn(p.shape, generator=g).to(p.dtype)
+                    p.copy_(noise * p.shape[-1] ** -0.5 if p.dim() == 2 else p + 0.3 * noise)
+        return model.eval()
+    return {name: (lambda extra=extra: make(extra)) for name, extra in variants.items()}

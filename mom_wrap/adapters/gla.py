@@ -21,7 +21,8 @@ import torch.nn.functional as F
 
 from mom_wrap.adapters.base import HostAdapter, WriteProjection
 from mom_wrap.adapters.registry import register_adapter
-from mom_wrap.adapters.fla_common import padded_segments, q_conv_shapes, q_projection, rms_norm, rms_norm_gated
+from mom_wrap.adapters.fla_common import (fla_models, padded_segments, q_conv_shapes, q_projection, rms_norm,
+                                          rms_norm_gated)
 from mom_wrap.dispatch import gather
 from mom_wrap.ops import acc
 
@@ -103,6 +104,12 @@ class GatedLinearAttentionAdapter(HostAdapter):
     @classmethod
     def example_host(cls):
         return cls.load_host_class()(hidden_size=64, num_heads=2, layer_idx=0)
+
+    @classmethod
+    def example_models(cls):
+        return fla_models('GLA', {'default': {}, 'norm_eps=1e-2': dict(norm_eps=1e-2),
+                                  'no_output_gate': dict(use_output_gate=False), 'short_conv': dict(use_short_conv=True)},
+                          num_heads=2)
 
     def __init__(self, host: nn.Module):
         super().__init__(host)

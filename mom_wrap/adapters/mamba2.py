@@ -99,6 +99,26 @@ class Mamba2Adapter(HostAdapter):
         return self.host.d_model
 
     @classmethod
+    def example_models(cls):
+        """mamba-ssm's MambaLMHeadModel (2 Mamba2 layers, d_model 64), with its RMSNorms and with LayerNorms, and
+        with 2 groups; D and the norms' weights redrawn (fixed seed)."""
+        def make(rms_norm: bool, **ssm):
+            from mamba_ssm.models.config_mamba import MambaConfig
+            from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+            config = MambaConfig(d_model=64, n_layer=2, vocab_size=64, pad_vocab_size_multiple=8, rms_norm=rms_norm,
+                                 fused_add_norm=False, residual_in_fp32=True,
+                                 ssm_cfg=dict(layer='Mamba2', d_state=16, headdim=16, chunk_size=16,
+                                              use_mem_eff_path=False, **ssm))
+            model = MambaLMHeadModel(config)
+            g = torch.Generator().manual_seed(0)
+            with torch.no_grad():
+                for layer in model.backbone.layers:
+                    for p in (layer.mixer.D, layer.mixer.norm.weight):
+                        p.add_(0.3 * torch.randn(p.shape, generator=g))
+            return model.eval()
+        return {'default': lambda: make(True), 'layer_norm': lambda: make(False), 'ngroups=2': lambda: make(True, ngroups=2)}
+
+    @classmethod
     def example_host(cls):
         """Mamba2(d_model=64, d_state=16, headdim=16, chunk_size=16), layer 0, without the memory-efficient
         path (it needs the causal-conv1d CUDA package); D and the norm's weight (ones) redrawn (fixed seed)."""

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from mom_wrap.adapters.base import HostAdapter, WriteProjection
 from mom_wrap.adapters.registry import register_adapter
-from mom_wrap.adapters.fla_common import padded_segments
+from mom_wrap.adapters.fla_common import fla_models, padded_segments
 from mom_wrap.adapters.rwkv_common import (check_group_norm, group_norm, install_token_shift, lora_projection,
                                            previous_token, token_shift_shapes)
 from mom_wrap.dispatch import gather
@@ -84,6 +84,11 @@ class RWKV6Adapter(HostAdapter):
                              f"use one of {sorted(_TORCH_GATES)}")
         check_group_norm(host.g_norm)
         install_token_shift(host)
+
+    @classmethod
+    def example_models(cls):
+        return fla_models('RWKV6', {'default': {}, 'norm_eps=1e-2': dict(norm_eps=1e-2)}, proj_low_rank_dim=8,
+                          gate_low_rank_dim=8)
 
     @classmethod
     def example_host(cls):

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from mom_wrap.adapters.base import HostAdapter
 from mom_wrap.adapters.registry import register_adapter
-from mom_wrap.adapters.fla_common import l2norm, padded_segments
+from mom_wrap.adapters.fla_common import fla_models, l2norm, padded_segments
 from mom_wrap.adapters.rwkv_common import (check_group_norm, group_norm, install_token_shift, lora_projection,
                                            previous_token, token_shift_shapes)
 from mom_wrap.dispatch import combine, gather
@@ -92,6 +92,13 @@ class RWKV7Adapter(HostAdapter):
         super().__init__(host)
         check_group_norm(host.g_norm)
         install_token_shift(host)
+
+    @classmethod
+    def example_models(cls):
+        """Layer 0 returns v_first, layer 1 takes it; fuse_norm (the config's default): fla's GroupNorm and l2_norm."""
+        ranks = dict(head_dim=32, decay_low_rank_dim=8, a_low_rank_dim=8, v_low_rank_dim=8, gate_low_rank_dim=8)
+        return fla_models('RWKV7', {'default': {}, 'norm_eps=1e-2': dict(norm_eps=1e-2),
+                                    'fuse_norm=False': dict(fuse_norm=False)}, **ranks)
 
     @classmethod
     def example_host(cls):
