@@ -14,6 +14,8 @@ pytestmark = pytest.mark.skipif(os.environ.get('TRITON_INTERPRET') != '1' and no
 MODELS = {  # host -> (config class, model class, config options beyond the common ones)
     'GatedDeltaNet': ('GatedDeltaNetConfig', 'GatedDeltaNetForCausalLM', dict(head_dim=16, expand_v=1)),
     'GatedLinearAttention': ('GLAConfig', 'GLAForCausalLM', {}),
+    'LinearAttention': ('LinearAttentionConfig', 'LinearAttentionForCausalLM', {}),
+    'GatedSlotAttention': ('GSAConfig', 'GSAForCausalLM', dict(num_slots=16)),
     'DeltaNet': ('DeltaNetConfig', 'DeltaNetForCausalLM', {}),
     'RWKV6Attention': ('RWKV6Config', 'RWKV6ForCausalLM', dict(proj_low_rank_dim=8, gate_low_rank_dim=8)),
     # layer 0 returns v_first, layer 1 takes it; fuse_norm (the config's default): fla's GroupNorm and l2_norm
