@@ -14,12 +14,15 @@ Registration is lazy, so that ``import mom_wrap`` does not import fla's models (
 ``import mom_wrap`` registers with ``AutoConfig`` one light placeholder config class per model type that fla
 defines (read from fla's configuration files, without importing them); reading such a config
 (``AutoConfig.from_pretrained``, ``from_dict``) imports fla's models and registers the real classes (the config,
-and the model classes of ``AutoModel`` and ``AutoModelForCausalLM``), which then replace the placeholder. Models
-outside fla are registered when they are converted (in a fresh process: convert one, or call ``register`` with
-its config class, before loading).
+and the model classes of ``AutoModel`` and ``AutoModelForCausalLM``), which then replace the placeholder. Another
+package's family gets its placeholder the same way when the package names its config class in the
+``mom_wrap.models`` entry point group (``my_model_type = "my_package.model:MyConfig"``: read from its metadata,
+imported only when such a checkpoint is read); otherwise its Mom classes are registered when a model is converted,
+or by ``register(MyConfig)``, in that process.
 """
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import re
 from pathlib import Path
@@ -106,28 +109,40 @@ def fla_model_types() -> list[str]:
     return types
 
 
-def _resolve(model_type: str) -> type:
-    """The real Mom config class of the base model type ``model_type``, registering it (imports fla's models, which
-    register their families with ``AutoConfig``)."""
+MODEL_ENTRY_POINTS = 'mom_wrap.models'  # name: a base model_type; value: its config class (another package's family)
+
+
+def model_entry_points() -> dict:
+    """Installed packages' model families: ``{model_type: entry point of its config class}`` from the
+    ``mom_wrap.models`` group, read from their metadata (nothing imported)."""
+    return {ep.name: ep for ep in importlib.metadata.entry_points(group=MODEL_ENTRY_POINTS)}
+
+
+def _resolve(model_type: str, entry_point=None) -> type:
+    """The real Mom config class of the base model type ``model_type``, registering it: from ``entry_point`` (another
+    package's family: loading it imports the package, which registers its adapters too), or fla's (importing fla's
+    models registers their families with ``AutoConfig``)."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    if entry_point is not None:
+        return register(entry_point.load())
     if model_type not in CONFIG_MAPPING:
         import fla.models  # noqa: F401
     return register(CONFIG_MAPPING[model_type])
 
 
-def _placeholder(model_type: str) -> type:
+def _placeholder(model_type: str, entry_point=None) -> type:
     """A light config class registered under ``"mom_" + model_type`` until the real one is: building or reading it
     (``from_dict``) registers the real classes and returns the real config."""
     from transformers import PreTrainedConfig
 
     def __new__(cls, *args, **kwargs):
-        return _resolve(model_type)(*args, **kwargs)  # not an instance of cls: Python skips cls.__init__
+        return _resolve(model_type, entry_point)(*args, **kwargs)  # not an instance of cls: cls.__init__ skipped
 
     def from_dict(cls, config_dict, **kwargs):
-        return _resolve(model_type).from_dict(config_dict, **kwargs)
+        return _resolve(model_type, entry_point).from_dict(config_dict, **kwargs)
 
     def from_pretrained(cls, *args, **kwargs):
-        return _resolve(model_type).from_pretrained(*args, **kwargs)
+        return _resolve(model_type, entry_point).from_pretrained(*args, **kwargs)
 
     return type('MomPlaceholderConfig', (PreTrainedConfig,), {
         'model_type': PREFIX + model_type, '__module__': __name__, '__new__': __new__,
@@ -135,16 +150,18 @@ def _placeholder(model_type: str) -> type:
 
 
 def register_lazy() -> None:
-    """What ``import mom_wrap`` runs: the placeholders of fla's model types, without importing fla (no-op without
-    transformers)."""
+    """What ``import mom_wrap`` runs: the placeholders of fla's model types and of the families other packages name
+    in the ``mom_wrap.models`` entry point group, importing neither (no-op without transformers)."""
     try:
         from transformers import AutoConfig
     except ImportError:
         return
     real = {c.model_type for c in _CONFIGS.values()}
-    for model_type in fla_model_types():
+    entry_points = model_entry_points()
+    for model_type in [*fla_model_types(), *entry_points]:
         if PREFIX + model_type not in real:
-            AutoConfig.register(PREFIX + model_type, _placeholder(model_type), exist_ok=True)
+            AutoConfig.register(PREFIX + model_type, _placeholder(model_type, entry_points.get(model_type)),
+                                exist_ok=True)
 
 
 def __getattr__(name: str):

@@ -114,3 +114,18 @@ def test_toolkit_exports_what_the_builtin_adapters_use():
     assert all(hasattr(toolkit, name) for name in toolkit.__all__)
     assert toolkit.gather is dispatch.gather and toolkit.gla_reference is gla.gla_reference
     assert toolkit.rms_norm is fla_common.rms_norm
+
+
+def test_a_family_named_in_the_models_entry_point_group_gets_its_placeholder(monkeypatch):
+    """``mom_wrap.models`` entry points: at import, the placeholder of ``mom_<name>`` without importing the package;
+    reading such a config imports the config class (the package) and registers its Mom classes."""
+    import sys
+    from transformers import AutoConfig
+    from mom_wrap import hf
+    point = importlib.metadata.EntryPoint('mom_wrap_test_entry', 'tests.entry_family:EntryConfig', hf.MODEL_ENTRY_POINTS)
+    monkeypatch.setattr(hf.importlib.metadata, 'entry_points',
+                        lambda group: [point] if group == hf.MODEL_ENTRY_POINTS else [])
+    hf.register_lazy()
+    assert 'tests.entry_family' not in sys.modules  # only its name was read
+    config = AutoConfig.for_model('mom_mom_wrap_test_entry', mom={})
+    assert type(config).__name__ == 'MomEntryConfig' and 'tests.entry_family' in sys.modules
