@@ -220,6 +220,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument('--vocab-size', type=int, default=DEFAULT_VOCAB_SIZE)
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--results', default='evidence/results/mqar.jsonl', help='JSON lines, appended (resumable)')
+    p.add_argument('--first-config', action='store_true',
+                   help="Triton kernels run their first config, no autotuning (evidence.runs.triton_setup)")
 
 
 def jobs(hosts, d_models, variants, lrs, seeds, balances) -> list[tuple[ModelSpec, float, int]]:
@@ -264,7 +266,7 @@ def _sweep(args) -> int:
                    '--variant', spec.variant, '--balance', str(spec.balance), '--lr', str(lr), '--seed', str(seed),
                    '--steps', str(args.steps), '--batch-size', str(args.batch_size), '--eval-examples',
                    str(args.eval_examples), '--eval-batch', str(args.eval_batch), '--vocab-size',
-                   str(args.vocab_size), '--device', args.device, '--results', args.results, '--quiet']
+                   str(args.vocab_size), '--device', args.device, '--results', args.results]  # progress: the log
             for flag, settings in (('--train-mix', args.train_mix), ('--test-settings', args.test_settings)):
                 if settings:
                     cmd += [flag, ','.join(f"{x.seq_len}x{x.num_kv_pairs}" for x in settings)]
@@ -312,6 +314,8 @@ def main(argv=None) -> int:
     if torch.device(args.device).type == 'cpu':
         from mom_wrap import interpret_on_cpu
         interpret_on_cpu()  # fla's model norms and MLP are Triton kernels: the interpreter runs them (slowly)
+    else:
+        runs.triton_setup(args.first_config)
     if args.command == 'train':
         spec = ModelSpec(args.host, args.d_model, args.variant, vocab_size=args.vocab_size, balance=args.balance)
         config = _config(args, lr=args.lr, seed=args.seed)

@@ -148,9 +148,10 @@ def run(model, steps: int, first: int, data_seed: int, train: torch.Tensor, val:
     warm = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / warm if s < warm else
                                               0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm))))
+    from tqdm import tqdm
     gen = torch.Generator().manual_seed(data_seed)
     curve = [(first, bits_per_byte(model, val, config, device, autocast))]
-    for step in range(steps):
+    for step in tqdm(range(steps), desc=f"steps {first}..{first + steps}", mininterval=30):
         batch = windows(train, config.batch_size, config.seq_len, gen).to(device)
         with torch.autocast(batch.device.type, torch.bfloat16, enabled=autocast):
             logits = model(batch[:, :-1]).logits
@@ -166,12 +167,16 @@ def run(model, steps: int, first: int, data_seed: int, train: torch.Tensor, val:
 
 
 def experiment(config: RetrofitConfig, seed: int, device: str = 'cpu', results: str | None = None,
-               checkpoints: str = 'evidence/results/checkpoints') -> list[dict]:
-    """The four arms of one seed (those whose rows ``results`` lacks); returns every arm's row."""
+               checkpoints: str = 'evidence/results/checkpoints', arms: tuple[str, ...] = ARMS) -> list[dict]:
+    """The ``arms`` of one seed (those whose rows ``results`` lacks); returns their rows. Only 'scratch' does not
+    need the pretrained checkpoint: run alone, it can go in a process of its own beside the others."""
+    unknown = set(arms) - set(ARMS)
+    if unknown:
+        raise ValueError(f"arms: expected some of {ARMS}, got {sorted(unknown)}")
     have = {r['run_id']: r for r in runs.read_rows(results)} if results else {}
-    todo = [arm for arm in ARMS if config.run_id(arm, seed) not in have]
+    todo = [arm for arm in ARMS if arm in arms and config.run_id(arm, seed) not in have]
     if not todo:
-        return [have[config.run_id(arm, seed)] for arm in ARMS]
+        return [have[config.run_id(arm, seed)] for arm in ARMS if arm in arms]
     cpu = torch.device(device).type == 'cpu'
     autocast = not cpu
     root = Path(sysconfig.get_paths()['stdlib'])
@@ -195,9 +200,11 @@ def experiment(config: RetrofitConfig, seed: int, device: str = 'cpu', results: 
     if cpu:
         base = one_memory(base)
     base.to(device)
-    if path.exists():
+    pre_curve = None
+    if todo == ['scratch']:
+        pass  # from scratch: no checkpoint needed
+    elif path.exists():
         base.load_state_dict(torch.load(path, map_location=device))
-        pre_curve = None
     else:
         start = time.time()
         pre_curve = run(base, config.pretrain_steps, 0, seed * 1000 + 1, train, val, config, device, autocast)
@@ -230,7 +237,7 @@ def experiment(config: RetrofitConfig, seed: int, device: str = 'cpu', results: 
             if arm == 'host' and pre_curve is not None:
                 curve = pre_curve[:-1] + curve  # the host's row holds the whole pretraining curve too
         row(arm, curve, time.time() - start, model)
-    return [have[config.run_id(arm, seed)] for arm in ARMS]
+    return [have[config.run_id(arm, seed)] for arm in ARMS if arm in arms]
 
 
 # figure ------------------------------------------------------------------------------------------------------------
@@ -272,13 +279,19 @@ def main(argv=None) -> int:
         p.add_argument('--' + field.name.replace('_', '-'), type=type(getattr(defaults, field.name)),
                        default=getattr(defaults, field.name))
     p.add_argument('--seeds', nargs='+', type=int, default=[0])
+    p.add_argument('--arms', nargs='+', choices=ARMS, default=list(ARMS),
+                   help="which arms to run ('scratch' alone needs no pretraining: a process of its own)")
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--results', default='evidence/results/retrofit.jsonl')
+    p.add_argument('--first-config', action='store_true',
+                   help="Triton kernels run their first config, no autotuning (evidence.runs.triton_setup)")
     p.add_argument('--plot', metavar='PNG', help='draw the rows of --results into PNG and stop')
     args = p.parse_args(argv)
     if torch.device(args.device).type == 'cpu':
         from mom_wrap import interpret_on_cpu
         interpret_on_cpu()  # fla's model norms and MLP are Triton kernels: the interpreter runs them (slowly)
+    else:
+        runs.triton_setup(args.first_config)
     if args.plot:
         print(plot(runs.read_rows(args.results), args.plot))
         return 0
@@ -286,7 +299,7 @@ def main(argv=None) -> int:
         p.error(f"--d-model: must be a multiple of {HEAD}")
     config = RetrofitConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RetrofitConfig)})
     for seed in args.seeds:
-        for r in experiment(config, seed, args.device, args.results):
+        for r in experiment(config, seed, args.device, args.results, arms=tuple(args.arms)):
             print(f"{r['run_id']}: {r['final_bpb']:.4f} bits per byte")
     return 0
 

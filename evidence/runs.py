@@ -15,7 +15,7 @@ import torch
 
 def environment() -> dict:
     """The fields every row records: the card (or 'cpu'), the git commit (with '-dirty' for a changed tree), the
-    date (UTC), and the versions of torch, triton, fla and mamba-ssm (None where missing)."""
+    date (UTC), whether Triton autotuned (``MOM_WRAP_FIRST_CONFIG``: each kernel's first config), and the versions of torch, triton, fla and mamba-ssm (None where missing)."""
     root = Path(__file__).resolve().parent.parent
 
     def git(*args) -> str | None:
@@ -28,6 +28,7 @@ def environment() -> dict:
     commit = git('rev-parse', 'HEAD')
     if commit and git('status', '--porcelain', '--untracked-files=no'):
         commit += '-dirty'
+    commit = commit or os.environ.get('MOM_WRAP_COMMIT')  # a copy of the tree without .git (the GPU machine)
     versions = {}
     for name in ('triton', 'fla', 'mamba_ssm'):
         try:
@@ -36,7 +37,19 @@ def environment() -> dict:
             versions[name] = None
     return {'device': torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu', 'commit': commit,
             'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+            'triton_configs': 'first' if os.environ.get('MOM_WRAP_FIRST_CONFIG') == '1' else 'autotuned',
             'torch': torch.__version__, **versions}
+
+
+def triton_setup(first_config: bool) -> None:
+    """``first_config`` (or ``MOM_WRAP_FIRST_CONFIG=1`` in the environment, which child processes inherit): every
+    Triton kernel runs its first config instead of autotuning (``mom_wrap.interpret.first_config_only``). The
+    models here are small enough that their steps are launch-bound, and a fresh GPU otherwise spends minutes per
+    shape autotuning fla's kernels in every process of a sweep. The rows record which it was."""
+    if first_config or os.environ.get('MOM_WRAP_FIRST_CONFIG') == '1':
+        os.environ['MOM_WRAP_FIRST_CONFIG'] = '1'
+        from mom_wrap.interpret import first_config_only
+        first_config_only()
 
 
 def read_rows(path: str | os.PathLike) -> list[dict]:
