@@ -6,6 +6,7 @@ for an optional host (README's quick start runs without mamba-ssm; `python -m py
 from __future__ import annotations
 
 import pytest
+import torch
 
 from mom_wrap.adapters import HostAdapter, registered_adapters
 
@@ -36,3 +37,78 @@ def params(names=None) -> list:
 def adapter_params() -> list:
     """One parameter per registered adapter class (id: its host's class name), each with its host's markers."""
     return [param(name, adapter, id=name) for name, adapter in sorted(ADAPTERS.items())]
+
+
+# Host options beyond each example host's that the shared checks (tests/test_every_host.py) run on as well: host ->
+# variant -> the host's constructor arguments (a small layer of hidden size 64, as the examples are). GLA's and GSA's
+# examples have no short convs: every variant of theirs does (their states are cached with the recurrent ones).
+_GLA = dict(hidden_size=64, expand_k=0.5, expand_v=1.0, num_heads=2, layer_idx=0, use_short_conv=True, conv_bias=True)
+_GSA = dict(hidden_size=64, expand_k=0.5, num_heads=2, num_slots=8, layer_idx=0, use_short_conv=True, conv_bias=True)
+_LA = dict(hidden_size=64, num_heads=2, layer_idx=0)
+_DN = dict(hidden_size=64, expand_k=1.0, expand_v=0.5, num_heads=2, layer_idx=0)  # K = 32, V = 16
+_GDN = dict(hidden_size=64, head_dim=16, num_heads=2, expand_v=2, layer_idx=0)
+VARIANTS: dict[str, dict[str, dict]] = {
+    'DeltaNet': {
+        'no_beta_sum_relu_gate': dict(_DN, use_beta=False, qk_norm='sum', qk_activation='relu', use_gate=True),
+        'neg_eigval_elu_conv_bias': dict(_DN, allow_neg_eigval=True, qk_activation='elu', conv_bias=True),
+        'no_conv_identity': dict(_DN, use_short_conv=False, qk_activation='identity', use_gate=True),
+        'no_conv_silu_sum_neg': dict(_DN, use_short_conv=False, qk_norm='sum', allow_neg_eigval=True, use_beta=False),
+    },
+    'GatedDeltaNet': {
+        'num_v_heads': dict(_GDN, num_v_heads=4), 'no_gate': dict(_GDN, use_gate=False),
+        'neg_eigval': dict(_GDN, allow_neg_eigval=True), 'conv_bias': dict(_GDN, conv_bias=True),
+        'no_short_conv': dict(_GDN, use_short_conv=False),
+    },
+    'GatedLinearAttention': {
+        'short_conv': _GLA,
+        'kv_heads': dict(_GLA, num_heads=4, num_kv_heads=2, expand_v=2.0),
+        'feature_map_clamp': dict(_GLA, feature_map='relu', clamp_min=-0.09, gate_logit_normalizer=8,
+                                  gate_low_rank_dim=8),
+        'unfused_gate_fn': dict(_GLA, fuse_norm=False, gate_fn='sigmoid', feature_map='swish'),
+        'no_output_gate': dict(_GLA, use_output_gate=False, elementwise_affine=False, norm_eps=1e-3),
+    },
+    'GatedSlotAttention': {
+        'short_conv': _GSA,
+        'kv_heads': dict(_GSA, num_heads=4, num_kv_heads=2),
+        'relu_scale': dict(_GSA, feature_map='relu', scale=None, gate_logit_normalizer=4, num_slots=5),
+        't2r': dict(_GSA, feature_map='t2r'),
+        'norm_options': dict(_GSA, expand_v=2.0, elementwise_affine=False, norm_eps=1e-1, use_output_gate=True,
+                             use_norm=False),
+    },
+    'LinearAttention': {  # normalised: positive feature maps (a signed map's denominators can come near zero)
+        'hedgehog_norm': dict(_LA, feature_map='hedgehog', do_feature_map_norm=True),
+        'kv_heads_t2r_tied': dict(_LA, num_heads=4, num_kv_heads=2, expand_v=2.0, feature_map='t2r',
+                                  tie_feature_map_qk=True, norm_q=True, norm_k=True),
+        'dpfp_identity': dict(_LA, feature_map='dpfp', expand_k=0.5, output_norm='identity'),
+        'elu_norm': dict(_LA, feature_map='elu', do_feature_map_norm=True, norm_k=True, elementwise_affine=False,
+                         norm_eps=1e-3),
+    },
+}
+
+
+def make(host: str, variant: str | None = None):
+    """A fresh host layer: ``host``'s example (its adapter's ``example_host``), or its ``VARIANTS`` entry with the
+    parameters the host initialises to one constant (norm weights of ones, zero biases) redrawn around it (fixed
+    seed), as the examples have theirs: at a constant, checks could not see them."""
+    adapter = ADAPTERS[host]
+    if variant is None:
+        return adapter.example_host()
+    layer = adapter.load_host_class()(**VARIANTS[host][variant])
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in layer.parameters():
+            if p.numel() > 1 and torch.all(p == p.flatten()[0]):
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    return layer
+
+
+def case_params(*variants: str, examples: bool = True, padding_mask: bool = False, values=(), tag: str = '') -> list:
+    """The shared checks' cases, each one parameter ``(host, variant, *values)`` with the host's markers: every
+    registered host's example (variant None, id: the host; ``examples=False``: none), then the named variants
+    ('Host/variant', or every one of ``VARIANTS`` for '*'); ``tag``: appended to each id. ``padding_mask``: only hosts
+    whose forward takes one (``adapter.convention``)."""
+    if variants == ('*',):
+        variants = tuple(f'{h}/{v}' for h, vs in sorted(VARIANTS.items()) for v in vs)
+    cases = [(name, None) for name in sorted(ADAPTERS) if examples] + [tuple(v.split('/')) for v in variants]
+    return [param(h, h, v, *values, id=(h if v is None else f'{h}/{v}') + tag) for h, v in cases
+            if not padding_mask or ADAPTERS[h].convention.padding_mask]

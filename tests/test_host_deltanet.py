@@ -4,7 +4,8 @@ Oracles: the real fla layer (eval, T <= 64: its fused_recurrent kernel, short co
 Triton's interpreter on the CPU, see conftest), and a naive per-memory loop written here from independent
 pieces (F.linear, F.conv1d and fla's own ``delta_rule_recurrence``; nothing of mom_wrap's dispatch, grouped
 linear, segment conv or reference recurrence). Sizes stay small: the interpreter runs a kernel program per
-(sequence, head, 8 value channels) and step.
+(sequence, head, 8 value channels) and step. The checks every host passes alike (cached generation, padding,
+packing, causality; on DeltaNet's options in tests/hosts.py's VARIANTS): tests/test_every_host.py.
 """
 import copy
 import os
@@ -20,7 +21,6 @@ from mom_wrap import MixtureOfMemories
 from mom_wrap.adapters.deltanet import DeltaNetAdapter, delta_rule_reference
 from mom_wrap.dispatch import plan_dispatch
 from mom_wrap.testing import routed
-from mom_wrap.testing import routing_rounding
 from tests.test_layer import HIDDEN, close, wrap
 
 needs_kernels = pytest.mark.skipif(os.environ.get('TRITON_INTERPRET') != '1' and not torch.cuda.is_available(),
@@ -259,136 +259,21 @@ def test_triton_backend_with_routing_matches_naive_loop():
         close(mom(x)[0], naive_mom(mom, x), tol=1e-5)
 
 
-# ---- 3. cached generation ----------------------------------------------------------------------------------
-
-def run_chunks(mom, x, sizes, mask=None):
-    """Feed x [B, T, H] through one cache in chunks of ``sizes``; returns the outputs and the cache."""
-    cache, outs, start = Cache(), [], 0
-    for n in sizes:
-        m = None if mask is None else mask[:, :start + n]  # everything seen so far, as generate() passes it
-        outs.append(mom(x[:, start:start + n], attention_mask=m, past_key_values=cache, use_cache=True)[0])
-        start += n
-    return torch.cat(outs, 1), cache
-
-
-def flat_state(cache):
-    entry = cache[0]
-    return [entry['recurrent_state'], *entry['conv_state']['read'].values(), *entry['conv_state']['write'].values()]
-
-
-@pytest.mark.parametrize('variant', list(VARIANTS))
-@pytest.mark.parametrize('sizes', [[20], [11, 1, 1, 1, 1, 5], [1] * 8])
-def test_cached_chunks_equal_full_forward(variant, sizes):
-    mom = mom_dn(variant).eval()
-    x = torch.randn(2, sum(sizes), HIDDEN)
-    with torch.no_grad():
-        got, cache = run_chunks(mom, x, sizes)
-        close(got, mom(x)[0], tol=1e-5)
-    assert cache.get_seq_length(0) == sum(sizes)
-
-
-def test_left_padding_with_cache_equals_unpadded():
-    mom = mom_dn().eval()
-    lengths, sizes = [16, 9, 3], [10, 1, 1, 4]
-    T = sum(sizes)
-    x = torch.randn(3, T, HIDDEN)
-    mask = torch.ones(3, T, dtype=torch.long)
-    for b, n in enumerate(lengths):
-        mask[b, :T - n] = 0
-        x[b, :T - n] = float('nan')  # padding content must not matter
-    with torch.no_grad():
-        got, _ = run_chunks(mom, x, sizes, mask)
-        for b, n in enumerate(lengths):
-            close(got[b, T - n:], mom(x[b:b + 1, T - n:])[0][0], tol=1e-5)
-            assert torch.all(got[b, :T - n] == 0)
-
-
-def test_unselected_memories_keep_state_bit_identical():
-    mom = mom_dn(num_memories=6, topk=1).eval()
-    x = torch.randn(2, 13, HIDDEN)
-    with torch.no_grad():
-        _, cache = run_chunks(mom, x[:, :10], [10])
-        for n in (1, 3):  # a decode step, then a short chunk in which most memories get nothing
-            entry = cache[0]
-            before = {'h': entry['recurrent_state'].clone(),
-                      **{k: v.clone() for k, v in entry['conv_state']['write'].items()}}
-            mom(x[:, 10:10 + n], past_key_values=cache, use_cache=True)
-            chosen = mom.router_logits.argmax(-1)  # [B, n]
-            after = {'h': entry['recurrent_state'], **entry['conv_state']['write']}
-            for b in range(2):
-                for e in range(6):
-                    same = all(torch.equal(before[k][b, e], after[k][b, e]) for k in before)
-                    assert same == (e not in chosen[b].tolist()), (n, b, e)
-                assert not torch.equal(before['h'][b, 6], after['h'][b, 6])  # the shared memory always moves
-
+# ---- 3. the cached state (the checks every host passes alike: tests/test_every_host.py) --------------------
 
 def test_cached_state_continues_like_the_naive_recurrence():
     """The cached recurrent state of the shared memory after a prefill is fla's naive final state."""
     mom = mom_dn(num_memories=2, topk=1).eval()
     x = torch.randn(1, 9, HIDDEN)
     with torch.no_grad():
-        _, cache = run_chunks(mom, x, [9])
+        cache = Cache()
+        mom(x, past_key_values=cache, use_cache=True)
         q, _ = dn_read(mom.host, x[0])
         _, want = dn_memory(mom.host, q, *dn_write(mom.host, x[0], memory_weights(mom, 2)))
     close(cache[0]['recurrent_state'][0, 2], want, tol=1e-5)
 
 
-@needs_kernels
-@pytest.mark.interpreter
-def test_triton_backend_decode_equals_torch_backend():
-    """fla's fused_recurrent kernel and our conv-step kernel over the same cache sequence, with left padding
-    and a padding token inside a decode step (its states must stay)."""
-    mom = mom_dn('no_beta_sum_relu_gate')
-    x = torch.randn(2, 7, HIDDEN)
-    mask = torch.ones(2, 7, dtype=torch.long)
-    mask[1, :2] = 0
-    mask[1, 5] = 0  # row 1's first decode step is padding
-    outs = {}
-    with torch.no_grad():
-        for backend in ('torch', 'triton'):
-            mom.backend = backend
-            outs[backend] = run_chunks(mom.eval(), x, [4, 1, 1, 1], mask)
-    close(outs['triton'][0], outs['torch'][0], tol=1e-5)
-    for a, b in zip(flat_state(outs['triton'][1]), flat_state(outs['torch'][1])):
-        close(a, b, tol=1e-5)
-
-
-# ---- 4. padding, packing, causality, gradients ------------------------------------------------------------
-
-def test_left_padding_equals_unpadded():
-    mom = mom_dn()
-    lengths = [19, 11, 4]
-    T = max(lengths)
-    x = torch.randn(len(lengths), T, HIDDEN)
-    mask = torch.zeros(len(lengths), T, dtype=torch.long)
-    for b, n in enumerate(lengths):
-        mask[b, T - n:] = 1
-        x[b, :T - n] = float('nan')
-    out = mom(x, attention_mask=mask)[0]
-    for b, n in enumerate(lengths):
-        # fp32 as a batch, and the router's fp32 weights rounded for another row count (tests/routing_rounding.py)
-        close(out[b, T - n:], mom(x[b:b + 1, T - n:])[0][0], tol=1e-6 + routing_rounding(mom, x))
-        assert torch.all(out[b, :T - n] == 0)
-
-
-def test_packed_sequences_equal_separate_runs():
-    mom = mom_dn('neg_eigval_elu_conv_bias')
-    lengths = [7, 13, 1, 3]
-    x = torch.randn(1, sum(lengths), HIDDEN)
-    cu = torch.tensor([0] + lengths).cumsum(0)
-    out = mom(x, cu_seqlens=cu)[0][0]
-    for s, e in zip(cu[:-1], cu[1:]):
-        # fp32 as a batch, and the router's fp32 weights rounded for another row count (tests/routing_rounding.py)
-        close(out[s:e], mom(x[:, s:e])[0][0], tol=1e-6 + routing_rounding(mom, x))
-
-
-def test_causal():
-    mom = mom_dn()
-    x = torch.randn(2, 20, HIDDEN)
-    y = x.clone()
-    y[:, 12:] = torch.randn(2, 8, HIDDEN)
-    close(mom(x)[0][:, :12], mom(y)[0][:, :12], tol=1e-6)
-
+# ---- 4. gradients and the chunk path ----------------------------------------------------------------------
 
 @pytest.mark.parametrize('variant', ['neg_eigval_elu_conv_bias', 'no_beta_sum_relu_gate'])
 def test_every_parameter_gets_a_gradient_matching_the_naive_loop(variant):

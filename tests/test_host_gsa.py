@@ -4,7 +4,9 @@ Oracles: the real fla layer (eval, T <= 64: its fused_recurrent kernels and fuse
 interpreter on the CPU, see conftest), its own cache, and a naive per-memory loop written here from independent
 pieces (F.linear, F.conv1d and fla's own ``naive_recurrent_gsa``; nothing of mom_wrap's dispatch, grouped linear,
 segment conv or reference recurrence). fla's chunk_gsa does not run under the interpreter (its chunk_fwd_h
-kernel fails there): its call is checked, not run (``test_triton_backend_kernel_choice``).
+kernel fails there): its call is checked, not run (``test_triton_backend_kernel_choice``). The checks every host
+passes alike (cached generation, padding, packing, causality; on GSA's options in tests/hosts.py's VARIANTS):
+tests/test_every_host.py; the public parity suite on the example host: tests/test_parity.py.
 """
 import copy
 import os
@@ -18,9 +20,9 @@ from fla.ops.gsa.naive import naive_recurrent_gsa
 
 from mom_wrap import MixtureOfMemories
 from mom_wrap.adapters import adapter_for
-from mom_wrap.adapters.gsa import GatedSlotAttentionAdapter, from_fla_state, gsa_reference, to_fla_state
+from mom_wrap.adapters.gsa import from_fla_state, gsa_reference, to_fla_state
 from mom_wrap.dispatch import plan_dispatch
-from mom_wrap.testing import routed, routing_rounding, run_checks
+from mom_wrap.testing import routed
 from tests.test_layer import HIDDEN, close, wrap
 
 needs_kernels = pytest.mark.skipif(os.environ.get('TRITON_INTERPRET') != '1' and not torch.cuda.is_available(),
@@ -260,7 +262,7 @@ def test_triton_backend_equals_torch_backend_with_routing_and_gradients():
             close(grads[run][name], g, tol=1e-4)
 
 
-# ---- 2. routed memories against the naive loop ---------------------------------------------------------
+# ---- 2. routed memories against the naive loop, init='preserve', gradients ---------------------------
 
 @pytest.mark.parametrize('variant,conv,shared', [('default', False, False), ('default', True, True),
                                                   ('kv_heads', True, True), ('kv_heads', False, False),
@@ -271,16 +273,6 @@ def test_matches_naive_per_memory_loop(variant, conv, shared):
     x = torch.randn(2, 15, HIDDEN)
     with torch.no_grad():
         close(mom(x)[0], naive_mom(mom, x))
-
-
-def test_all_copied_memories_equal_one_memory():
-    host = make_gsa(**CONV)
-    x = torch.randn(2, 13, HIDDEN)
-    one = wrap(copy.deepcopy(host), num_memories=1, topk=1, shared_memory=False)
-    four = wrap(host, num_memories=4, topk=4, shared_memory=False)
-    torch.nn.init.normal_(four.router.weight)  # uneven weights summing to 1 over equal memories
-    with torch.no_grad():
-        close(four(x)[0], one(x)[0])
 
 
 def test_preserve_silences_the_routed_memories_through_v():
@@ -301,137 +293,6 @@ def test_preserve_silences_the_routed_memories_through_v():
     assert torch.all(state[:, :3, ..., K:] == 0)  # routed memories: value memories exactly zero
     assert state[:, :3, ..., :K].abs().sum() > 0  # their key memories were written
     assert state[:, 3, ..., K:].abs().sum() > 0  # the shared memory carries the host
-
-
-# ---- 3. cached generation ---------------------------------------------------------------------------------
-
-def run_chunks(mom, x, sizes, mask=None):
-    """x [B, T, hidden] through one cache in chunks of ``sizes`` -> concatenated outputs, cache."""
-    cache, outs, start = Cache(), [], 0
-    for n in sizes:
-        m = None if mask is None else mask[:, :start + n]  # everything seen so far, as generate() passes it
-        outs.append(mom(x[:, start:start + n], attention_mask=m, past_key_values=cache, use_cache=True)[0])
-        start += n
-    return torch.cat(outs, 1), cache
-
-
-def flat_state(cache):
-    entry = cache[0]
-    return [entry['recurrent_state'], *entry['conv_state']['read'].values(), *entry['conv_state']['write'].values()]
-
-
-@pytest.mark.parametrize('shared', [False, True])
-@pytest.mark.parametrize('sizes', [[16], [9, 1, 1, 1, 1, 1, 1, 1], [5, 2, 6, 1, 2]])
-def test_cached_chunks_equal_full_forward(shared, sizes):
-    mom = mom_gsa(shared=shared).eval()
-    x = torch.randn(3, sum(sizes), HIDDEN)
-    with torch.no_grad():
-        got, cache = run_chunks(mom, x, sizes)
-        close(got, mom(x)[0], tol=1e-5)
-    assert cache.get_seq_length(0) == sum(sizes)
-    assert cache[0]['recurrent_state'].shape == (3, 4 + shared, 2, 8, 16 + 32)  # [N, E, H, M, K + V]
-
-
-@pytest.mark.parametrize('variant', ['kv_heads', 'relu_scale', 't2r', 'norm_options'])
-def test_variants_cached_chunks_equal_full_forward(variant):
-    mom = mom_gsa(variant).eval()
-    x = torch.randn(2, 15, HIDDEN)
-    with torch.no_grad():
-        close(run_chunks(mom, x, [7, 1, 1, 6])[0], mom(x)[0], tol=1e-5)
-
-
-@pytest.mark.parametrize('sizes', [[14], [8, 1, 1, 3, 1]])
-def test_left_padding_with_cache_equals_unpadded(sizes):
-    mom = mom_gsa().eval()
-    lengths, T = [14, 9, 4], sum(sizes)
-    x = torch.randn(3, T, HIDDEN)
-    mask = torch.ones(3, T, dtype=torch.long)
-    for b, n in enumerate(lengths):
-        mask[b, :T - n] = 0
-        x[b, :T - n] = float('nan')  # padding content must not matter, not even NaN
-    with torch.no_grad():
-        got, _ = run_chunks(mom, x, sizes, mask)
-        for b, n in enumerate(lengths):
-            close(got[b, T - n:], mom(x[b:b + 1, T - n:])[0][0], tol=1e-5 + routing_rounding(mom, x))
-            assert torch.all(got[b, :T - n] == 0)
-
-
-def test_unselected_memories_keep_state_bit_identical():
-    mom = mom_gsa(num_memories=6, topk=1).eval()
-    x = torch.randn(2, 14, HIDDEN)
-    with torch.no_grad():
-        _, cache = run_chunks(mom, x[:, :10], [10])
-        for n in (1, 3):  # a decode step, then a short chunk in which most memories get nothing
-            entry = cache[0]
-            before = {'h': entry['recurrent_state'].clone(),
-                      **{k: v.clone() for k, v in entry['conv_state']['write'].items()}}
-            mom(x[:, 10:10 + n], past_key_values=cache, use_cache=True)
-            chosen = mom.router_logits.argmax(-1)  # [B, n]
-            after = {'h': entry['recurrent_state'], **entry['conv_state']['write']}
-            for b in range(2):
-                for e in range(6):
-                    same = all(torch.equal(before[k][b, e], after[k][b, e]) for k in before)
-                    assert same == (e not in chosen[b].tolist()), (n, b, e)
-                assert not torch.equal(before['h'][b, 6], after['h'][b, 6])  # the shared memory always moves
-
-
-@needs_kernels
-@pytest.mark.interpreter
-def test_triton_backend_decode_equals_torch_backend():
-    """fla's fused_recurrent_gsa and our conv-step kernel over the same cache sequence, with left padding and a
-    padding token inside a decode step (its states must stay)."""
-    mom = mom_gsa().eval()
-    x = torch.randn(2, 10, HIDDEN)
-    mask = torch.ones(2, 10, dtype=torch.long)
-    mask[1, :3] = 0
-    mask[1, 6] = 0
-    outs = {}
-    with torch.no_grad():
-        for backend in ('torch', 'triton'):
-            mom.backend = backend
-            outs[backend] = run_chunks(mom, x, [6, 1, 1, 2], mask)
-    close(outs['triton'][0], outs['torch'][0], tol=1e-5)
-    for a, b in zip(flat_state(outs['triton'][1]), flat_state(outs['torch'][1])):
-        close(a, b, tol=1e-5)
-
-
-# ---- 4. padding, packing, causality, gradients ---------------------------------------------------------
-
-def test_left_padding_equals_unpadded():
-    mom = mom_gsa('relu_scale')
-    lengths = [17, 10, 3]
-    T = max(lengths)
-    x = torch.randn(3, T, HIDDEN)
-    mask = torch.zeros(3, T, dtype=torch.long)
-    for b, n in enumerate(lengths):
-        mask[b, T - n:] = 1
-        x[b, :T - n] = float('nan')
-    with torch.no_grad():
-        out = mom(x, attention_mask=mask)[0]
-        for b, n in enumerate(lengths):
-            # fp32 as a batch, and the router's fp32 weights rounded for another row count (tests/routing_rounding.py)
-            close(out[b, T - n:], mom(x[b:b + 1, T - n:])[0][0], tol=1e-6 + routing_rounding(mom, x))
-            assert torch.all(out[b, :T - n] == 0)
-
-
-def test_packed_sequences_equal_separate_runs():
-    mom = mom_gsa('kv_heads')
-    lengths = [7, 12, 1, 5]
-    x = torch.randn(1, sum(lengths), HIDDEN)
-    cu = torch.tensor([0] + lengths).cumsum(0)
-    with torch.no_grad():
-        out = mom(x, cu_seqlens=cu)[0][0]
-        for s, e in zip(cu[:-1], cu[1:]):
-            close(out[s:e], mom(x[:, s:e])[0][0], tol=1e-6 + routing_rounding(mom, x))
-
-
-def test_causal():
-    mom = mom_gsa()
-    x = torch.randn(2, 18, HIDDEN)
-    y = x.clone()
-    y[:, 11:] = torch.randn(2, 7, HIDDEN)
-    with torch.no_grad():
-        close(mom(x)[0][:, :11], mom(y)[0][:, :11], tol=1e-6)
 
 
 @pytest.mark.parametrize('variant', ['kv_heads', 't2r'])
@@ -530,15 +391,7 @@ def test_triton_backend_kernel_choice(monkeypatch, mode, max_len, kernel):
     assert ht.shape == (G, H, M, K + V) and torch.all(ht[..., :K] == 1) and torch.all(ht[..., K:] == 2)
 
 
-# ---- 6. the public parity suite and the options the adapter refuses ------------------------------------------
-
-@needs_kernels
-def test_parity_suite_passes_on_the_example_host():
-    results = run_checks(GatedSlotAttentionAdapter.example_host)
-    assert len(results) >= 14
-    failed = [r for r in results if not r.passed]
-    assert not failed, failed
-
+# ---- 3. options the adapter refuses ---------------------------------------------------------------------
 
 def test_refused_options():
     with pytest.raises(ValueError, match='mode'):
@@ -558,7 +411,7 @@ def test_refused_replaced_modules():
         wrap(host)
 
 
-# ---- 7. GPU: fla's chunk_gsa (beyond 64 tokens), which the interpreter cannot run ------------------------------
+# ---- 4. GPU: fla's chunk_gsa (beyond 64 tokens), which the interpreter cannot run ------------------------------
 
 def _rel(a, b):
     a, b = a.double(), b.double()

@@ -4,7 +4,8 @@ Oracles: the real fla layer (eval, T <= 64: its fused_recurrent kernel, normalis
 interpreter on the CPU, see conftest), and a naive per-memory loop written here from independent pieces (F.linear,
 the host's feature-map modules, fla's own ``naive_recurrent_linear_attn``; nothing of mom_wrap's dispatch, grouped
 linear or reference recurrence). Whole models: fla's ``LinearAttentionForCausalLM`` through the shared helpers of
-tests/test_models.py and tests/test_convert.py.
+tests/test_models.py and tests/test_convert.py. The checks every host passes alike (cached generation, padding,
+packing, causality; on LinearAttention's options in tests/hosts.py's VARIANTS): tests/test_every_host.py.
 """
 import copy
 import os
@@ -23,6 +24,7 @@ from mom_wrap.adapters import adapter_for
 from mom_wrap.adapters.linear_attention import linear_attn_reference
 from mom_wrap.dispatch import plan_dispatch
 from mom_wrap.testing import routed, routing_rounding
+from tests.test_every_host import run_chunks
 from tests.test_layer import HIDDEN, close, wrap
 
 needs_kernels = pytest.mark.skipif(os.environ.get('TRITON_INTERPRET') != '1' and not torch.cuda.is_available(),
@@ -192,102 +194,6 @@ def test_matches_naive_per_memory_loop(variant, shared):
     close(mom(x)[0], naive_mom(mom, x))
 
 
-def test_all_copied_memories_equal_one_memory():
-    host = make_la(**VARIANTS['hedgehog_norm'])
-    x = torch.randn(2, 13, HIDDEN)
-    one = wrap(copy.deepcopy(host), num_memories=1, topk=1, shared_memory=False)
-    four = wrap(host, num_memories=4, topk=4, shared_memory=False)
-    nn.init.normal_(four.router.weight)  # uneven weights summing to 1 over equal memories
-    close(four(x)[0], one(x)[0])
-
-
-# ---- 3. cached generation ---------------------------------------------------------------------------------
-
-def run_chunks(mom, x, sizes, mask=None):
-    """x [B, T, hidden] through one cache in chunks of ``sizes`` -> concatenated outputs, cache."""
-    cache, outs, start = Cache(), [], 0
-    for n in sizes:
-        m = None if mask is None else mask[:, :start + n]  # everything seen so far, as generate() passes it
-        outs.append(mom(x[:, start:start + n], attention_mask=m, past_key_values=cache, use_cache=True)[0])
-        start += n
-    return torch.cat(outs, 1), cache
-
-
-@pytest.mark.parametrize('shared', [False, True])
-@pytest.mark.parametrize('sizes', [[16], [9, 1, 1, 1, 1, 1, 1, 1], [5, 2, 6, 1, 2]])
-def test_cached_chunks_equal_full_forward(shared, sizes):
-    mom = mom_la(shared=shared).eval()
-    x = torch.randn(3, sum(sizes), HIDDEN)
-    with torch.no_grad():
-        got, cache = run_chunks(mom, x, sizes)
-        close(got, mom(x)[0], tol=1e-5 + routing_rounding(mom, x))
-    assert cache.get_seq_length(0) == sum(sizes)
-    assert cache[0]['recurrent_state'].shape == (3, 4 + shared, 2, 32, 32)  # [N, E, H, K', V]
-
-
-@pytest.mark.parametrize('variant', ['hedgehog_norm', 'kv_heads_t2r_tied', 'dpfp_identity', 'elu_norm'])
-def test_variants_cached_chunks_equal_full_forward(variant):
-    mom = mom_la(variant).eval()
-    x = torch.randn(2, 15, HIDDEN)
-    with torch.no_grad():
-        close(run_chunks(mom, x, [7, 1, 1, 6])[0], mom(x)[0], tol=1e-5 + routing_rounding(mom, x))
-    K, V = mom.host.head_k_dim, mom.host.head_v_dim
-    shape = {'hedgehog_norm': (2, 2 * K, V + 1), 'kv_heads_t2r_tied': (4, K, V), 'dpfp_identity': (2, 8 * K, V),
-             'elu_norm': (2, K, V + 1)}[variant]
-    assert mom._adapter.state_shape() == shape
-
-
-@pytest.mark.parametrize('sizes', [[14], [8, 1, 1, 3, 1]])
-def test_left_padding_with_cache_equals_unpadded(sizes):
-    mom = mom_la('hedgehog_norm').eval()
-    lengths, T = [14, 9, 4], sum(sizes)
-    x = torch.randn(3, T, HIDDEN)
-    mask = torch.ones(3, T, dtype=torch.long)
-    for b, n in enumerate(lengths):
-        mask[b, :T - n] = 0
-        x[b, :T - n] = float('nan')  # padding content must not matter, not even NaN
-    with torch.no_grad():
-        got, _ = run_chunks(mom, x, sizes, mask)
-        for b, n in enumerate(lengths):
-            close(got[b, T - n:], mom(x[b:b + 1, T - n:])[0][0], tol=1e-5 + routing_rounding(mom, x))
-            assert torch.all(got[b, :T - n] == 0)
-
-
-# ---- 4. padding, packing, causality, gradients ---------------------------------------------------------
-
-def test_left_padding_equals_unpadded():
-    mom = mom_la('elu_norm')
-    lengths = [17, 10, 3]
-    T = max(lengths)
-    x = torch.randn(3, T, HIDDEN)
-    mask = torch.zeros(3, T, dtype=torch.long)
-    for b, n in enumerate(lengths):
-        mask[b, T - n:] = 1
-        x[b, :T - n] = float('nan')
-    out = mom(x, attention_mask=mask)[0]
-    for b, n in enumerate(lengths):
-        close(out[b, T - n:], mom(x[b:b + 1, T - n:])[0][0], tol=1e-6 + routing_rounding(mom, x))
-        assert torch.all(out[b, :T - n] == 0)
-
-
-def test_packed_sequences_equal_separate_runs():
-    mom = mom_la('kv_heads_t2r_tied')
-    lengths = [7, 12, 1, 5]
-    x = torch.randn(1, sum(lengths), HIDDEN)
-    cu = torch.tensor([0] + lengths).cumsum(0)
-    out = mom(x, cu_seqlens=cu)[0][0]
-    for s, e in zip(cu[:-1], cu[1:]):
-        close(out[s:e], mom(x[:, s:e])[0][0], tol=1e-6 + routing_rounding(mom, x))
-
-
-def test_causal():
-    mom = mom_la('hedgehog_norm')
-    x = torch.randn(2, 18, HIDDEN)
-    y = x.clone()
-    y[:, 11:] = torch.randn(2, 7, HIDDEN)
-    close(mom(x)[0][:, :11], mom(y)[0][:, :11], tol=1e-6)
-
-
 @pytest.mark.parametrize('variant', ['hedgehog_norm', 'kv_heads_t2r_tied', 'default'])
 def test_every_parameter_gets_a_gradient_matching_the_naive_loop(variant):
     mom = mom_la(variant)
@@ -314,6 +220,17 @@ def test_write_side_moves_out_of_the_host_and_the_feature_maps_stay_shared():
     tied = mom_la('kv_heads_t2r_tied')  # tie_feature_map_qk: one module, its parameters once
     assert tied.host.feature_map_q is tied.host.feature_map_k
     assert tied.memories.proj['k'].shape == (5, 32, HIDDEN) and tied.memories.proj['v'].shape == (5, 64, HIDDEN)
+
+
+@pytest.mark.parametrize('variant', ['default', 'hedgehog_norm', 'kv_heads_t2r_tied', 'dpfp_identity', 'elu_norm'])
+def test_state_shape(variant):
+    """A memory's state per sequence: [H, K', V], K' the feature map's size (hedgehog 2K, dpfp 8K), with
+    do_feature_map_norm one more value column, the key sum (the real host's states: the cache test above)."""
+    mom = mom_la(variant)
+    K, V = mom.host.head_k_dim, mom.host.head_v_dim
+    shape = {'default': (2, K, V), 'hedgehog_norm': (2, 2 * K, V + 1), 'kv_heads_t2r_tied': (4, K, V),
+             'dpfp_identity': (2, 8 * K, V), 'elu_norm': (2, K, V + 1)}[variant]
+    assert mom._adapter.state_shape() == shape
 
 
 # ---- the reference recurrence, the kernels and the kernel choice ------------------------------------------
@@ -424,7 +341,7 @@ def test_gpu_chunk_kernels_equal_the_host_and_the_torch_backend(variant):
     with torch.no_grad():
         close(run_chunks(mom, x, [130, 1, 69])[0], mom(x)[0], tol=1e-4)
 
-# ---- 5. options the adapter refuses ---------------------------------------------------------------------
+# ---- 3. options the adapter refuses ---------------------------------------------------------------------
 
 def test_refused_replaced_modules():
     from fla.modules.feature_map import LearnableOuterProductFeatureMap

@@ -4,7 +4,10 @@ Oracles: the real fla layer (eval, T <= 64: its fused_recurrent path, run by Tri
 and a naive per-memory loop built here from independent pieces (F.linear, an explicit token shift per
 sequence, fla's own ``naive_recurrent_rwkv6``): nothing of mom_wrap's dispatch, layout conv, grouped linear or
 reference recurrence is used by it. The read side (token shift, mixes) runs over the whole sequence in token
-order; each memory's recurrence over the tokens routed to it.
+order; each memory's recurrence over the tokens routed to it. The checks every host passes alike (cached
+generation, padding, packing, causality, copied memories): tests/test_every_host.py, on the example host
+(``RWKV6Adapter.example_host``, the parameters the host initialises to zero redrawn; ``make_host`` here redraws
+every one).
 """
 import copy
 import os
@@ -13,14 +16,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from fla.layers.rwkv6 import RWKV6Attention
-from fla.models.utils import Cache
 from fla.ops.rwkv6.recurrent_naive import naive_recurrent_rwkv6
 
 from mom_wrap import MixtureOfMemories, supported_hosts
 from mom_wrap.adapters.rwkv6 import rwkv6_reference
 from mom_wrap.testing import routed
-from mom_wrap.testing import routing_rounding
-from tests.test_generation import run_chunks
+from tests.test_every_host import run_chunks
 from tests.test_layer import close
 
 HIDDEN = 64
@@ -250,92 +251,23 @@ def test_matches_naive_per_memory_loop(shared, backend):
         close(got, naive_mom(mom, x), tol=1e-5)
 
 
-def test_copies_of_the_host_with_all_memories_reproduce_one_memory():
-    """M=4/top-4 copies without shared memory: every token reads 4 identical memories, weights summing to 1."""
-    host = make_host()
-    one = wrap(copy.deepcopy(host), num_memories=1, topk=1, shared_memory=False, backend='torch')
-    four = wrap(host, num_memories=4, topk=4, shared_memory=False, backend='torch')
-    x = torch.randn(2, 13, HIDDEN)
-    with torch.no_grad():
-        close(four(x)[0], one(x)[0], tol=1e-5)
-
-
 # ---------------------------------------------------------------------------------------------------------------
-# layouts, causality, gradients
+# gradients
 
 
-def test_left_padding_equals_unpadded():
-    mom = mom_layer()
-    lengths = [17, 9, 3]
-    T = max(lengths)
-    x = torch.randn(len(lengths), T, HIDDEN)
-    x_padded = x.clone()
-    mask = torch.zeros(len(lengths), T, dtype=torch.long)
-    for b, n in enumerate(lengths):
-        mask[b, T - n:] = 1
-        x_padded[b, :T - n] = float('nan')  # padding content must not matter, not even NaN
-    with torch.no_grad():
-        out = mom(x_padded, attention_mask=mask)[0]
-        for b, n in enumerate(lengths):
-            # fp32 as a batch, and the router's fp32 weights rounded for another row count (tests/routing_rounding.py)
-            close(out[b, T - n:], mom(x[b:b + 1, T - n:])[0][0], tol=1e-6 + routing_rounding(mom, x_padded))
-            assert torch.all(out[b, :T - n] == 0)
-
-
-def test_packed_sequences_equal_separate_runs():
-    """The token shift restarts at every packed sequence: its first token sees a zero, not the previous
-    sequence's last token."""
-    mom = mom_layer()
-    lengths = [7, 12, 1, 5]
-    x = torch.randn(1, sum(lengths), HIDDEN)
-    cu = torch.tensor([0] + lengths).cumsum(0)
-    with torch.no_grad():
-        out = mom(x, cu_seqlens=cu)[0][0]
-        for s, e in zip(cu[:-1], cu[1:]):
-            # fp32 as a batch, and the router's fp32 weights rounded for another row count (tests/routing_rounding.py)
-            close(out[s:e], mom(x[:, s:e])[0][0], tol=1e-6 + routing_rounding(mom, x))
-
-
-def test_causal():
-    mom = mom_layer()
-    x = torch.randn(2, 18, HIDDEN)
-    y = x.clone()
-    y[:, 11:] = torch.randn(2, 7, HIDDEN)
-    with torch.no_grad():
-        a, b = mom(x)[0], mom(y)[0]
-    close(a[:, :11], b[:, :11], tol=1e-6)
-    assert not torch.allclose(a[:, 11], b[:, 11])  # the shift reaches the next token
-
-
-def test_every_parameter_gets_a_gradient_equal_to_finite_differences():
-    """fp64, torch backend: every parameter a finite nonzero gradient, matching directional finite differences
-    (the router: against the naive loop's gradient, since top-k is piecewise)."""
+def test_every_parameter_gets_the_naive_loops_gradient():
+    """fp64, torch backend: every parameter (the host's token shift, mixes and bonus among them) a finite nonzero
+    gradient, the naive loop's (directional finite differences, parameter by parameter: tests/test_every_host.py)."""
     mom = mom_layer().double()
     x = torch.randn(2, 12, HIDDEN, dtype=torch.float64)
     target = torch.randn_like(x)
-
-    def loss(module=mom):
-        return (module(x)[0] - target).square().mean()
-
-    loss().backward()
+    (mom(x)[0] - target).square().mean().backward()
     params = dict(mom.named_parameters())
     assert {'memories.input_weight.k', 'memories.input_weight.v', 'memories.input_weight.w',
             'memories.second.w', 'memories.second_bias.w', 'host.x_proj.0.mu', 'host.x_bias', 'host.bonus',
             'host.r_proj.linear.weight', 'host.g_proj.linear.weight', 'host.g_norm.weight'} <= set(params)
     for name, p in params.items():
-        g = p.grad
-        assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0, name
-        if name == 'router.weight':
-            continue
-        d = torch.randn_like(p)
-        with torch.no_grad():
-            p.add_(1e-6 * d)
-            plus = loss().item()
-            p.sub_(2e-6 * d)
-            minus = loss().item()
-            p.add_(1e-6 * d)
-        fd, ad = (plus - minus) / 2e-6, (g * d).sum().item()
-        assert abs(fd - ad) <= 1e-5 * abs(ad) + 1e-9, (name, fd, ad)
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
     ref = copy.deepcopy(mom)
     ref.zero_grad()
     (naive_mom(ref, x) - target).square().mean().backward()
@@ -344,112 +276,7 @@ def test_every_parameter_gets_a_gradient_equal_to_finite_differences():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# cached generation
-
-
-def flat_state(cache):
-    entry = cache[0]
-    conv = entry['conv_state']
-    return [entry['recurrent_state'], *conv['read'].values(), *conv['write'].values()]
-
-
-@pytest.mark.parametrize('shared', [False, True])
-@pytest.mark.parametrize('sizes', [[20], [13, 1, 1, 1, 1, 3], [1] * 6, [5, 2, 6, 1, 6]])
-def test_cached_chunks_equal_full_forward(shared, sizes):
-    mom = mom_layer(shared).eval()
-    x = torch.randn(3, sum(sizes), HIDDEN)
-    with torch.no_grad():
-        full = mom(x)[0]
-        got, cache = run_chunks(mom, x, sizes)
-    close(got, full, tol=1e-5)
-    assert cache.get_seq_length(0) == sum(sizes)
-    assert cache[0]['recurrent_state'].shape == (3, 4 + shared, 2, 16, 32)  # [N, E, H, K, V]
-
-
-def test_cached_chunks_with_gradients_equal_full_forward():
-    """Under autograd the cache (the shift's last token included) is updated out of place and the gradient
-    flows through it from one chunk into the previous one."""
-    mom = mom_layer()
-    x = torch.randn(2, 12, HIDDEN)
-    full = mom(x)[0]
-    full.square().sum().backward()
-    want = {n: p.grad.clone() for n, p in mom.named_parameters()}
-    mom.zero_grad()
-    got, _ = run_chunks(mom, x, [5, 1, 6])
-    got.square().sum().backward()
-    close(got, full, tol=1e-5)
-    for name, p in mom.named_parameters():
-        close(p.grad, want[name], tol=1e-4)
-
-
-@pytest.mark.parametrize('sizes', [[18], [10, 1, 1, 5, 1]])
-def test_left_padding_with_cache_equals_unpadded(sizes):
-    mom = mom_layer().eval()
-    lengths = [18, 11, 4]
-    T = sum(sizes)
-    x = torch.randn(3, T, HIDDEN)
-    mask = torch.ones(3, T, dtype=torch.long)
-    for b, n in enumerate(lengths):
-        mask[b, :T - n] = 0
-        x[b, :T - n] = float('nan')
-    with torch.no_grad():
-        got, _ = run_chunks(mom, x, sizes, mask)
-        for b, n in enumerate(lengths):
-            close(got[b, T - n:], mom(x[b:b + 1, T - n:])[0][0], tol=1e-5)
-            assert torch.all(got[b, :T - n] == 0)
-
-
-def test_packed_sequences_with_cache_equal_separate_full_forwards():
-    mom = mom_layer().eval()
-    first, second = [6, 1, 9], [3, 4, 1]
-    xs = [torch.randn(1, a + b, HIDDEN) for a, b in zip(first, second)]
-    with torch.no_grad():
-        cache, outs = Cache(), []
-        for part, lengths in ((0, first), (1, second)):
-            chunk = torch.cat([x[:, :first[i]] if part == 0 else x[:, first[i]:] for i, x in enumerate(xs)], 1)
-            cu = torch.tensor([0] + lengths).cumsum(0)
-            outs.append((mom(chunk, past_key_values=cache, use_cache=True, cu_seqlens=cu)[0][0], cu))
-        (o1, cu1), (o2, cu2) = outs
-        for i, x in enumerate(xs):
-            close(torch.cat([o1[cu1[i]:cu1[i + 1]], o2[cu2[i]:cu2[i + 1]]]), mom(x)[0][0], tol=1e-5)
-
-
-def test_unselected_memories_keep_state_bit_identical():
-    mom = mom_layer(num_memories=6, topk=1).eval()
-    x = torch.randn(2, 14, HIDDEN)
-    with torch.no_grad():
-        _, cache = run_chunks(mom, x[:, :10], [10])
-        for n in (1, 3):  # a decode step, then a short chunk in which most memories get nothing
-            before = cache[0]['recurrent_state'].clone()
-            mom(x[:, 10:10 + n], past_key_values=cache, use_cache=True)
-            after = cache[0]['recurrent_state']
-            chosen = mom.router_logits.argmax(-1)  # [B, n]
-            for b in range(2):
-                for e in range(6):
-                    assert torch.equal(before[b, e], after[b, e]) == (e not in chosen[b].tolist()), (n, b, e)
-                assert not torch.equal(before[b, 6], after[b, 6])  # the shared memory always moves
-
-
-@interpreter
-@pytest.mark.parametrize('padded', [False, True])
-def test_triton_backend_decode_equals_torch_backend(padded):
-    """fla's fused_recurrent_rwkv6 and our conv kernels (the shift's cache: conv_step in place) under the
-    interpreter over the same cache sequence; padded: left padding and a padding token in a decode step."""
-    mom = mom_layer().eval()  # eval and no_grad: fused_recurrent (fla's chunk kernels do not run on the CPU)
-    x = torch.randn(2, 12, HIDDEN)
-    mask = None
-    if padded:
-        mask = torch.ones(2, 12, dtype=torch.long)
-        mask[1, :3] = 0
-        mask[1, 6] = 0  # the first decode step of row 1 is padding: its states must stay
-    outs = {}
-    with torch.no_grad():
-        for backend in ('torch', 'triton'):
-            mom.backend = backend
-            outs[backend] = run_chunks(mom, x, [6, 1, 1, 4], mask)
-    close(outs['triton'][0], outs['torch'][0], tol=1e-5)
-    for a, b in zip(flat_state(outs['triton'][1]), flat_state(outs['torch'][1])):
-        close(a, b, tol=1e-5)
+# the triton backend's kernels
 
 
 @interpreter

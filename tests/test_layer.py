@@ -1,4 +1,6 @@
-"""MixtureOfMemories(GatedDeltaNet) on the CPU (torch backend) against independent references."""
+"""MixtureOfMemories(GatedDeltaNet) on the CPU (torch backend) against independent references. The checks every host
+passes alike (causal, batch rows, left padding, packed sequences, gradients against finite differences):
+tests/test_every_host.py."""
 import copy
 
 import pytest
@@ -82,51 +84,6 @@ def test_random_init_differs_per_memory_and_copy_init_copies():
     assert not torch.equal(w[0], w[1]) and not torch.equal(w[0], k)
     # the host's own init (kaiming uniform, bound 1/sqrt(fan_in)) rather than anything of ours
     assert w.abs().max() <= HIDDEN ** -0.5 + 1e-6
-
-
-def test_causal():
-    mom = wrap(init='random')
-    x = torch.randn(2, 20, HIDDEN)
-    y = x.clone()
-    y[:, 12:] = torch.randn(2, 8, HIDDEN)
-    close(mom(x)[0][:, :12], mom(y)[0][:, :12], tol=1e-6)
-
-
-def test_batch_rows_independent():
-    mom = wrap(init='random')
-    x = torch.randn(4, 19, HIDDEN)
-    full = mom(x)[0]
-    for b in range(4):
-        # fp32 as a batch, and the router's fp32 weights rounded for another row count (tests/routing_rounding.py)
-        close(mom(x[b:b + 1])[0][0], full[b], tol=1e-6 + routing_rounding(mom, x))
-
-
-def test_left_padding_equals_unpadded():
-    mom = wrap(init='random')
-    lengths = [19, 11, 4]
-    T = max(lengths)
-    x = torch.randn(len(lengths), T, HIDDEN)
-    x_padded = x.clone()
-    mask = torch.zeros(len(lengths), T, dtype=torch.long)
-    for b, n in enumerate(lengths):
-        mask[b, T - n:] = 1
-        x_padded[b, :T - n] = float('nan')  # padding content must not matter, not even NaN
-    out = mom(x_padded, attention_mask=mask)[0]
-    for b, n in enumerate(lengths):
-        # fp32 as a batch, and the router's fp32 weights rounded for another row count (tests/routing_rounding.py)
-        close(out[b, T - n:], mom(x[b:b + 1, T - n:])[0][0], tol=1e-6 + routing_rounding(mom, x_padded))
-        assert torch.all(out[b, :T - n] == 0)
-
-
-def test_packed_sequences_equal_separate_runs():
-    mom = wrap(init='random')
-    lengths = [7, 13, 1, 9]
-    x = torch.randn(1, sum(lengths), HIDDEN)
-    cu = torch.tensor([0] + lengths).cumsum(0)
-    out = mom(x, cu_seqlens=cu)[0][0]
-    for s, e in zip(cu[:-1], cu[1:]):
-        # fp32 as a batch, and the router's fp32 weights rounded for another row count (tests/routing_rounding.py)
-        close(out[s:e], mom(x[:, s:e])[0][0], tol=1e-6 + routing_rounding(mom, x))
 
 
 def test_gradients_reach_router_memories_and_read_side():
@@ -288,27 +245,3 @@ def test_property_any_routing_shape_matches_naive_loop(data):
         # fp32, and the naive loop routes the sequence's rows alone: fp32 weights rounded for another row count
         # (tests/routing_rounding.py: up to ~4e-5 at router std 5)
         close(out[b, T - n:], naive_mom(mom, x[b:b + 1, T - n:])[0], tol=2e-5 + routing_rounding(mom, x[b, T - n:]))
-
-
-def test_every_parameter_gradient_matches_finite_differences():
-    """Directional finite differences in fp64, parameter by parameter: no custom backward is off anywhere."""
-    mom = wrap(init='random').double()
-    torch.nn.init.normal_(mom.router.weight, std=0.5)
-    x, target = torch.randn(2, 10, HIDDEN, dtype=torch.float64), torch.randn(2, 10, HIDDEN, dtype=torch.float64)
-
-    def loss():
-        return (mom(x)[0] - target).square().mean()
-
-    loss().backward()
-    for name, p in mom.named_parameters():
-        if name == 'router.weight':  # routes in fp32 and top-k is piecewise: checked against the naive loop
-            continue
-        d = torch.randn_like(p)
-        with torch.no_grad():
-            p.add_(1e-6 * d)
-            plus = loss().item()
-            p.sub_(2e-6 * d)
-            minus = loss().item()
-            p.add_(1e-6 * d)
-        fd, ad = (plus - minus) / 2e-6, (p.grad * d).sum().item()
-        assert abs(fd - ad) <= 1e-5 * abs(ad) + 1e-9, (name, fd, ad)
