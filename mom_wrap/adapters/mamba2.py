@@ -43,6 +43,19 @@ from mom_wrap.ops import acc
 READ_PROJ, C_CONV = 'mom_read_proj', 'mom_c_conv'  # the read side's modules, which replace in_proj / conv1d
 
 
+def gated_rms_norm(y, z, weight, bias, eps: float, group_size: int | None, norm_before_gate: bool) -> torch.Tensor:
+    """mamba-ssm's gated RMSNorm (``RMSNormGated``) of y [N, D] with the gate z [N, D], over groups of
+    ``group_size`` channels (None: all D): rmsnorm(y) * w (+ b), times silu(z) after the norm or before it. In fp32 as
+    its kernel computes, but fp64 stays fp64 (mamba-ssm's own ``rms_norm_ref`` takes the weight to fp32)."""
+    y, z = acc(y), acc(z)
+    if not norm_before_gate:
+        y = y * F.silu(z)
+    groups = y.unflatten(-1, (-1, group_size or y.shape[-1]))
+    out = (groups * torch.rsqrt(groups.square().mean(-1, keepdim=True) + eps)).flatten(-2) * weight
+    out = out + bias if bias is not None else out
+    return out * F.silu(z) if norm_before_gate else out
+
+
 def _rows(linear: nn.Linear, start: int, stop: int) -> nn.Linear:
     """A new nn.Linear holding rows [start, stop) of ``linear`` (weight and bias)."""
     w = linear.weight
@@ -179,7 +192,7 @@ class Mamba2Adapter(HostAdapter):
         x = write['x'].unflatten(-1, (H, P))
         B = write['B'].unflatten(-1, (G, N))
         C = gather(read['C'], dispatch).unflatten(-1, (G, N))
-        A = -torch.exp(h.A_log.float())
+        A = -torch.exp(acc(h.A_log))  # fp32 as the host computes it; fp64 stays fp64
         D = h.D.view(H, P) if h.D_has_hdim else h.D[:, None]
         return x, B, C, A, D
 
@@ -226,9 +239,8 @@ class Mamba2Adapter(HostAdapter):
         y, z = o.flatten(1), read['z']
         if h.rmsnorm:
             if backend == 'torch':
-                from mamba_ssm.ops.triton.layernorm_gated import rms_norm_ref
-                y = rms_norm_ref(y, h.norm.weight, h.norm.bias, z=z, eps=h.norm.eps, group_size=h.norm.group_size,
-                                 norm_before_gate=h.norm.norm_before_gate).to(y.dtype)
+                n = h.norm
+                y = gated_rms_norm(y, z, n.weight, n.bias, n.eps, n.group_size, n.norm_before_gate).to(y.dtype)
             else:
                 y = h.norm(y, z)
         else:
