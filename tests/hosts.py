@@ -41,11 +41,14 @@ def adapter_params() -> list:
 
 # Host options beyond each example host's that the shared checks (tests/test_every_host.py) run on as well: host ->
 # variant -> the host's constructor arguments (a small layer of hidden size 64, as the examples are). GLA's and GSA's
-# examples have no short convs: every variant of theirs does (their states are cached with the recurrent ones).
+# examples have no short convs: every variant of theirs does (their states are cached with the recurrent ones); so
+# do the SHORT_CONV variants of HGRN2 and RetNet.
 _GLA = dict(hidden_size=64, expand_k=0.5, expand_v=1.0, num_heads=2, layer_idx=0, use_short_conv=True, conv_bias=True)
 _GSA = dict(hidden_size=64, expand_k=0.5, num_heads=2, num_slots=8, layer_idx=0, use_short_conv=True, conv_bias=True)
+_HG2 = dict(hidden_size=64, expand_ratio=32, layer_idx=1, use_short_conv=True, conv_bias=True)
 _LA = dict(hidden_size=64, num_heads=2, layer_idx=0)
 _DN = dict(hidden_size=64, expand_k=1.0, expand_v=0.5, num_heads=2, layer_idx=0)  # K = 32, V = 16
+_RN = dict(hidden_size=64, num_heads=2, layer_idx=0)  # K = 32, V = 64 (the layer's expand_v=2)
 _GDN = dict(hidden_size=64, head_dim=16, num_heads=2, expand_v=2, layer_idx=0)
 VARIANTS: dict[str, dict[str, dict]] = {
     'DeltaNet': {
@@ -75,6 +78,19 @@ VARIANTS: dict[str, dict[str, dict]] = {
         'norm_options': dict(_GSA, expand_v=2.0, elementwise_affine=False, norm_eps=1e-1, use_output_gate=True,
                              use_norm=False),
     },
+    'MultiScaleRetention': {  # the read-side pools: q conv (short_conv) beside each sequence's rotary position count
+        'short_conv': dict(_RN, use_short_conv=True, conv_bias=True, expand_v=1.0),
+        'kv_heads_relu': dict(_RN, num_heads=4, num_kv_heads=2, feature_map='relu', expand_v=1.0),
+        'unfused_sigmoid': dict(_RN, fuse_norm=False, gate_fn='sigmoid', feature_map='swish', expand_k=0.5),
+        'no_output_gate': dict(_RN, use_output_gate=False, elementwise_affine=False, norm_eps=1e-3),
+    },
+    'HGRN2Attention': {  # forget_dim = hidden: the example's per-token lower_bound (example_inputs) fits them all
+        'short_conv': _HG2,
+        'heads4_layer0': dict(_HG2, expand_ratio=16, layer_idx=0),  # layer 0 ignores the lower bound
+        'num_heads_no_affine': dict(_HG2, use_short_conv=False, expand_ratio=None, num_heads=4,
+                                    elementwise_affine=False, norm_eps=1e-1),
+        'one_head_fused_recurrent': dict(_HG2, expand_ratio=64, mode='fused_recurrent', conv_size=2),
+    },
     'LinearAttention': {  # normalised: positive feature maps (a signed map's denominators can come near zero)
         'hedgehog_norm': dict(_LA, feature_map='hedgehog', do_feature_map_norm=True),
         'kv_heads_t2r_tied': dict(_LA, num_heads=4, num_kv_heads=2, expand_v=2.0, feature_map='t2r',
@@ -84,6 +100,10 @@ VARIANTS: dict[str, dict[str, dict]] = {
                          norm_eps=1e-3),
     },
 }
+
+# The variants that give short convs to a host whose example has none: the checks of cached states run on them too.
+SHORT_CONV = ('GatedLinearAttention/short_conv', 'GatedSlotAttention/short_conv', 'HGRN2Attention/short_conv',
+              'MultiScaleRetention/short_conv')
 
 
 def make(host: str, variant: str | None = None):

@@ -22,7 +22,8 @@ pytestmark = pytest.mark.skipif(os.environ.get('TRITON_INTERPRET') != '1' and no
 needs_preserve = pytest.mark.skipif('preserve' not in INITS, reason='init="preserve" not in mom_wrap yet')
 
 FAMILY = {'GatedDeltaNet': 'gated_deltanet', 'GatedLinearAttention': 'gla', 'DeltaNet': 'delta_net',
-          'LinearAttention': 'linear_attn', 'GatedSlotAttention': 'gsa',
+          'LinearAttention': 'linear_attn', 'GatedSlotAttention': 'gsa', 'MultiScaleRetention': 'retnet',
+          'HGRN2Attention': 'hgrn2',
           'RWKV6Attention': 'rwkv6', 'RWKV7Attention': 'rwkv7'}  # host -> fla model_type
 SETTINGS = dict(num_memories=3, topk=2, shared_memory=True, balance_loss_weight=0.05)  # not the defaults
 

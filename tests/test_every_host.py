@@ -87,8 +87,7 @@ def left_padded(x, lengths):
 
 # ------------------------------------------------------------------------------------------ cached generation
 
-@pytest.mark.parametrize('host,variant', hosts.case_params('GatedLinearAttention/short_conv',
-                                                           'GatedSlotAttention/short_conv'))
+@pytest.mark.parametrize('host,variant', hosts.case_params(*hosts.SHORT_CONV))
 @pytest.mark.parametrize('shared', [False, True])
 @pytest.mark.parametrize('sizes', [[24], [17, 1, 1, 1, 1, 1, 1, 1], [1] * 24, [5, 2, 9, 1, 7]])
 def test_cached_chunks_equal_full_forward(host, variant, shared, sizes):
@@ -131,8 +130,7 @@ def test_cached_chunks_with_gradients_equal_full_forward(host, variant):
         close(p.grad, want[name], tol=1e-4)
 
 
-@pytest.mark.parametrize('host,variant', hosts.case_params('GatedLinearAttention/short_conv',
-                                                           'GatedSlotAttention/short_conv',
+@pytest.mark.parametrize('host,variant', hosts.case_params(*hosts.SHORT_CONV,
                                                            'LinearAttention/hedgehog_norm', padding_mask=True))
 @pytest.mark.parametrize('sizes', [[20], [11, 1, 1, 4, 1, 1, 1]])
 def test_left_padding_with_cache_equals_unpadded(host, variant, sizes):
@@ -180,8 +178,7 @@ def test_packed_sequences_with_cache_equal_separate_full_forwards(host, variant)
             close(torch.cat([o1[cu1[i]:cu1[i + 1]], o2[cu2[i]:cu2[i + 1]]]), run(mom, x)[0], tol=1e-5)
 
 
-@pytest.mark.parametrize('host,variant', hosts.case_params('GatedLinearAttention/short_conv',
-                                                           'GatedSlotAttention/short_conv'))
+@pytest.mark.parametrize('host,variant', hosts.case_params(*hosts.SHORT_CONV))
 def test_unselected_memories_keep_state_bit_identical(host, variant):
     """Recurrent and write-side conv states of a memory no token of a sequence chose stay bit for bit."""
     mom = wrapped(host, variant, num_memories=6, topk=1)
@@ -206,7 +203,7 @@ def test_unselected_memories_keep_state_bit_identical(host, variant):
 @pytest.mark.interpreter
 @pytest.mark.parametrize('host,variant,padded', [
     *hosts.case_params(values=[False]),
-    *hosts.case_params('GatedLinearAttention/short_conv', 'GatedSlotAttention/short_conv',
+    *hosts.case_params(*hosts.SHORT_CONV,
                        'DeltaNet/no_beta_sum_relu_gate', padding_mask=True, values=[True], tag='-padded')])
 def test_triton_backend_decode_equals_torch_backend(host, variant, padded):
     """The host's kernels and our conv-step kernels (under the interpreter on the CPU) over the same cache sequence,
@@ -230,8 +227,7 @@ def test_triton_backend_decode_equals_torch_backend(host, variant, padded):
 
 # ------------------------------------------------------------------------------------------ layouts
 
-@pytest.mark.parametrize('host,variant', hosts.case_params('GatedLinearAttention/short_conv',
-                                                           'GatedSlotAttention/short_conv',
+@pytest.mark.parametrize('host,variant', hosts.case_params(*hosts.SHORT_CONV,
                                                            'LinearAttention/hedgehog_norm'))
 def test_causal(host, variant):
     mom = wrapped(host, variant)
@@ -289,8 +285,7 @@ def test_packed_sequences_equal_separate_runs(host, variant):
             close(out[s:e], run(mom, x[:, s:e])[0], tol=1e-6 + routing_rounding(mom, x))
 
 
-@pytest.mark.parametrize('host,variant', hosts.case_params('GatedLinearAttention/short_conv',
-                                                           'GatedSlotAttention/short_conv',
+@pytest.mark.parametrize('host,variant', hosts.case_params(*hosts.SHORT_CONV,
                                                            'LinearAttention/hedgehog_norm'))
 def test_all_copied_memories_equal_one_memory(host, variant):
     """M=4, top-4 copies without shared memory: every token reads 4 identical memories, uneven weights summing to 1."""

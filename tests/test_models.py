@@ -16,6 +16,9 @@ MODELS = {  # host -> (config class, model class, config options beyond the comm
     'GatedLinearAttention': ('GLAConfig', 'GLAForCausalLM', {}),
     'LinearAttention': ('LinearAttentionConfig', 'LinearAttentionForCausalLM', {}),
     'GatedSlotAttention': ('GSAConfig', 'GSAForCausalLM', dict(num_slots=16)),
+    # expand_ratio from num_heads (the config's default, 128, would leave the layer no head at hidden 64)
+    'HGRN2Attention': ('HGRN2Config', 'HGRN2ForCausalLM', dict(expand_ratio=None)),
+    'MultiScaleRetention': ('RetNetConfig', 'RetNetForCausalLM', {}),
     'DeltaNet': ('DeltaNetConfig', 'DeltaNetForCausalLM', {}),
     'RWKV6Attention': ('RWKV6Config', 'RWKV6ForCausalLM', dict(proj_low_rank_dim=8, gate_low_rank_dim=8)),
     # layer 0 returns v_first, layer 1 takes it; fuse_norm (the config's default): fla's GroupNorm and l2_norm
