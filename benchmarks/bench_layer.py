@@ -6,7 +6,8 @@ their default head sizes), M=4, top-2, shared memory, bf16, all layers measured 
 ratios are against the plain host layer.
 
     python benchmarks/bench_layer.py [--host GatedDeltaNet|GatedLinearAttention|DeltaNet|RWKV6Attention|
-                                             RWKV7Attention|Mamba2]
+                                             RWKV7Attention|Mamba2|LinearAttention|GatedSlotAttention|
+                                             HGRN2Attention|MultiScaleRetention|KimiDeltaAttention]
                                      [--batch 8 --seq-len 2048 --iters 20] [--profile] [--memory]
                                      [--json rows.json]
 
@@ -38,12 +39,18 @@ def host_factory(host, hidden, heads, head_dim):
         from mamba_ssm.modules.mamba2 import Mamba2
         return lambda: Mamba2(d_model=hidden, layer_idx=0, use_mem_eff_path=False)
     import fla.layers as L
-    if host == 'GatedDeltaNet':
-        return lambda: L.GatedDeltaNet(hidden_size=hidden, head_dim=head_dim, num_heads=heads, expand_v=1,
-                                       layer_idx=0)
     if host == 'RWKV7Attention':  # layer 1 of 2: like most layers of a model, it takes v_first (head_dim 64)
         return lambda: L.RWKV7Attention(hidden_size=hidden, layer_idx=1, num_hidden_layers=2)
-    if host in ('GatedLinearAttention', 'DeltaNet', 'RWKV6Attention'):
+    if host in ('GatedDeltaNet', 'KimiDeltaAttention'):  # the paper's head size (K = V = head_dim)
+        return lambda: getattr(L, host)(hidden_size=hidden, head_dim=head_dim, num_heads=heads, expand_v=1,
+                                        layer_idx=0)
+    if host == 'LinearAttention':  # an elementwise feature map: the default squares the key dim (256 -> 65536)
+        return lambda: L.LinearAttention(hidden_size=hidden, num_heads=heads, feature_map='elu', layer_idx=0)
+    if host == 'GatedSlotAttention':  # fla's GSAConfig: 64 slots
+        return lambda: L.GatedSlotAttention(hidden_size=hidden, num_heads=heads, num_slots=64, layer_idx=0)
+    if host == 'HGRN2Attention':  # layer 1: it applies the model's lower bound (host_kwargs)
+        return lambda: L.HGRN2Attention(hidden_size=hidden, num_heads=heads, layer_idx=1)
+    if host in ('GatedLinearAttention', 'DeltaNet', 'RWKV6Attention', 'MultiScaleRetention'):
         return lambda: getattr(L, host)(hidden_size=hidden, num_heads=heads, layer_idx=0)
     raise SystemExit(f"--host: unknown host {host!r}")
 
@@ -54,8 +61,13 @@ def output(result):
 
 
 def host_kwargs(host, x):
-    """The host forward's own arguments besides x: RWKV7's layer 1 takes v_first [B, T, hidden]."""
-    return {'v_first': torch.randn_like(x).detach()} if host == 'RWKV7Attention' else {}
+    """The host forward's own arguments besides x: RWKV7's layer 1 takes v_first [B, T, hidden]; HGRN2's layer 1 a
+    lower bound [forget_dim] in (0, 1), as fla's model passes it."""
+    if host == 'RWKV7Attention':
+        return {'v_first': torch.randn_like(x).detach()}
+    if host == 'HGRN2Attention':
+        return {'lower_bound': torch.rand(x.shape[-1], device=x.device, dtype=x.dtype)}
+    return {}
 
 
 def layers(hidden, heads, head_dim, memories, topk, dtype, host='GatedDeltaNet', parts=(None,), time_parts=()):
