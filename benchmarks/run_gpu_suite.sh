@@ -42,7 +42,7 @@ want kernels && step kernels 180 python -m pytest -q tests/test_kernels.py tests
 # of its process, and so only its own file's results
 if want gpu_tests; then
   for f in test_gpu test_gpu_generation test_training_engines test_fla_mom test_hardening test_kernels_large \
-           test_recurrence test_host_linear_attention test_host_gsa; do
+           test_recurrence test_host_linear_attention test_host_gsa test_every_host; do
     step "gpu_tests_$f" 300 python -m pytest -q -s -m gpu "tests/$f.py"
   done
 fi

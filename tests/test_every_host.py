@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from mom_wrap import MixtureOfMemories
+from mom_wrap.adapters import adapter_for
 from mom_wrap.testing import _feed, routing_rounding, wrap
 from tests import hosts
 from tests.test_layer import close
@@ -34,8 +35,8 @@ def wrapped(host, variant=None, **kw):
 
 
 def adapter_of(layer):
-    """A wrapped layer's adapter, or a host layer's registered adapter class: their convention and example inputs."""
-    return layer._adapter if isinstance(layer, MixtureOfMemories) else hosts.ADAPTERS[type(layer).__name__]
+    """A wrapped layer's adapter, or a host layer's registered one: their convention and example inputs."""
+    return layer._adapter if isinstance(layer, MixtureOfMemories) else adapter_for(layer)  # (namesakes: by class)
 
 
 def run(layer, x, **kw):
@@ -327,3 +328,46 @@ def test_every_parameter_gradient_matches_finite_differences(host, variant):
             p.add_(1e-6 * d)
         fd, ad = (plus - minus) / 2e-6, (g * d).sum().item()
         assert abs(fd - ad) <= 1e-5 * abs(ad) + 1e-9, (name, fd, ad)
+
+
+# ------------------------------------------------------------------------------------------ on the GPU
+
+@pytest.mark.gpu
+@pytest.mark.parametrize('host,variant', hosts.case_params(*hosts.SHORT_CONV))
+def test_gpu_triton_backend_equals_torch_backend_beyond_64_tokens(host, variant):
+    """On a GPU at T = 256, where the hosts' chunked kernels run (several of them do not under the interpreter):
+    training with the triton backend in one recurrence call and in 2 parts over time equals the torch backend, output
+    and every gradient (fp32; the GPU's dots in TF32); cached chunks across the 64-token kernel switch equal the full
+    forward, on both backends. Left padding in one row where the host's forward takes a mask."""
+    torch.manual_seed(0)
+    mom = wrapped(host, variant).cuda().train()
+    x = torch.randn(2, 256, mom.hidden_size, device='cuda')
+    dy = torch.randn_like(x)
+    kw = {}
+    if mom._adapter.convention.padding_mask:
+        mask = torch.ones(2, 256, dtype=torch.long, device='cuda')
+        mask[1, :40] = 0
+        kw = {'attention_mask': mask}
+
+    def rel(a, b):
+        return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
+
+    grads = {}
+    for backend, parts in (('torch', 1), ('triton', 1), ('triton', 2)):
+        mom.backend, mom.recurrence_parts = backend, parts
+        xi = x.clone().requires_grad_()
+        run(mom, xi, **kw).backward(dy)
+        grads[backend, parts] = {'x': xi.grad, **{n: p.grad.clone() for n, p in mom.named_parameters()}}
+        mom.zero_grad()
+    for key in (('triton', 1), ('triton', 2)):
+        errs = {n: rel(g, grads['torch', 1][n]) for n, g in grads[key].items()}
+        assert max(errs.values()) < 5e-3, (key, errs)
+    mom.eval()
+    with torch.no_grad():
+        outs = {}
+        for backend in ('torch', 'triton'):
+            mom.backend = backend
+            full = run(mom, x, **kw)
+            outs[backend], _ = run_chunks(mom, x, [150, 1, 1, 80, 1, 23], kw.get('attention_mask'))
+            assert rel(outs[backend], full) < 5e-3, backend
+        assert rel(outs['triton'], outs['torch']) < 5e-3
