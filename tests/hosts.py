@@ -13,8 +13,20 @@ from mom_wrap.adapters import HostAdapter, registered_adapters
 # the top-level package of a host's class -> the marker of the tests that need it (only optional packages)
 OPTIONAL = {'mamba_ssm': pytest.mark.mamba_ssm}
 
-# class name of the host -> its adapter, for every registered adapter (also those whose package is missing)
-ADAPTERS: dict[str, type[HostAdapter]] = {a.host_class.rpartition('.')[2]: a for a in registered_adapters()}
+
+
+def _keys(adapters: list[type[HostAdapter]]) -> dict[str, type[HostAdapter]]:
+    """name -> adapter: the host's class name; a host named as one registered before it adds its package's name
+    before it (fla's Mamba2, registered after mamba-ssm's: 'fla.Mamba2'), so that both are parameters."""
+    keys: dict[str, type[HostAdapter]] = {}
+    for a in adapters:
+        name = a.host_class.rpartition('.')[2]
+        keys[f"{a.host_class.partition('.')[0]}.{name}" if name in keys else name] = a
+    return keys
+
+
+# the host's name (see _keys) -> its adapter, for every registered adapter (also those whose package is missing)
+ADAPTERS: dict[str, type[HostAdapter]] = _keys(registered_adapters())
 
 
 def marks(host: str | type[HostAdapter]) -> list:
@@ -50,6 +62,8 @@ _LA = dict(hidden_size=64, num_heads=2, layer_idx=0)
 _DN = dict(hidden_size=64, expand_k=1.0, expand_v=0.5, num_heads=2, layer_idx=0)  # K = 32, V = 16
 _RN = dict(hidden_size=64, num_heads=2, layer_idx=0)  # K = 32, V = 64 (the layer's expand_v=2)
 _GDN = dict(hidden_size=64, head_dim=16, num_heads=2, expand_v=2, layer_idx=0)
+_KDA = dict(hidden_size=64, head_dim=16, num_heads=2, expand_v=2, layer_idx=0)  # K = 16, V = 32, short convs
+_FM2 = dict(hidden_size=64, head_dim=16, state_size=16, chunk_size=16, layer_idx=0)  # fla's Mamba2: 8 heads of 16
 VARIANTS: dict[str, dict[str, dict]] = {
     'DeltaNet': {
         'no_beta_sum_relu_gate': dict(_DN, use_beta=False, qk_norm='sum', qk_activation='relu', use_gate=True),
@@ -61,6 +75,12 @@ VARIANTS: dict[str, dict[str, dict]] = {
         'num_v_heads': dict(_GDN, num_v_heads=4), 'no_gate': dict(_GDN, use_gate=False),
         'neg_eigval': dict(_GDN, allow_neg_eigval=True), 'conv_bias': dict(_GDN, conv_bias=True),
         'no_short_conv': dict(_GDN, use_short_conv=False),
+    },
+    'KimiDeltaAttention': {  # the gate's two forms (lower_bound), grouped value heads, each kernel rule
+        'gva': dict(_KDA, num_v_heads=4, expand_v=1),
+        'no_short_conv_neg_eigval': dict(_KDA, use_short_conv=False, allow_neg_eigval=True),
+        'lower_bound_conv_bias': dict(_KDA, lower_bound=-2.0, conv_bias=True, norm_eps=1e-2),
+        'safe_gate_fused_recurrent': dict(_KDA, safe_gate=True, lower_bound=-5.0, mode='fused_recurrent', conv_size=2),
     },
     'GatedLinearAttention': {
         'short_conv': _GLA,
@@ -83,6 +103,12 @@ VARIANTS: dict[str, dict[str, dict]] = {
         'kv_heads_relu': dict(_RN, num_heads=4, num_kv_heads=2, feature_map='relu', expand_v=1.0),
         'unfused_sigmoid': dict(_RN, fuse_norm=False, gate_fn='sigmoid', feature_map='swish', expand_k=0.5),
         'no_output_gate': dict(_RN, use_output_gate=False, elementwise_affine=False, norm_eps=1e-3),
+    },
+    'fla.Mamba2': {  # its example's options but one each (B, C in 2 groups: 4 heads each; D per channel)
+        'n_groups_D_has_hdim': dict(_FM2, n_groups=2, D_has_hdim=True),
+        'no_rmsnorm_use_bias': dict(_FM2, rmsnorm=False, use_bias=True, use_conv_bias=False),
+        'norm_before_gate_dt_limit_conv2': dict(_FM2, norm_before_gate=True, dt_limit=(0.01, 0.05), conv_kernel=2,
+                                                norm_eps=1e-2),
     },
     'HGRN2Attention': {  # forget_dim = hidden: the example's per-token lower_bound (example_inputs) fits them all
         'short_conv': _HG2,

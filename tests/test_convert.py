@@ -15,7 +15,7 @@ import mom_wrap
 from mom_wrap import MixtureOfMemories, convert, set_balance_loss_weight
 from mom_wrap.wrapper import INITS
 from tests import hosts
-from tests.test_models import MODELS, host_model
+from tests.test_models import MODELS, host_model, host_slots
 
 pytestmark = pytest.mark.skipif(os.environ.get('TRITON_INTERPRET') != '1' and not torch.cuda.is_available(),
                                 reason="fla's model norms and MLP need TRITON_INTERPRET=1 or CUDA")
@@ -23,7 +23,7 @@ needs_preserve = pytest.mark.skipif('preserve' not in INITS, reason='init="prese
 
 FAMILY = {'GatedDeltaNet': 'gated_deltanet', 'GatedLinearAttention': 'gla', 'DeltaNet': 'delta_net',
           'LinearAttention': 'linear_attn', 'GatedSlotAttention': 'gsa', 'MultiScaleRetention': 'retnet',
-          'HGRN2Attention': 'hgrn2',
+          'HGRN2Attention': 'hgrn2', 'KimiDeltaAttention': 'kda', 'fla.Mamba2': 'mamba2',
           'RWKV6Attention': 'rwkv6', 'RWKV7Attention': 'rwkv7'}  # host -> fla model_type
 SETTINGS = dict(num_memories=3, topk=2, shared_memory=True, balance_loss_weight=0.05)  # not the defaults
 
@@ -82,9 +82,9 @@ def mamba_model(**kw):
 @pytest.mark.parametrize('host', sorted(MODELS))
 def test_convert_wraps_every_host_layer(host):
     model = host_model(host)
-    hosts = [layer.attn for layer in model.model.layers]
+    hosts = [getattr(block, name) for block, name in host_slots(model)]
     assert convert(model, init='copy', **SETTINGS) is model
-    assert [layer.attn.host for layer in model.model.layers] == hosts
+    assert [getattr(block, name).host for block, name in host_slots(model)] == hosts
     assert_same_settings(model, SETTINGS, [0, 1])
     import fla.models
     assert type(model).__name__ == f'Mom{MODELS[host][1]}' and isinstance(model, getattr(fla.models, MODELS[host][1]))

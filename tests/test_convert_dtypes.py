@@ -22,13 +22,17 @@ DTYPES = [pytest.param(torch.bfloat16, id='bf16'), pytest.param(torch.float16, i
 # up to 7.8e-3 in bf16 and 8e-4 in fp16, the plain fla models' own error against fp32 the same)
 TOL = {torch.bfloat16: 3e-2, torch.float16: 4e-3}
 NEW = 3  # generated tokens
+# the plain models that fail in half precision loaded so (README, "Known host limits"): fla's Mamba2ForCausalLM keeps
+# its block norms in fp32 (made with dtype=torch.float32), whose fp32 output then meets its mixer's half in_proj
+PLAIN_FAILS = {'fla.Mamba2'}
 DEVICE = 'cuda' if torch.cuda.is_available() else 'cpu'  # on a GPU: the host's kernels and ours (triton backend)
 
 
 def separated(model):
     """Embeddings drawn wide (std 1): logits far apart, so that greedy decoding does not flip on rounding."""
-    embeddings = [model.backbone.embedding, model.lm_head] if hasattr(model, 'backbone') else \
-        [model.get_input_embeddings(), model.get_output_embeddings()]  # mamba-ssm's model, or a transformers one
+    # mamba-ssm's model (fla's Mamba2 model has a backbone too, but is a transformers one), or a transformers one
+    embeddings = [model.backbone.embedding, model.lm_head] if hasattr(getattr(model, 'backbone', None), 'embedding') \
+        else [model.get_input_embeddings(), model.get_output_embeddings()]
     with torch.no_grad():
         for e in embeddings:
             nn.init.normal_(e.weight, std=1.0)
@@ -68,7 +72,13 @@ def test_fla_fp32_checkpoint_loaded_in_half_converts_runs_saves_and_loads(host, 
 
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / 'plain', dtype=dtype).to(DEVICE).eval()
     with torch.no_grad():
-        if not torch.isfinite(plain(ids).logits).all():
+        try:
+            plain_logits = plain(ids).logits
+        except RuntimeError as e:
+            if host not in PLAIN_FAILS:
+                raise
+            pytest.skip(f"fla's plain {host} model (without mom_wrap) does not run in {dtype}: {e}")
+        if not torch.isfinite(plain_logits).all():
             assert not torch.cuda.is_available(), f"the plain {host} model's logits in {dtype} are not finite"
             pytest.skip(f"fla's plain {host} model (without mom_wrap) gives non-finite logits in {dtype} under "
                         "Triton's interpreter (its token-shift mixes); the GPU runs this case")

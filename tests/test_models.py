@@ -19,6 +19,9 @@ MODELS = {  # host -> (config class, model class, config options beyond the comm
     # expand_ratio from num_heads (the config's default, 128, would leave the layer no head at hidden 64)
     'HGRN2Attention': ('HGRN2Config', 'HGRN2ForCausalLM', dict(expand_ratio=None)),
     'MultiScaleRetention': ('RetNetConfig', 'RetNetForCausalLM', {}),
+    'KimiDeltaAttention': ('KDAConfig', 'KDAForCausalLM', dict(head_dim=16, expand_v=2)),
+    # fla's own Mamba2 (tests/hosts.py names it so beside mamba-ssm's): 2 heads of head_dim 64 (expand 2), state 16
+    'fla.Mamba2': ('Mamba2Config', 'Mamba2ForCausalLM', dict(state_size=16, chunk_size=16)),
     'DeltaNet': ('DeltaNetConfig', 'DeltaNetForCausalLM', {}),
     'RWKV6Attention': ('RWKV6Config', 'RWKV6ForCausalLM', dict(proj_low_rank_dim=8, gate_low_rank_dim=8)),
     # layer 0 returns v_first, layer 1 takes it; fuse_norm (the config's default): fla's GroupNorm and l2_norm
@@ -43,6 +46,13 @@ def host_model(host):
     return model
 
 
+def host_slots(model) -> list[tuple]:
+    """(block, attribute) of each host layer of an fla model: ``model.model.layers[i].attn``, or Mamba2's
+    ``model.backbone.layers[i].mixer``."""
+    blocks = model.model.layers if hasattr(model, 'model') else model.backbone.layers
+    return [(block, 'attn' if hasattr(block, 'attn') else 'mixer') for block in blocks]
+
+
 def wrapped_model(host):
     model = host_model(host)
     model.generation_config.eos_token_id = None  # a sampled end token must not stop generate() early
@@ -50,10 +60,10 @@ def wrapped_model(host):
     # rounding differences between any two exact computations rather than the caching
     for w in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
         torch.nn.init.normal_(w, std=1.0)
-    for layer in model.model.layers:
-        assert type(layer.attn).__name__ == host
-        layer.attn = MixtureOfMemories(layer.attn, num_memories=4, topk=2, init='random')
-        torch.nn.init.normal_(layer.attn.router.weight, std=0.5)
+    for block, name in host_slots(model):
+        assert type(getattr(block, name)).__name__ == host.rpartition('.')[2]
+        setattr(block, name, MixtureOfMemories(getattr(block, name), num_memories=4, topk=2, init='random'))
+        torch.nn.init.normal_(getattr(block, name).router.weight, std=0.5)
     return model
 
 
@@ -91,8 +101,9 @@ def test_wrapped_model_with_one_memory_copies_equals_the_host_model(host):
     ids, mask = left_padded_prompts([8, 5], 8)
     with torch.no_grad():
         want = model(input_ids=ids, attention_mask=mask).logits
-        for layer in model.model.layers:
-            layer.attn = MixtureOfMemories(layer.attn, num_memories=1, topk=1, shared_memory=False, init='copy')
+        for block, name in host_slots(model):
+            setattr(block, name, MixtureOfMemories(getattr(block, name), num_memories=1, topk=1, shared_memory=False,
+                                                   init='copy'))
         got = model(input_ids=ids, attention_mask=mask).logits
     m = mask.bool()
     err = (got[m] - want[m]).abs().max().item()

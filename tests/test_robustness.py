@@ -650,16 +650,21 @@ def registered_hosts():
 
 
 def test_a_layer_without_adapter_gets_what_is_supported_and_not_a_hint_to_install_a_namesake():
-    """fla's own Mamba2 is not mamba-ssm's (whose adapter mom_wrap has): the error says so, and what is supported."""
-    from fla.layers import Mamba2
+    """A layer of another package (here the test's own) named like a supported host is not that host: the error says
+    so, and what is supported."""
     from mom_wrap import MixtureOfMemories
+
+    class GatedDeltaNet(torch.nn.Module):
+        hidden_size = 64
+
     with pytest.raises(ValueError) as e:
-        MixtureOfMemories(Mamba2(num_heads=8, head_dim=16, hidden_size=64, state_size=16, layer_idx=0), 2, 1)
+        MixtureOfMemories(GatedDeltaNet(), 2, 1)
     message = str(e.value)
-    assert message.startswith('host: no adapter for fla.layers.mamba2.Mamba2 (mom_wrap\'s Mamba2 adapter takes '
-                              'mamba_ssm.modules.mamba2.Mamba2, a different class: installing its package does not '
-                              'make this one supported); supported here: ')
-    assert 'fla.layers.gated_deltanet.GatedDeltaNet' in message
+    name = f'{GatedDeltaNet.__module__}.{GatedDeltaNet.__qualname__}'
+    assert message.startswith(f"host: no adapter for {name} (mom_wrap's GatedDeltaNet adapter takes "
+                              'fla.layers.gated_deltanet.GatedDeltaNet, a different class: installing its package '
+                              'does not make this one supported); supported here: ')
+    assert 'fla.layers.mamba2.Mamba2' in message
     assert message.endswith('any other layer needs an adapter of its own (docs/adapters.md)')
 
 

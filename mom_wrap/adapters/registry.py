@@ -122,7 +122,7 @@ def adapter_for(host: nn.Module, adapter: type[HostAdapter] | None = None) -> Ho
             return cls(host)
     name = f"{type(host).__module__}.{type(host).__qualname__}"
     missing = [cls.host_class for cls in registered_adapters() if cls.load_host_class() is None]
-    # a class of another package with the name of a supported host (fla's Mamba2, mamba-ssm's Mamba2): say that the
+    # a class of another package with the name of a supported host (a user's own GatedDeltaNet, say): say that the
     # adapter takes the other one, so that nobody installs a package in the hope that it helps
     namesakes = [path for path in supported_hosts() + missing
                  if path.rpartition('.')[2] == type(host).__name__ and path != name]
