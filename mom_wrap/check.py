@@ -117,8 +117,10 @@ def _host_adapters() -> tuple[list, list]:
 
 
 def _name(adapter) -> str:
-    """The host's class name (the last part of its dotted path): ``GatedDeltaNet``."""
-    return adapter.host_class.rpartition('.')[2]
+    """The host's short name (``mom_wrap.adapters.host_names``): its class name, ``GatedDeltaNet``, or with its
+    package's where another host has that class name, ``fla.Mamba2``."""
+    from mom_wrap.adapters import host_names
+    return {cls: name for name, cls in host_names().items()}.get(adapter, adapter.host_class)
 
 
 def _hosts_list(installed: list, not_installed: list) -> str:

@@ -8,25 +8,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mom_wrap.adapters import HostAdapter, registered_adapters
+from mom_wrap.adapters import HostAdapter, host_names
 
 # the top-level package of a host's class -> the marker of the tests that need it (only optional packages)
 OPTIONAL = {'mamba_ssm': pytest.mark.mamba_ssm}
 
-
-
-def _keys(adapters: list[type[HostAdapter]]) -> dict[str, type[HostAdapter]]:
-    """name -> adapter: the host's class name; a host named as one registered before it adds its package's name
-    before it (fla's Mamba2, registered after mamba-ssm's: 'fla.Mamba2'), so that both are parameters."""
-    keys: dict[str, type[HostAdapter]] = {}
-    for a in adapters:
-        name = a.host_class.rpartition('.')[2]
-        keys[f"{a.host_class.partition('.')[0]}.{name}" if name in keys else name] = a
-    return keys
-
-
-# the host's name (see _keys) -> its adapter, for every registered adapter (also those whose package is missing)
-ADAPTERS: dict[str, type[HostAdapter]] = _keys(registered_adapters())
+# the host's short name (its class name; fla.Mamba2 beside mamba-ssm's Mamba2) -> its adapter, for every registered
+# adapter (also those whose package is missing)
+ADAPTERS: dict[str, type[HostAdapter]] = host_names()
 
 
 def marks(host: str | type[HostAdapter]) -> list:

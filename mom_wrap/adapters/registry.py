@@ -83,6 +83,18 @@ def registered_adapters(installed: bool = False) -> list[type[HostAdapter]]:
     return [cls for cls in _REGISTRY if not installed or cls.load_host_class() is not None]
 
 
+def host_names() -> dict[str, type[HostAdapter]]:
+    """Short name -> registered adapter, for people to name hosts by (``python -m mom_wrap.check``, the tests): the
+    host's class name, or for a host named like one registered before it, its package's name before it (fla's Mamba2
+    after mamba-ssm's: 'fla.Mamba2'). Over every registered adapter, installed or not, so a name does not change
+    with what is installed."""
+    names: dict[str, type[HostAdapter]] = {}
+    for cls in registered_adapters():
+        name = cls.host_class.rpartition('.')[2]
+        names[f"{cls.host_class.partition('.')[0]}.{name}" if name in names else name] = cls
+    return names
+
+
 def adapter_by_path(path: str) -> type[HostAdapter]:
     """The registered adapter or variant whose dotted path is ``path`` (as a converted model records it). mom_wrap's
     own modules are imported if need be; another package's adapter must be registered (imported, or found through
