@@ -20,6 +20,12 @@ Every point of a sweep has the same number of tokens, B = tokens // T (at least 
 every length): a layer whose cost is linear in length draws flat lines. A case that runs out of memory (or
 fails) is recorded as missing and the sweep goes on. ``benchmarks/plot.py rows.json -o seq_len.png`` draws
 the same plot from the JSON, without a GPU.
+
+Beside each measured time the table prints the layer's floor on the card (``benchmarks/floor.py``: max(FLOPs / peak
+FLOP/s, bytes / peak bandwidth) of the host's projections and recurrence over its slots, (topk + shared) x N for
+MoM, counted from the layers' shapes) and how far the time is from it; the rows get floor_ms, floor_flops,
+floor_bytes, floor_card and floor_bound. On a card floor.py has no peaks for (anything but an H100 SXM or an H200)
+there is no floor, and the table says so. ``--no-floor`` leaves it out.
 """
 from __future__ import annotations
 
@@ -27,7 +33,8 @@ import argparse
 import gc
 
 import torch
-from record import Recorder, plot_seq_len, require_matplotlib  # benchmarks/ is the script's directory
+import floor
+from record import Recorder, plot_seq_len, require_matplotlib, write_rows  # benchmarks/ is the script's directory
 
 from mom_wrap import MixtureOfMemories
 
@@ -220,6 +227,21 @@ def role(name):
     return 'host' if name.endswith('(host)') else 'mom_wrap' if name.startswith('mom_wrap') else 'fla_mom'
 
 
+def case_floors(args, batch, seq_len):
+    """role -> the floor (``floor.Floor``) of B x T = ``batch`` x ``seq_len`` for this run's layers: the host's, and
+    the MoM one that ours and fla's MomAttention (the same memories, routing and slots) share; {} with
+    ``--no-floor`` or where it cannot be counted (said why)."""
+    if args.no_floor:
+        return {}
+    try:
+        host = floor.build(host_factory(args.host, args.hidden, args.heads, args.head_dim))
+        mom = floor.count(host, batch, seq_len, args.memories, args.topk, shared=True)
+        return {'host': floor.count(host, batch, seq_len), 'mom_wrap': mom, 'fla_mom': mom}
+    except Exception as e:  # the measurements do not depend on it
+        print(f"no floor: {type(e).__name__}: {e}")
+        return {}
+
+
 def run_case(made, args, batch, seq_len, rec):
     """Measure every layer on B x T = ``batch`` x ``seq_len``, print the table and record the rows. A layer
     that runs out of memory (or fails) gets a row without numbers; the others are still measured."""
@@ -268,15 +290,32 @@ def run_case(made, args, batch, seq_len, rec):
     ref = {'ms': host_ms, 'peak_mib': host_mem}
     print(f"\n{torch.cuda.get_device_name()}  bf16  B x T = {batch} x {seq_len}  hidden {args.hidden}  "
           f"{args.heads} heads  M={args.memories} top-{args.topk} + shared")
-    print(f"{'layer':<36}{'fwd+bwd ms':>12}{'x host':>9}{'peak MiB':>11}{'x host':>9}")
+    floors, card = case_floors(args, batch, seq_len), floor.card_for(torch.cuda.get_device_name())
+    if floors and card is None:
+        print(f"no floor: floor.py has no peaks for {torch.cuda.get_device_name()!r} (it knows "
+              f"{', '.join(c.name for c in floor.CARDS.values())}); the rows get its FLOPs and bytes only")
+    print(f"{'layer':<36}{'fwd+bwd ms':>12}{'x host':>9}{'peak MiB':>11}{'x host':>9}{'floor ms':>10}{'x floor':>9}")
     for name, (ms, mem, status) in results.items():
         row = rec.add(name, role(name), args.host, case, ms, mem, status, ref=ref)
+        fl = floors.get(role(name))
+        if fl is not None:  # (the recorder wrote the row already: again with the floor)
+            row.update(fl.record(card))
+            if rec.path:
+                write_rows(rec.path, rec.rows)
+        floor_ms = None if fl is None or card is None else row['floor_ms']
+        floor_cells = (f"{floor_ms:>10.3f}" if floor_ms is not None else f"{'-':>10}",
+                       f"{ms / floor_ms:>9.1f}" if floor_ms and ms is not None else f"{'-':>9}")
         if ms is None:
-            print(f"{name:<36}{'-':>12}{'-':>9}{'-':>11}{'-':>9}  {status}")
+            print(f"{name:<36}{'-':>12}{'-':>9}{'-':>11}{'-':>9}{floor_cells[0]}{'-':>9}  {status}")
             continue
         cells = [f"{row['ratio']:>9.2f}" if row['ratio'] is not None else f"{'-':>9}",
                  f"{row['peak_ratio']:>9.2f}" if row['peak_ratio'] is not None else f"{'-':>9}"]
-        print(f"{name:<36}{ms:>12.2f}{cells[0]}{mem:>11.0f}{cells[1]}")
+        print(f"{name:<36}{ms:>12.2f}{cells[0]}{mem:>11.0f}{cells[1]}{floor_cells[0]}{floor_cells[1]}")
+    if floors and card is not None:
+        host_fl, mom_fl = floors['host'], floors['mom_wrap']
+        print(f"floor: max(FLOPs / {card.flops / 1e12:.0f} TFLOP/s, bytes / {card.bandwidth / 1e12:.2f} TB/s) on "
+              f"{card.name}, fwd+bwd; host {host_fl.flops() / 1e9:.0f} GFLOP {host_fl.bytes() / 1e9:.2f} GB, "
+              f"MoM {mom_fl.flops() / 1e9:.0f} GFLOP {mom_fl.bytes() / 1e9:.2f} GB (benchmarks/floor.py)")
     fla_mom = results.get('fla MomAttention', (None,))[0]
     for name, (ours, _, _) in results.items():
         if role(name) == 'mom_wrap' and ours is not None and fla_mom is not None:
@@ -305,6 +344,8 @@ def main():
                    help="one MoM layer per value with recurrence_parts=N over time (not the adapter's backward in "
                         "groups of segments)")
     p.add_argument('--json', metavar='PATH', help='write the rows as JSON (rewritten after every row)')
+    p.add_argument('--no-floor', action='store_true',
+                   help='leave out the floor (benchmarks/floor.py) beside each time')
     p.add_argument('--seq-lens', type=int, nargs='+', metavar='T',
                    help='sweep these lengths at --tokens tokens each (default with --plot: 2048 8192 16384 65536)')
     p.add_argument('--tokens', type=int, default=65536,
