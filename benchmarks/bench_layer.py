@@ -322,8 +322,8 @@ def run_case(made, args, batch, seq_len, rec):
             print(f"{name} vs fla MomAttention: {fla_mom / ours:.2f}x faster")
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def layer_args(p: argparse.ArgumentParser) -> None:
+    """The layer and case options this benchmark and floor.py share: the paper's layer, M=4 top-2, 8 x 2048."""
     p.add_argument('--host', default='GatedDeltaNet')
     p.add_argument('--batch', type=int, default=8)
     p.add_argument('--seq-len', type=int, default=2048)
@@ -332,6 +332,11 @@ def main():
     p.add_argument('--head-dim', type=int, default=256)
     p.add_argument('--memories', type=int, default=4)
     p.add_argument('--topk', type=int, default=2)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    layer_args(p)
     p.add_argument('--iters', type=int, default=20)
     p.add_argument('--profile', action='store_true', help='print the CUDA kernel table of the MoM layer')
     p.add_argument('--host-time', action='store_true',

@@ -405,20 +405,13 @@ def table(floors: list[Floor], cards: list[Card]) -> str:
 
 
 def main(argv=None):
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_layer import host_factory, layer_args  # the benchmark's layer sizes and options
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--host', default='GatedDeltaNet')
-    p.add_argument('--batch', type=int, default=8)
-    p.add_argument('--seq-len', type=int, default=2048)
-    p.add_argument('--hidden', type=int, default=1024)
-    p.add_argument('--heads', type=int, default=4)
-    p.add_argument('--head-dim', type=int, default=256)
-    p.add_argument('--memories', type=int, default=4)
-    p.add_argument('--topk', type=int, default=2)
+    layer_args(p)
     p.add_argument('--no-shared', action='store_true', help='no shared memory')
     p.add_argument('--card', choices=sorted(CARDS), nargs='+', default=sorted(CARDS))
     args = p.parse_args(argv)
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from bench_layer import host_factory  # the benchmark's layer sizes
     host = build(host_factory(args.host, args.hidden, args.heads, args.head_dim))
     floors = [count(host, args.batch, args.seq_len),
               count(host, args.batch, args.seq_len, args.memories, args.topk, not args.no_shared)]
