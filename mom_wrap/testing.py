@@ -383,7 +383,7 @@ def _gpu_checks(factory, name: str, interpret: bool, adapter_cls: type | None = 
             runs[backend] = [y.detach(), xi.grad] + [p.grad.clone() for p in mom.parameters()]
             mom.zero_grad()
         names = ['output', 'input grad'] + [f'{n} grad' for n, _ in mom.named_parameters()]
-        err, worst = max((_norm_err(a, b), n) for a, b, n in zip(runs['triton'], runs['torch'], names))
+        err, worst = max((norm_rel_err(a, b), n) for a, b, n in zip(runs['triton'], runs['torch'], names))
         results.append(Result(name, f'triton_vs_torch[{str(dtype)[6:]}]', err, GPU_TOL[dtype], f'worst: {worst}'))
     if interpret:  # in bf16: some hosts' chunk kernels refuse fp32 (fla 0.6's DeltaNet)
         host = factory().to('cuda', torch.bfloat16).train()
@@ -397,13 +397,15 @@ def _gpu_checks(factory, name: str, interpret: bool, adapter_cls: type | None = 
             y = adapter.convention.outputs(layer(xi, **adapter.example_inputs(x)))[0]
             y.backward(dy)
             outs.append((y.detach(), xi.grad))
-        err, worst = max((_norm_err(a, b), n) for a, b, n in zip(outs[1], outs[0], ('output', 'input grad')))
+        err, worst = max((norm_rel_err(a, b), n) for a, b, n in zip(outs[1], outs[0], ('output', 'input grad')))
         results.append(Result(name, 'one_memory_equals_host_training[bf16,T=2048]', err, GPU_TOL[torch.bfloat16],
                               f'worst: {worst}'))
     return results
 
 
-def _norm_err(a: torch.Tensor, b: torch.Tensor) -> float:
+def norm_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| (Frobenius, fp32): the GPU checks' measure, where TF32 and bf16 rounding spread over all
+    elements (``rel_err``, the largest element's error, is the exact checks')."""
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
 
 

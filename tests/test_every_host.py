@@ -20,7 +20,7 @@ import torch
 
 from mom_wrap import MixtureOfMemories
 from mom_wrap.adapters import adapter_for
-from mom_wrap.testing import _feed, routing_rounding, wrap
+from mom_wrap.testing import _feed, norm_rel_err, routing_rounding, wrap
 from tests import hosts
 from tests.test_layer import close
 
@@ -349,9 +349,6 @@ def test_gpu_triton_backend_equals_torch_backend_beyond_64_tokens(host, variant)
         mask[1, :40] = 0
         kw = {'attention_mask': mask}
 
-    def rel(a, b):
-        return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
-
     grads = {}
     for backend, parts in (('torch', 1), ('triton', 1), ('triton', 2)):
         mom.backend, mom.recurrence_parts = backend, parts
@@ -360,7 +357,7 @@ def test_gpu_triton_backend_equals_torch_backend_beyond_64_tokens(host, variant)
         grads[backend, parts] = {'x': xi.grad, **{n: p.grad.clone() for n, p in mom.named_parameters()}}
         mom.zero_grad()
     for key in (('triton', 1), ('triton', 2)):
-        errs = {n: rel(g, grads['torch', 1][n]) for n, g in grads[key].items()}
+        errs = {n: norm_rel_err(g, grads['torch', 1][n]) for n, g in grads[key].items()}
         assert max(errs.values()) < 5e-3, (key, errs)
     mom.eval()
     with torch.no_grad():
@@ -369,5 +366,5 @@ def test_gpu_triton_backend_equals_torch_backend_beyond_64_tokens(host, variant)
             mom.backend = backend
             full = run(mom, x, **kw)
             outs[backend], _ = run_chunks(mom, x, [150, 1, 1, 80, 1, 23], kw.get('attention_mask'))
-            assert rel(outs[backend], full) < 5e-3, backend
-        assert rel(outs['triton'], outs['torch']) < 5e-3
+            assert norm_rel_err(outs[backend], full) < 5e-3, backend
+        assert norm_rel_err(outs['triton'], outs['torch']) < 5e-3

@@ -16,6 +16,7 @@ from fla.layers import GatedDeltaNet
 
 from mom_wrap import MixtureOfMemories
 from mom_wrap.testing import host_syncs, recurrence_calls
+from mom_wrap.testing import norm_rel_err as rel_err
 
 pytestmark = pytest.mark.gpu
 TOL = {torch.float32: 5e-3, torch.bfloat16: 3e-2}
@@ -23,10 +24,6 @@ TOL = {torch.float32: 5e-3, torch.bfloat16: 3e-2}
 
 def host(dtype):
     return GatedDeltaNet(hidden_size=1024, head_dim=256, num_heads=4, expand_v=1, layer_idx=0).to('cuda', dtype)
-
-
-def rel_err(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
 
 
 def run(module, x, dy, **kw):

@@ -16,16 +16,13 @@ import torch
 from fla.layers import GatedDeltaNet
 
 from mom_wrap import MixtureOfMemories
+from mom_wrap.testing import norm_rel_err as rel_err  # (the GPU tests' measure)
 
 pytestmark = pytest.mark.gpu
 T = 65536
 TOL = {torch.float32: 5e-3, torch.bfloat16: 3e-2, torch.float16: 3e-2}
 STARVED = {'one_memory': [0, 1, 3], 'starved': [3]}  # memories that get no token (4: the shared one gets all)
 _REFERENCE = {}
-
-
-def rel_err(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
 
 
 def layer_and_input(routing):

@@ -22,7 +22,7 @@ from mom_wrap import MixtureOfMemories
 from mom_wrap.adapters import adapter_for
 from mom_wrap.adapters.gsa import from_fla_state, gsa_reference, to_fla_state
 from mom_wrap.dispatch import plan_dispatch
-from mom_wrap.testing import routed
+from mom_wrap.testing import rel_err, routed
 from tests.test_layer import HIDDEN, close, wrap
 
 needs_kernels = pytest.mark.skipif(os.environ.get('TRITON_INTERPRET') != '1' and not torch.cuda.is_available(),
@@ -413,11 +413,6 @@ def test_refused_replaced_modules():
 
 # ---- 4. GPU: fla's chunk_gsa (beyond 64 tokens), which the interpreter cannot run ------------------------------
 
-def _rel(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1)).item()
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize('kernel,lengths,K,V,M', [('chunk', [130, 64, 1, 200, 65], 16, 32, 16),
                                                   ('chunk', [130, 64, 1, 200, 65], 32, 64, 64),
@@ -453,7 +448,7 @@ def test_gpu_kernels_varlen_with_states_equal_the_reference(kernel, lengths, K, 
                                   initial_state=h0.double(), output_final_state=True)
         loss = (o.double() * wo).sum() + (ht.double() * wh).sum()
         res[name] = [o, ht, *torch.autograd.grad(loss, [q, k, v, fr, h0])]
-    errs = {n: _rel(a, b) for n, a, b in zip(['o', 'ht', 'dq', 'dk', 'dv', 'df', 'dh0'], *res.values())}
+    errs = {n: rel_err(a, b) for n, a, b in zip(['o', 'ht', 'dq', 'dk', 'dv', 'df', 'dh0'], *res.values())}
     assert max(errs.values()) < 5e-3, errs
 
 
@@ -494,6 +489,6 @@ def test_gpu_triton_backend_equals_torch_backend_beyond_64_tokens(kw):
             outs[backend] = torch.cat(o, 1), cache[0]['recurrent_state']
         full = mom(x, attention_mask=mask)[0]
     m = mask.bool()
-    assert _rel(outs['triton'][0][m], outs['torch'][0][m]) < 5e-3
-    assert _rel(outs['triton'][1], outs['torch'][1]) < 5e-3
-    assert _rel(outs['triton'][0][m], full[m]) < 5e-3
+    assert rel_err(outs['triton'][0][m], outs['torch'][0][m]) < 5e-3
+    assert rel_err(outs['triton'][1], outs['torch'][1]) < 5e-3
+    assert rel_err(outs['triton'][0][m], full[m]) < 5e-3
