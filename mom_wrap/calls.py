@@ -4,7 +4,8 @@ A wrapped layer takes and returns what its host does:
 
 * fla's layers: ``forward(hidden_states, attention_mask=None, past_key_values=None, use_cache=False,
   output_attentions=False, cu_seqlens=None, **host's own)`` -> ``(o, None, past_key_values, *host's own)``;
-* mamba-ssm's: ``forward(u, seqlen=None, seq_idx=None, cu_seqlens=None, inference_params=None)`` -> ``o``.
+* mamba-ssm's: ``forward(u, seqlen=None, seq_idx=None, cu_seqlens=None, inference_params=None)`` -> ``o``;
+  its Mamba3: ``forward(u, seq_idx=None, cu_seqlens=None, inference_params=None)`` -> ``o`` (no ``seqlen``).
 
 Each convention parses a call into a :class:`Call`, the wrapper's terms; an adapter names its host's
 convention (``HostAdapter.convention``).
@@ -146,3 +147,18 @@ class MambaConvention:
                 u = u.reshape(1, B * T, u.shape[-1])
         store = None if inference_params is None else InferenceParamsCache(inference_params)
         return Call(u, None, cu_seqlens, store, lambda o, extras: o.reshape(shape), argument='u')
+
+
+class Mamba3Convention(MambaConvention):
+    """mamba-ssm's Mamba3: as its other layers, but ``forward(u, seq_idx=None, cu_seqlens=None,
+    inference_params=None)``: no ``seqlen``, so ``seq_idx`` is the second positional argument. The layer packs
+    sequences with ``cu_seqlens`` (batch 1), which its kernel takes; it takes ``seq_idx`` and ignores it (mamba-ssm
+    2.3.2), where the wrapper packs by it as for Mamba2."""
+
+    @staticmethod
+    def packed_kwargs(cu_seqlens: torch.Tensor) -> dict:
+        return {'cu_seqlens': cu_seqlens}
+
+    @staticmethod
+    def parse(u, seq_idx=None, cu_seqlens=None, inference_params=None) -> Call:
+        return MambaConvention.parse(u, None, seq_idx, cu_seqlens, inference_params)

@@ -47,7 +47,8 @@ def interpret_on_cpu() -> None:
     """TRITON_INTERPRET=1 and ``first_config_only``; and for a mamba-ssm built without its CUDA extensions
     (``MAMBA_SKIP_CUDA_BUILD``): an empty ``selective_scan_cuda`` module (mamba-ssm 2.3 imports it with the
     package; only Mamba1 calls it) and ``torch.cuda.device`` as a no-op context (mamba-ssm's Triton kernels
-    enter the CUDA device of their input). Call it before Triton (and so fla, mamba-ssm or mom_wrap's
+    enter the CUDA device of their input); and mamba-ssm's Mamba3 kernels with Triton's exact functions for their PTX
+    approximations, without their casts to bf16 (``mom_wrap.kernels.mamba3_interpreter``). Call it before Triton (and so fla, mamba-ssm or mom_wrap's
     kernels) is imported."""
     import contextlib
     import importlib.util
@@ -60,3 +61,6 @@ def interpret_on_cpu() -> None:
     if 'selective_scan_cuda' not in sys.modules and importlib.util.find_spec('selective_scan_cuda') is None:
         sys.modules.setdefault('selective_scan_cuda', types.ModuleType('selective_scan_cuda'))
     torch.cuda.device = lambda *args, **kwargs: contextlib.nullcontext()
+    if importlib.util.find_spec('mamba_ssm') is not None:  # its Mamba3 kernels: PTX approximations, bf16 dots
+        from mom_wrap.kernels import mamba3_interpreter
+        mamba3_interpreter.install()

@@ -1,44 +1,35 @@
-"""Mamba3 as a host (mamba-ssm 2.3.2's ``mamba_ssm.modules.mamba3.Mamba3``, fla 0.6.0's ``fla.layers.mamba3.Mamba3``):
-what runs on the CPU, and an independent step reference of the SISO recurrence checked against the hosts' own
-kernels. No adapter yet (see the notes at the end of this docstring).
+"""MixtureOfMemories(mamba-ssm's Mamba3): mamba-ssm 2.3.2's ``mamba_ssm.modules.mamba3.Mamba3`` (SISO) as host, and
+what of it and of fla 0.6.0's ``fla.layers.mamba3.Mamba3`` runs on the CPU. The adapter: mom_wrap/adapters/mamba3.py.
 
-The recurrence (SISO; per sequence, per head h of H, state S [P, N]; sizes P = headdim, N = d_state, G = ngroups,
-A = num_rope_angles = (N * rope_fraction rounded down to even) / 2), from in_proj's rows
-[z | x | B | C | dd_dt | dd_A | trap | angles]:
-    B, C = RMSNorm(B), RMSNorm(C) per group (weight [N]);  k_t = B_t[group(h)] + B_bias[h],  q_t = C_t[...] + C_bias[h]
-    dt_t = softplus(dd_dt + dt_bias);  a_t = dt_t * clamp(-softplus(dd_A), max=-A_floor);  lam_t = sigmoid(trap)
-    theta_t = theta_{t-1} + pi * tanh(angles_t) * dt_t        [H, A] (the angle state; the kernels keep it mod 2 pi)
-    k~_t, q~_t = R(theta_t) k_t, R(theta_t) q_t: pairs (2i, 2i+1) for i < A rotated by theta_t[i], the rest as is
-    S_t = exp(a_t) * (S_{t-1} + dt_t (1 - lam_t) v_{t-1} k~_{t-1}^T) + dt_t lam_t v_t k~_t^T      (trapezoidal)
-    y_t = S_t q~_t + D v_t;  y = y * silu(z) (is_outproj_norm: y = RMSNormGated(y, z) per head, norm before gate)
-    out = out_proj(y)
-with v = x [H, P]. A fresh sequence starts from zeros; the host's cache keeps (theta, S, k~_last, v_last): four
-states, no conv state. The chunked kernel writes it as one scalar-decay scan (decay a, key k~ * (dt lam +
-dt_next (1 - lam_next)), dt_next = 0 at a sequence's end) with its diagonal taken at dt lam only, and folds
-dt_0 (1 - lam_0) v_in k_in^T into an initial state. MIMO (is_mimo, rank R): x and z go through per-head rank-R
-up-projections (mimo_x, mimo_z), B and C have R rows each, the state sums the R outer products, mimo_o folds the R
-outputs back; its rotation pairs (i, i + N/2) instead of (2i, 2i+1). Its kernels are TileLang only (not here).
+Oracles: an independent step reference of the recurrence (``step_reference``, below), held to the host's own chunked
+kernel; the real layer (its kernels under the interpreter, see below) over its options, with one memory; the naive
+per-memory loop written here from that step reference; the host's own final states after a prefill. The checks every
+host passes alike (cached generation, padding, packing, causality, gradients against finite differences):
+tests/test_every_host.py.
 
 What runs on the CPU (Triton's interpreter, tests/conftest.py):
 * Neither layer's kernels as shipped: mamba-ssm's Triton Mamba3 kernels call PTX ``cos.approx`` / ``sin.approx`` /
   ``tanh.approx`` through ``tl.inline_asm_elementwise``, which the interpreter refuses
-  (``test_layer_forward_on_cpu_needs_the_ptx_swap``). With those four functions swapped for Triton's exact ones in
-  the kernel modules (``swap_ptx_approximations``; nothing else changed), the chunked forward runs: batched, varlen
-  (cu_seqlens) and with per-sequence initial states (all four), and equals the step reference below in fp32.
+  (``test_layer_forward_on_cpu_needs_the_ptx_swap``). ``mom_wrap.interpret_on_cpu`` swaps those four functions
+  for Triton's exact ones in the kernel modules, and takes q, k, v, trap and angles to the kernels in their own dtype
+  instead of bf16 (the interpreter computes bf16 dots wrongly: ``test_interpreter_bf16_dot_is_wrong``); nothing
+  else changed (``mom_wrap.kernels.mamba3_interpreter``). Then the chunked forward runs: batched, varlen (cu_seqlens)
+  and with per-sequence initial states (all four), and equals the step reference below in fp32.
 * Its backward does not: ``compute_dzdo`` asserts CUDA tensors. Gradients of the kernels: GPU tests only.
 * Neither layer's decode: mamba-ssm's ``step`` and fla's need ``mamba3_step_fn`` (CuTe DSL, nvidia-cutlass-dsl +
   quack-kernels; not installed, CUDA only). The Triton rotary step (``apply_rotary_qk_inference_fwd``) runs and
   equals its own ``apply_rotary_qk_inference_reference``.
 * fla's layer has no PyTorch path: its ``forward`` raises NotImplementedError off CUDA, and it calls mamba-ssm's
-  kernels (without mamba-ssm it has none). Its ``cuda_kernels_forward`` runs on the CPU with the swap and equals
+  kernels (without mamba-ssm it has none). Its ``cuda_kernels_forward`` runs on the CPU (the swap) and equals
   mamba-ssm's layer with the same weights.
 * Host defects seen: mamba-ssm's ``step`` broadcasts B and C from ngroups to nheads with ``expand``, which fails
   for 1 < ngroups < nheads (fla's step repeats them); mamba-ssm's ``forward`` takes ``seq_idx`` and ignores it.
 
-The adapter is not built yet: its design (torch backend: this reference's decomposition into our scalar-decay
-reference; triton backend: ``mamba3_siso_combined`` with cu_seqlens and per-segment Input_States; the four
-states packed into one recurrent state per segment; a calling convention of its own, as the host's second
-positional argument is ``seq_idx``, not ``seqlen``) is in the report of this work.
+The adapter's design: each memory keeps its own clock and trapezoid (write side: x, B, dt, A, trap and the angles);
+the four states packed into one per segment; on the triton backend ``mamba3_siso_combined`` over every segment with
+cu_seqlens and per-segment input states (decode too: the host's own step needs CuTe); on the torch backend
+``mamba3_reference``, the trapezoid as one scalar-decay scan. A calling convention of its own
+(``mom_wrap.calls.Mamba3Convention``): the host's second positional argument is ``seq_idx``, not ``seqlen``.
 """
 import copy
 import math
@@ -55,70 +46,28 @@ except ImportError:  # collected all the same, and skipped
     Mamba3 = None
 
 interpreter = pytest.mark.skipif(os.environ.get('TRITON_INTERPRET') != '1', reason='needs TRITON_INTERPRET=1')
-KERNEL_MODULES = ('angle_dt', 'mamba3_siso_fwd', 'mamba3_siso_bwd', 'mamba3_siso_step')
 
 
 import triton  # noqa: E402  (Triton: a dependency of mamba-ssm's kernels and of mom_wrap's)
-import triton.language as tl  # noqa: E402  (visible to the jit functions below: module level)
-
-
-@triton.jit
-def cos_exact(x):
-    return tl.cos(x)
-
-
-@triton.jit
-def sin_exact(x):
-    return tl.sin(x)
-
-
-@triton.jit
-def tanh_exact(x):
-    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
-
-
-@triton.jit
-def sech2_exact(x):
-    t = 2.0 * tl.sigmoid(2.0 * x) - 1.0
-    return 1.0 - t * t
-
-
-EXACT = {'cos_approx': cos_exact, 'sin_approx': sin_exact, 'tanh_approx': tanh_exact, 'sech2_approx': sech2_exact}
+import triton.language as tl  # noqa: E402  (visible to the jit function below: module level)
 
 
 @pytest.fixture
-def swap_ptx_approximations(monkeypatch):
-    """mamba-ssm's Mamba3 Triton kernels with their PTX approximations (inline asm, which the interpreter refuses)
-    replaced by Triton's exact functions, in each kernel module's namespace (undone after the test)."""
+def ptx_approximations(monkeypatch):
+    """mamba-ssm's Mamba3 kernels as shipped: the swap that ``mom_wrap.interpret_on_cpu`` (conftest) made undone
+    for the test (``mom_wrap.kernels.mamba3_interpreter``)."""
     import importlib
-    for name in KERNEL_MODULES:
-        module = importlib.import_module(f'mamba_ssm.ops.triton.mamba3.{name}')
-        for fn, exact in EXACT.items():
-            if hasattr(module, fn):
-                monkeypatch.setattr(module, fn, exact)
 
-
-@pytest.fixture
-def fp32_kernels(monkeypatch, swap_ptx_approximations):
-    """Both layers' ``mamba3_siso_combined`` without its cast of q, k, v, z, trap and angles to bf16: Triton 3.9's
-    interpreter computes ``tl.dot`` of bf16 blocks wrongly (``test_interpreter_bf16_dot_is_wrong``), so on the CPU
-    the layers run their kernels in fp32; all else is the layers' own."""
-    from mamba_ssm.ops.triton.mamba3.mamba3_siso_combined import _Mamba3Function
-
-    def combined(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=None, Input_States=None, chunk_size=64,
-                 return_final_states=False, cu_seqlens=None):
-        return _Mamba3Function.apply(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z,
-                                     *(Input_States or (None,) * 4), cu_seqlens, chunk_size, return_final_states)
-    import fla.layers.mamba3
-    import mamba_ssm.modules.mamba3
-    monkeypatch.setattr(mamba_ssm.modules.mamba3, 'mamba3_siso_combined', combined)
-    monkeypatch.setattr(fla.layers.mamba3, 'mamba3_siso_combined', combined)
+    from mom_wrap.kernels.mamba3_interpreter import ORIGINALS
+    for (module, name), original in ORIGINALS.items():
+        monkeypatch.setattr(importlib.import_module(module), name, original)
 
 
 @interpreter
 def test_interpreter_bf16_dot_is_wrong():
     """The smallest reproduction of why the layers' bf16 kernels give garbage on the CPU (Triton 3.9's interpreter):
-    tl.dot of two bf16 16 x 16 blocks. Fails once the interpreter gets it right: then drop ``fp32_kernels``."""
+    tl.dot of two bf16 16 x 16 blocks. Fails once the interpreter gets it right: then drop
+    ``mom_wrap.kernels.mamba3_interpreter.combined_in_input_dtypes``."""
     @triton.jit
     def dot(X, Y, O, N: tl.constexpr):
         r = tl.arange(0, N)
@@ -234,7 +183,7 @@ def close(a, b, tol=2e-5):
 
 
 @interpreter
-def test_layer_forward_on_cpu_needs_the_ptx_swap():
+def test_layer_forward_on_cpu_needs_the_ptx_swap(ptx_approximations):
     """The smallest reproduction: the real layer's forward on the CPU stops at the PTX inline asm."""
     from triton.runtime.errors import InterpreterError
     layer = Mamba3(d_model=32, d_state=16, headdim=16, chunk_size=16, layer_idx=0)
@@ -244,7 +193,7 @@ def test_layer_forward_on_cpu_needs_the_ptx_swap():
 
 @interpreter
 @pytest.mark.parametrize('G,H,A', [(1, 2, 4), (2, 4, 4), (1, 2, 8)], ids=['default', 'groups', 'full_rope'])
-def test_host_kernel_equals_step_reference_in_fp32(swap_ptx_approximations, G, H, A):
+def test_host_kernel_equals_step_reference_in_fp32(G, H, A):
     """Two chunks and a ragged end; the four final states too."""
     inp = kernel_inputs(G=G, H=H, A=A)
     y, *states = run_kernel(inp)
@@ -254,7 +203,7 @@ def test_host_kernel_equals_step_reference_in_fp32(swap_ptx_approximations, G, H
 
 
 @interpreter
-def test_host_kernel_continues_per_sequence_states_and_packed_sequences(swap_ptx_approximations):
+def test_host_kernel_continues_per_sequence_states_and_packed_sequences():
     """Initial states per packed sequence (cu_seqlens): the step reference from the same states, sequence by
     sequence; the reference itself splits exactly (its chunks continue through its states)."""
     inp = kernel_inputs(Bn=2, T=12)
@@ -296,8 +245,9 @@ def make_host(**kw):
 
 @interpreter
 @pytest.mark.parametrize('kw', HOST_VARIANTS, ids=lambda kw: ','.join(f'{k}={v}' for k, v in kw.items()) or 'default')
-def test_real_layer_equals_layer_reference(fp32_kernels, kw):
-    """The real layer (its kernels in fp32: ``fp32_kernels``) = the reference from its parameters."""
+def test_real_layer_equals_layer_reference(kw):
+    """The real layer (its kernels in fp32 on the CPU: ``mom_wrap.kernels.mamba3_interpreter``) = the reference
+    from its parameters."""
     host = make_host(**kw)
     u = torch.randn(2, 20, 32)
     with torch.no_grad():
@@ -305,7 +255,7 @@ def test_real_layer_equals_layer_reference(fp32_kernels, kw):
 
 
 @interpreter
-def test_fla_layer_runs_mamba_ssm_kernels_and_refuses_the_cpu(fp32_kernels):
+def test_fla_layer_runs_mamba_ssm_kernels_and_refuses_the_cpu():
     """fla's layer with mamba-ssm's layer's weights: its kernel path (called past the CUDA check) = mamba-ssm's
     layer; its forward refuses the CPU."""
     from fla.layers.mamba3 import Mamba3 as FlaMamba3
@@ -373,3 +323,204 @@ def test_gpu_real_layer_generation_equals_full_forward():
             outs.append(host(u[:, t:t + 1], inference_params=params))
             params.seqlen_offset += 1
         close(torch.cat(outs, 1), full, tol=2e-2)
+
+
+# ---- the adapter: one memory against the real layer ---------------------------------------------------------
+
+def copies(host, backend):
+    from mom_wrap import MixtureOfMemories
+    return MixtureOfMemories(copy.deepcopy(host), num_memories=1, topk=1, shared_memory=False, init='copy',
+                             backend=backend).eval()
+
+
+@interpreter
+@pytest.mark.parametrize('kw', HOST_VARIANTS, ids=lambda kw: ','.join(f'{k}={v}' for k, v in kw.items()) or 'default')
+def test_one_memory_equals_real_host(kw):
+    """M=1 copies, both backends, = the real layer (its kernels in fp32 on the CPU); and packed sequences
+    (cu_seqlens, the host's way to pack)."""
+    host = make_host(**kw)
+    u = torch.randn(2, 20, 32)
+    packed, cu = u[:, :13].reshape(1, 26, 32), torch.tensor([0, 9, 26], dtype=torch.int32)
+    with torch.no_grad():
+        want, want_packed = host(u), host(packed, cu_seqlens=cu)
+        for backend in ('torch', 'triton'):
+            mom = copies(host, backend)
+            close(mom(u), want, tol=1e-5)
+            close(mom(packed, cu_seqlens=cu), want_packed, tol=1e-5)
+
+
+@interpreter
+@pytest.mark.parametrize('backend', ['torch', 'triton'])
+def test_prefill_states_are_the_hosts(backend):
+    """A prompt through InferenceParams: the M=1 wrapper's packed states [B, 1, H, P * N + N + P + A] unpack to the
+    host's four (its SSM state, last rotated key, last value, angle: the kernel's, mod 2 pi)."""
+    from mamba_ssm.utils.generation import InferenceParams
+
+    from mom_wrap.adapters.mamba3 import unpack_states
+    host = make_host(ngroups=2)
+    u = torch.randn(2, 19, 32)
+    with torch.no_grad():
+        params = InferenceParams(max_seqlen=32, max_batch_size=2)
+        host(u, inference_params=params)
+        mom = copies(host, backend)
+        mine = InferenceParams(max_seqlen=32, max_batch_size=2)
+        mom(u, inference_params=mine)
+    angle, ssm, k, v = params.key_value_memory_dict[0]
+    packed = mine.key_value_memory_dict[0]['recurrent']
+    assert packed.shape == (2, 1, host.nheads, 16 * 16 + 16 + 16 + 4)
+    S, k_mine, v_mine, theta = unpack_states(packed[:, 0], 16, 16)
+    for a, b in [(S, ssm), (k_mine, k[:, 0]), (v_mine, v), (theta.cos(), angle.cos()), (theta.sin(), angle.sin())]:
+        close(a, b, tol=1e-5)
+
+
+# ---- routed memories against the naive loop -----------------------------------------------------------------
+
+def memory_output(host, w, C):
+    """One memory over its tokens: w its write side (name -> [T, out], ``mom_wrap.testing.memory_write``), C [T, G, N]
+    the tokens' normed C -> [T, H, P], through ``step_reference`` in fp64."""
+    T = C.shape[0]
+    H, P, N, G = host.nheads, host.headdim, host.d_state, host.num_bc_heads
+    B = rms(w['B'].double().unflatten(-1, (G, N)), host.B_norm.weight.double(), host.B_norm.eps)
+    dt = F.softplus(w['dt'].double() + host.dt_bias.double())
+    adt = (-F.softplus(w['A'].double())).clamp(max=-host.A_floor) * dt
+    angles = w['angles'].double()[:, None].expand(T, H, -1)
+    y, _ = step_reference(C[None], B[None], w['x'].double().view(1, T, H, P), adt.T[None], dt.T[None],
+                          w['trap'].double().T[None], host.C_bias[:, 0].double(), host.B_bias[:, 0].double(),
+                          angles[None], host.D.double())
+    return y[0]
+
+
+def naive_mom(mom, x):
+    """MoM over x [B, T, hidden], one batch row and one memory at a time, routing written out; fp64 from the
+    projections on."""
+    from mom_wrap.testing import memory_write, routed
+    host, M = mom.host, mom.num_memories
+    H, P, N, G = host.nheads, host.headdim, host.d_state, host.num_bc_heads
+    out = []
+    for xb in x:
+        T = xb.shape[0]
+        top_p, top_i = routed(F.linear(xb.float(), mom.router.weight.float()).softmax(-1), mom.topk)
+        z, C = F.linear(xb, host.mom_read_proj.weight).double().split([host.d_inner, G * N], -1)
+        C = rms(C.unflatten(-1, (G, N)), host.C_norm.weight.double(), host.C_norm.eps)
+        o = torch.zeros(T, H, P, dtype=torch.float64)
+        for e in range(M + int(mom.shared_memory)):
+            if e < M:
+                sel = (top_i == e).any(-1).nonzero().squeeze(1)
+                weight = (top_p * (top_i == e)).sum(-1)[sel].double()
+            else:
+                sel, weight = torch.arange(T), torch.ones(T, dtype=torch.float64)
+            if sel.numel():
+                y = memory_output(host, memory_write(mom, {'x': xb[sel]}, e), C[sel])
+                o = o.index_add(0, sel, weight[:, None, None] * y)
+        if host.is_outproj_norm:
+            y = rms(o, 1.0, host.norm.eps).flatten(1) * host.norm.weight.double() * F.silu(z)
+        else:
+            y = o.flatten(1) * F.silu(z)
+        out.append(F.linear(y.to(x.dtype), host.out_proj.weight))
+    return torch.stack(out)
+
+
+def mom_mamba3(shared=True, **kw):
+    from mom_wrap.testing import wrap
+    return wrap(make_host(**kw), shared=shared).eval()
+
+
+@pytest.mark.parametrize('kw,shared', [({}, True), ({}, False), (dict(ngroups=2), True),
+                                       (dict(is_outproj_norm=True), True), (dict(rope_fraction=1.0), False)],
+                         ids=['default', 'no_shared', 'ngroups2', 'outproj_norm', 'full_rope'])
+def test_matches_naive_per_memory_loop(kw, shared):
+    mom = mom_mamba3(shared=shared, **kw)
+    x = torch.randn(2, 15, 32)
+    with torch.no_grad():
+        close(mom(x), naive_mom(mom, x))
+
+
+@interpreter
+def test_triton_backend_matches_naive_per_memory_loop():
+    """The host's kernel over the routed segments (forward: its backward needs CUDA)."""
+    mom = mom_mamba3(ngroups=2)
+    mom.backend = 'triton'
+    x = torch.randn(2, 15, 32)
+    with torch.no_grad():
+        close(mom(x), naive_mom(mom, x))
+
+
+def test_torch_backend_is_exact_in_fp64():
+    mom = mom_mamba3(is_outproj_norm=True, ngroups=2).double()
+    x = torch.randn(2, 13, 32, dtype=torch.float64)
+    with torch.no_grad():
+        close(mom(x), naive_mom(mom, x), tol=1e-12)
+
+
+def test_every_parameter_gets_the_naive_loops_gradient():
+    mom = mom_mamba3(is_outproj_norm=True).train()
+    x = torch.randn(2, 9, 32)
+    mom(x).square().mean().backward()
+    ref = copy.deepcopy(mom)
+    ref.zero_grad()
+    naive_mom(ref, x).square().mean().backward()
+    want = dict(ref.named_parameters())
+    for name, p in mom.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+        if name != 'router.weight':  # (the naive loop routes in fp32 without the router's straight path)
+            close(p.grad, want[name].grad, tol=1e-4)
+
+
+def test_reference_equals_step_reference_over_packed_segments_from_states():
+    """``mamba3_reference`` (the trapezoid as one scalar-decay scan) = the step loop, segment by segment, each from
+    its own four states, in fp64; its final states the loop's (angle mod 2 pi)."""
+    from mom_wrap.adapters.mamba3 import mamba3_reference, pack_states, unpack_states
+    inp = {n: t.double() for n, t in kernel_inputs(Bn=2, T=12, G=2, H=4, A=4).items()}
+    lengths = (5, 12)
+    g = torch.Generator().manual_seed(1)
+    states = [torch.randn(2, 4, 4, generator=g), 0.1 * torch.randn(2, 4, 16, 16, generator=g),
+              torch.randn(2, 4, 16, generator=g), torch.randn(2, 4, 16, generator=g)]
+    states = [s.double() for s in states]
+    rows = lambda t, b, n: t[b, :n] if t.dim() == 4 else t[b, :, :n].T  # noqa: E731  ([T, ...] per slot)
+    flat = {n: torch.cat([rows(inp[n], b, lengths[b]) for b in range(2)])
+            for n in ('q', 'k', 'v', 'adt', 'dt', 'trap', 'angles')}
+    theta, S, k, v = states
+    y, final = mamba3_reference(**flat, q_bias=inp['q_bias'], k_bias=inp['k_bias'], D=inp['D'],
+                                cu_seqlens=torch.tensor([0, 5, 17]), initial_state=pack_states(S, k, v, theta),
+                                output_final_state=True)
+    S_f, k_f, v_f, theta_f = unpack_states(final, 16, 16)
+    for b, n in enumerate(lengths):
+        piece = {name: t[b:b + 1, :n] if name in TIME_SECOND else t if name in SHARED else t[b:b + 1, :, :n]
+                 for name, t in inp.items() if name != 'z'}
+        want, (w_theta, w_S, w_k, w_v) = step_reference(**piece, states=[s[b:b + 1] for s in states])
+        close(y[sum(lengths[:b]):sum(lengths[:b + 1])], want[0], tol=1e-12)
+        close_states([theta_f[b:b + 1], S_f[b:b + 1], k_f[b:b + 1], v_f[b:b + 1]], [w_theta, w_S, w_k, w_v], 1e-12)
+
+
+# ---- the split, the convention and the refusals -------------------------------------------------------------
+
+def test_write_side_moves_out_of_the_host():
+    mom = mom_mamba3(ngroups=2)
+    names = {n for n, _ in mom.named_parameters()}
+    assert not any(n.startswith('host.in_proj') for n in names)
+    assert mom.host.mom_read_proj.out_features == 64 + 2 * 16 and mom.host.mom_read_proj.bias is None
+    assert mom.memories.names == ['x', 'B', 'dt', 'A', 'trap', 'angles']
+    assert mom.memories.out_features == [64, 32, 4, 4, 4, 4] and not mom.memories.conv
+    assert mom._adapter.state_shape() == (4, 16 * 16 + 16 + 16 + 4) and mom._adapter.read_conv_shapes() == {}
+
+
+def test_seq_idx_is_the_second_positional_argument_and_packs():
+    """The host's call: ``forward(u, seq_idx, cu_seqlens, inference_params)``. The wrapper packs by seq_idx (the
+    host takes and ignores it) as by the cu_seqlens the host packs with."""
+    mom = mom_mamba3()
+    u = torch.randn(1, 14, 32)
+    seq_idx = torch.tensor([[0] * 6 + [1] * 8], dtype=torch.int32)
+    with torch.no_grad():
+        by_idx = mom(u, seq_idx)
+        close(by_idx, mom(u, cu_seqlens=torch.tensor([0, 6, 14], dtype=torch.int32)), tol=1e-6)
+        close(by_idx[:, 6:], mom(u[:, 6:]), tol=1e-5)
+    with pytest.raises(TypeError, match='seqlen'):
+        mom(u, seqlen=14)
+
+
+def test_mimo_is_refused_by_name():
+    from mom_wrap import MixtureOfMemories
+    host = make_host()
+    host.is_mimo = True  # (a MIMO layer needs TileLang to be made)
+    with pytest.raises(ValueError, match='is_mimo'):
+        MixtureOfMemories(host, num_memories=2, topk=1)

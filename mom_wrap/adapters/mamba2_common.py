@@ -54,7 +54,7 @@ def gated_rms_norm(y, z, weight, bias, eps: float, group_size: int | None, norm_
     return out * F.silu(z) if norm_before_gate else out
 
 
-def _rows(linear: nn.Linear, start: int, stop: int) -> nn.Linear:
+def linear_rows(linear: nn.Linear, start: int, stop: int) -> nn.Linear:
     """A new nn.Linear holding rows [start, stop) of ``linear`` (weight and bias)."""
     w = linear.weight
     out = nn.Linear(w.shape[1], stop - start, bias=linear.bias is not None, device=w.device, dtype=w.dtype)
@@ -112,14 +112,14 @@ class Mamba2Common(HostAdapter):
 
     def write_projections(self):
         h = self.host
-        return [WriteProjection(n, _rows(h.in_proj, *self.in_rows[n]), _channels(h.conv1d, *self.conv_channels[n]))
-                for n in ('x', 'B')] + [WriteProjection('dt', _rows(h.in_proj, *self.in_rows['dt']))]
+        return [WriteProjection(n, linear_rows(h.in_proj, *self.in_rows[n]),
+                                _channels(h.conv1d, *self.conv_channels[n])) for n in ('x', 'B')] + [WriteProjection('dt', linear_rows(h.in_proj, *self.in_rows['dt']))]
 
     def detach_write_side(self):
         """Replace in_proj and conv1d by the read side's rows (z0, x0, z, C) and C channels."""
         h = self.host
-        read = _rows(h.in_proj, 0, 2 * self.d_mlp + self.d_ssm)
-        c = _rows(h.in_proj, *self.in_rows['C'])
+        read = linear_rows(h.in_proj, 0, 2 * self.d_mlp + self.d_ssm)
+        c = linear_rows(h.in_proj, *self.in_rows['C'])
         with torch.no_grad():  # one projection for the read side: [z0 | x0 | z | C]
             proj = nn.Linear(read.in_features, read.out_features + c.out_features, bias=read.bias is not None,
                              device=read.weight.device, dtype=read.weight.dtype)

@@ -18,8 +18,9 @@ PyTorch references of the recurrences (the ``torch`` backend; per segment, initi
 ``cu_seqlens``, most ``position`` too): ``gla_reference`` (gated linear attention: per-channel decay), ``linear_attn_reference`` (no decay; fla's feature-map norm),
 ``gsa_reference`` (gated slot attention: keys to slots, a softmax over the slots, slots to values),
 ``delta_rule_reference``
-(DeltaNet), ``gated_delta_rule_reference`` (GatedDeltaNet), ``rwkv6_reference``, ``rwkv7_reference``, and the
-scalar-decay recurrence of Mamba2's SSD (``scalar_decay_reference``).
+(DeltaNet), ``gated_delta_rule_reference`` (GatedDeltaNet), ``rwkv6_reference``, ``rwkv7_reference``, the
+scalar-decay recurrence of Mamba2's SSD (``scalar_decay_reference``) and Mamba3's trapezoid with rotary keys
+(``mamba3_reference``).
 
 Norms as fla's modules compute them, in PyTorch: ``rms_norm``, ``rms_norm_gated`` (fla's FusedRMSNormGated),
 ``l2norm``, ``group_norm`` (fla's GroupNorm of RWKV).
@@ -32,6 +33,7 @@ from mom_wrap.adapters.gated_deltanet import gated_delta_rule_reference
 from mom_wrap.adapters.gla import gla_reference
 from mom_wrap.adapters.gsa import gsa_reference
 from mom_wrap.adapters.linear_attention import linear_attn_reference
+from mom_wrap.adapters.mamba3 import mamba3_reference
 from mom_wrap.adapters.rwkv6 import rwkv6_reference
 from mom_wrap.adapters.rwkv7 import rwkv7_reference
 from mom_wrap.adapters.rwkv_common import group_norm
@@ -39,5 +41,5 @@ from mom_wrap.dispatch import combine, gather
 from mom_wrap.kernels.scalar_decay import scalar_decay_reference
 
 __all__ = ['combine', 'delta_rule_reference', 'gated_delta_rule_reference', 'gather', 'gla_reference', 'group_norm', 'gsa_reference',
-           'l2norm', 'linear_attn_reference', 'padded_segments', 'rms_norm', 'rms_norm_gated', 'rwkv6_reference', 'rwkv7_reference',
+           'l2norm', 'linear_attn_reference', 'mamba3_reference', 'padded_segments', 'rms_norm', 'rms_norm_gated', 'rwkv6_reference', 'rwkv7_reference',
            'scalar_decay_reference']
