@@ -12,27 +12,35 @@ from mom_wrap.adapters import HostAdapter, host_names
 
 # the top-level package of a host's class -> the marker of the tests that need it (only optional packages)
 OPTIONAL = {'mamba_ssm': pytest.mark.mamba_ssm}
+# hosts of another package whose kernels are mamba-ssm's (fla's Mamba3 layer calls them): marked as mamba-ssm's are
+KERNELS_FROM = {'fla.layers.mamba3.Mamba3': 'mamba_ssm'}
+# hosts whose own forward refuses the CPU (fla's Mamba3: NotImplementedError off CUDA): checks that run the real layer
+# (the parity suite) run them on a GPU only
+FORWARD_NEEDS_CUDA = {'fla.layers.mamba3.Mamba3'}
 
 # the host's short name (its class name; fla.Mamba2 beside mamba-ssm's Mamba2) -> its adapter, for every registered
 # adapter (also those whose package is missing)
 ADAPTERS: dict[str, type[HostAdapter]] = host_names()
 
 
-def marks(host: str | type[HostAdapter]) -> list:
-    """The markers of a test on ``host`` (a class name of ``ADAPTERS`` or an adapter class)."""
+def marks(host: str | type[HostAdapter], host_forward: bool = False) -> list:
+    """The markers of a test on ``host`` (a class name of ``ADAPTERS`` or an adapter class); ``host_forward``: the
+    test runs the real host layer (``gpu`` too where its forward refuses the CPU)."""
     adapter = ADAPTERS[host] if isinstance(host, str) else host
-    package = adapter.host_class.partition('.')[0]
-    return [OPTIONAL[package]] if package in OPTIONAL else []
+    package = KERNELS_FROM.get(adapter.host_class, adapter.host_class.partition('.')[0])
+    gpu = [pytest.mark.gpu] if host_forward and adapter.host_class in FORWARD_NEEDS_CUDA else []
+    return ([OPTIONAL[package]] if package in OPTIONAL else []) + gpu
 
 
-def param(host: str | type[HostAdapter], *values, id: str | None = None):
+def param(host: str | type[HostAdapter], *values, id: str | None = None, host_forward: bool = False):
     """``pytest.param(*values)`` (default: the host itself) with ``host``'s markers."""
-    return pytest.param(*(values or (host,)), marks=marks(host), id=id)
+    return pytest.param(*(values or (host,)), marks=marks(host, host_forward), id=id)
 
 
-def params(names=None) -> list:
-    """One parameter per host (class names, sorted; default: every registered one), each with its markers."""
-    return [param(name) for name in sorted(ADAPTERS if names is None else names)]
+def params(names=None, host_forward: bool = False) -> list:
+    """One parameter per host (class names, sorted; default: every registered one), each with its markers
+    (``host_forward``: for a test that runs the real host layer)."""
+    return [param(name, host_forward=host_forward) for name in sorted(ADAPTERS if names is None else names)]
 
 
 def adapter_params() -> list:
@@ -53,7 +61,14 @@ _RN = dict(hidden_size=64, num_heads=2, layer_idx=0)  # K = 32, V = 64 (the laye
 _GDN = dict(hidden_size=64, head_dim=16, num_heads=2, expand_v=2, layer_idx=0)
 _KDA = dict(hidden_size=64, head_dim=16, num_heads=2, expand_v=2, layer_idx=0)  # K = 16, V = 32, short convs
 _FM2 = dict(hidden_size=64, head_dim=16, state_size=16, chunk_size=16, layer_idx=0)  # fla's Mamba2: 8 heads of 16
+_M3 = dict(d_model=64, d_state=16, headdim=16, chunk_size=16, layer_idx=0)  # mamba-ssm's Mamba3: 8 heads of 16
+_FM3 = dict(hidden_size=64, state_size=16, head_dim=16, chunk_size=16, layer_idx=0)  # fla's Mamba3
 VARIANTS: dict[str, dict[str, dict]] = {
+    'Mamba3': {  # B and C in 2 groups with the per-head output norm; every pair of the state rotated, a wider state
+        'ngroups2_outproj_norm': dict(_M3, ngroups=2, is_outproj_norm=True),
+        'full_rope_state32': dict(_M3, rope_fraction=1.0, d_state=32),
+    },
+    'fla.Mamba3': {'bias_norm_eps': dict(_FM3, use_bias=True, norm_eps=1e-2)},
     'DeltaNet': {
         'no_beta_sum_relu_gate': dict(_DN, use_beta=False, qk_norm='sum', qk_activation='relu', use_gate=True),
         'neg_eigval_elu_conv_bias': dict(_DN, allow_neg_eigval=True, qk_activation='elu', conv_bias=True),

@@ -524,3 +524,81 @@ def test_mimo_is_refused_by_name():
     host.is_mimo = True  # (a MIMO layer needs TileLang to be made)
     with pytest.raises(ValueError, match='is_mimo'):
         MixtureOfMemories(host, num_memories=2, topk=1)
+
+
+# ---- fla's Mamba3 (its port of the layer: fla's convention, use_bias, norm_eps) ---------------------------------
+
+def make_fla_host(**kw):
+    from mom_wrap.adapters.mamba3_fla import FlaMamba3Adapter
+    cfg = dict(hidden_size=32, state_size=16, head_dim=16, chunk_size=16, layer_idx=0)
+    cfg.update(kw)
+    torch.manual_seed(0)
+    host = FlaMamba3Adapter.load_host_class()(**cfg)
+    with torch.no_grad():  # the parameters that start at a constant: make them count
+        for p in host.parameters():
+            if p.numel() > 1 and bool((p == p.flatten()[0]).all()):
+                p.add_(0.3 * torch.randn_like(p))
+    return host.eval()
+
+
+@pytest.fixture
+def fla_forward_on_cpu(monkeypatch):
+    """fla's Mamba3 forward without its refusal of the CPU: its own ``cuda_kernels_forward`` (the kernels under the
+    interpreter), packed sequences through cu_seqlens; no padding mask, and a cache left as it is (fla's model passes
+    one; the checks that use this compare full forwards only)."""
+    from fla.layers.mamba3 import Mamba3 as FlaMamba3
+
+    def forward(self, hidden_states, attention_mask=None, past_key_values=None, use_cache=False,
+                output_attentions=False, cu_seqlens=None, **kwargs):
+        assert attention_mask is None
+        return self.cuda_kernels_forward(hidden_states, cu_seqlens=cu_seqlens)[0], None, past_key_values
+    monkeypatch.setattr(FlaMamba3, 'forward', forward)
+
+
+FLA_OPTIONS = [{}, dict(use_bias=True, norm_eps=1e-2), dict(n_groups=2, is_outproj_norm=True, rope_fraction=1.0)]
+
+
+@interpreter
+@pytest.mark.parametrize('kw', FLA_OPTIONS, ids=lambda kw: ','.join(f'{k}={v}' for k, v in kw.items()) or 'default')
+def test_fla_one_memory_equals_real_host(kw):
+    """M=1 copies, both backends, = fla's layer (its kernel path, which its forward takes on CUDA), full and packed;
+    a prompt's states in fla's Cache = the layer's own (its use_cache path)."""
+    from fla.models.utils import Cache
+
+    from mom_wrap import MixtureOfMemories
+    from mom_wrap.adapters.mamba3 import unpack_states
+    host = make_fla_host(**kw)
+    u = torch.randn(2, 20, 32)
+    packed, cu = u[:, :13].reshape(1, 26, 32), torch.tensor([0, 9, 26], dtype=torch.int32)
+    with torch.no_grad():
+        want, (angle, ssm, k, v) = host.cuda_kernels_forward(u, use_cache=True)
+        want_packed = host.cuda_kernels_forward(packed, cu_seqlens=cu)[0]
+        for backend in ('torch', 'triton'):
+            mom = MixtureOfMemories(copy.deepcopy(host), num_memories=1, topk=1, shared_memory=False, init='copy',
+                                    backend=backend).eval()
+            cache = Cache()
+            close(mom(u, past_key_values=cache, use_cache=True)[0], want, tol=1e-5)
+            close(mom(packed, cu_seqlens=cu)[0], want_packed, tol=1e-5)
+            S, k_m, v_m, theta = unpack_states(cache[0]['recurrent_state'][:, 0], 16, 16)
+            for a, b in [(S, ssm), (k_m, k[:, 0]), (v_m, v), (theta.cos(), angle.cos()), (theta.sin(), angle.sin())]:
+                close(a, b, tol=1e-5)
+
+
+@interpreter
+def test_fla_parity_suite_and_models_on_cpu(fla_forward_on_cpu):
+    """The public parity suite on fla's Mamba3, its Mamba3ForCausalLM models included (``example_models``: M=1
+    copies keep the logits), with the layer's refusal of the CPU lifted (``fla_forward_on_cpu``); on a GPU the suite
+    runs the layer as it is (tests/test_parity.py)."""
+    from mom_wrap.adapters.mamba3_fla import FlaMamba3Adapter
+    from mom_wrap.testing import run_checks
+    results = run_checks(FlaMamba3Adapter.example_host, 'fla.Mamba3')
+    ran = {r.check for r in results}
+    assert {f'model_one_memory_equals_host[{m}]' for m in FlaMamba3Adapter.example_models()} <= ran, ran
+    assert not [r for r in results if not r.passed]
+
+
+def test_fla_forward_refuses_the_cpu():
+    """What the parity suite on the CPU meets without ``fla_forward_on_cpu`` (hence ``gpu`` there: tests/hosts.py)."""
+    host = make_fla_host()
+    with pytest.raises(NotImplementedError, match='CUDA'):
+        host(torch.randn(1, 4, 32))

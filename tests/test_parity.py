@@ -15,7 +15,7 @@ ADAPTERS = hosts.ADAPTERS
 
 
 @needs_host_kernels
-@pytest.mark.parametrize('host', hosts.params())
+@pytest.mark.parametrize('host', hosts.params(host_forward=True))
 def test_parity_suite_passes(host):
     adapter = ADAPTERS[host]
     results = testing.run_checks(adapter.example_host, host)

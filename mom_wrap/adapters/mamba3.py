@@ -1,4 +1,5 @@
-"""Adapter for mamba-ssm's ``Mamba3`` (SISO; mamba-ssm is optional: without it this adapter's host does not load).
+"""Adapter for mamba-ssm's ``Mamba3`` (SISO; mamba-ssm is optional: without it this adapter's host does not load), and
+the algorithm it shares with fla's port of the layer (``Mamba3Common``; fla's adapter: ``adapters/mamba3_fla.py``).
 
 The layer, per token (in_proj, no bias, fused as [z | x | B | C | dd_dt | dd_A | trap | angles]; H heads of P
 channels, state [P, N], G groups of B and C, A rotary angles):
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import importlib
 import math
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -108,20 +110,27 @@ def mamba3_reference(q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, cu_seqle
     return y.to(out_dtype), pack_states(S_out, k[ends], v[ends], torch.remainder(theta[ends], 2 * math.pi))
 
 
-@register_adapter
-class Mamba3Adapter(HostAdapter):
-    host_class = 'mamba_ssm.modules.mamba3.Mamba3'
-    convention = Mamba3Convention
+class Mamba3Common(HostAdapter):
+    """The Mamba3 algorithm over a host whose attributes ``dims`` names; not registered itself (no ``host_class``):
+    mamba-ssm's layer (``Mamba3Adapter``, below) and fla's port of it (``adapters/mamba3_fla.py``) compute the same
+    thing and name their sizes differently. Both name alike: in_proj (fla: with ``use_bias``, a bias), is_mimo,
+    num_rope_angles, A_floor, chunk_size, dt_bias, B_bias, C_bias, B_norm, C_norm, D, is_outproj_norm, norm and
+    out_proj."""
+
     write_modules = ('in_proj',)
     silent_projection = 'x'  # init="preserve": v = x = 0 writes nothing, and D x is zero
+    # size -> the host's attribute: H heads of P channels, state [P, N], G groups of B and C, d_inner = H P, and the
+    # layer's input width
+    dims: ClassVar[dict[str, str]]
 
     def __init__(self, host: nn.Module):
         super().__init__(host)
         if host.is_mimo:
             raise ValueError("is_mimo: Mamba3's MIMO form is not supported (its kernels are TileLang's only); wrap a "
                              "SISO layer (is_mimo=False)")
-        self.H, self.P, self.N, self.G = host.nheads, host.headdim, host.d_state, host.num_bc_heads
-        self.A, self.d_inner = host.num_rope_angles, host.d_inner
+        self.H, self.P, self.N, self.G, self.d_inner = (getattr(host, self.dims[s]) for s in ('H', 'P', 'N', 'G',
+                                                                                              'd_inner'))
+        self.A = host.num_rope_angles
         sizes = dict(z=self.d_inner, x=self.d_inner, B=self.G * self.N, C=self.G * self.N, dt=self.H, A=self.H,
                      trap=self.H, angles=self.A)
         offsets = [0, *torch.tensor(list(sizes.values())).cumsum(0).tolist()]
@@ -129,18 +138,7 @@ class Mamba3Adapter(HostAdapter):
 
     @property
     def hidden_size(self) -> int:
-        return self.host.d_model
-
-    @classmethod
-    def example_host(cls):
-        """Mamba3(d_model=64, d_state=16, headdim=16, chunk_size=16), layer 0: 8 heads, 4 rotary angles; its constant
-        parameters (D, B_bias, C_bias, the B and C norms' weights) redrawn (fixed seed)."""
-        host = cls.load_host_class()(d_model=64, d_state=16, headdim=16, chunk_size=16, layer_idx=0)
-        g = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            for p in (host.D, host.B_bias, host.C_bias, host.B_norm.weight, host.C_norm.weight):
-                p.add_(0.3 * torch.randn(p.shape, generator=g))
-        return host
+        return getattr(self.host, self.dims['hidden'])
 
     def write_projections(self):
         return [WriteProjection(n, linear_rows(self.host.in_proj, *self.in_rows[n])) for n in WRITE]
@@ -149,10 +147,12 @@ class Mamba3Adapter(HostAdapter):
         """Replace in_proj by the read side's rows: [z | C]."""
         h = self.host
         z, c = linear_rows(h.in_proj, *self.in_rows['z']), linear_rows(h.in_proj, *self.in_rows['C'])
-        proj = nn.Linear(z.in_features, z.out_features + c.out_features, bias=False, device=z.weight.device,
-                         dtype=z.weight.dtype)
+        proj = nn.Linear(z.in_features, z.out_features + c.out_features, bias=z.bias is not None,
+                         device=z.weight.device, dtype=z.weight.dtype)
         with torch.no_grad():
             proj.weight.copy_(torch.cat([z.weight, c.weight]))
+            if z.bias is not None:
+                proj.bias.copy_(torch.cat([z.bias, c.bias]))
         setattr(h, READ_PROJ, proj)
         super().detach_write_side()
 
@@ -218,3 +218,21 @@ class Mamba3Adapter(HostAdapter):
         else:
             y = (acc(y) * F.silu(acc(z))).to(y.dtype)
         return h.out_proj(y)
+
+
+@register_adapter
+class Mamba3Adapter(Mamba3Common):
+    host_class = 'mamba_ssm.modules.mamba3.Mamba3'
+    convention = Mamba3Convention
+    dims = dict(H='nheads', P='headdim', N='d_state', G='num_bc_heads', d_inner='d_inner', hidden='d_model')
+
+    @classmethod
+    def example_host(cls):
+        """Mamba3(d_model=64, d_state=16, headdim=16, chunk_size=16), layer 0: 8 heads, 4 rotary angles; its constant
+        parameters (D, B_bias, C_bias, the B and C norms' weights) redrawn (fixed seed)."""
+        host = cls.load_host_class()(d_model=64, d_state=16, headdim=16, chunk_size=16, layer_idx=0)
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in (host.D, host.B_bias, host.C_bias, host.B_norm.weight, host.C_norm.weight):
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+        return host
