@@ -245,13 +245,15 @@ def run_checks(factory: Callable[[], nn.Module], name: str | None = None, device
                dtype: torch.dtype = torch.float32, interpret: bool = True,
                progress: Callable[[Result], None] | None = None, adapter: type | None = None) -> list[Result]:
     """Every check for the host ``factory()`` builds; ``interpret``: the host's own forward can run here (CUDA,
-    or the CPU under TRITON_INTERPRET=1); without it the checks against the host layer are skipped.
+    or the CPU under TRITON_INTERPRET=1, where the adapter's ``host_forward_runs_on`` says it does); without it the
+    checks against the host layer are skipped.
     ``progress``, if given, is called with each :class:`Result` as soon as its check is done. ``adapter``: the
     adapter class to wrap with (as ``MixtureOfMemories(..., adapter=)``: a variant, or one not registered);
     default: the registered one."""
     host0 = factory().to(device, dtype)
     name = name or type(host0).__name__
     adapter_cls, adapter = adapter, adapter_for(host0, adapter)
+    interpret = interpret and adapter.host_forward_runs_on(torch.device(device))
 
     def wrap(host, **kw):
         return _wrap(host, adapter=adapter_cls, **kw)

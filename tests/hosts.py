@@ -14,9 +14,6 @@ from mom_wrap.adapters import HostAdapter, host_names
 OPTIONAL = {'mamba_ssm': pytest.mark.mamba_ssm}
 # hosts of another package whose kernels are mamba-ssm's (fla's Mamba3 layer calls them): marked as mamba-ssm's are
 KERNELS_FROM = {'fla.layers.mamba3.Mamba3': 'mamba_ssm'}
-# hosts whose own forward refuses the CPU (fla's Mamba3: NotImplementedError off CUDA): checks that run the real layer
-# (the parity suite) run them on a GPU only
-FORWARD_NEEDS_CUDA = {'fla.layers.mamba3.Mamba3'}
 
 # the host's short name (its class name; fla.Mamba2 beside mamba-ssm's Mamba2) -> its adapter, for every registered
 # adapter (also those whose package is missing)
@@ -25,10 +22,10 @@ ADAPTERS: dict[str, type[HostAdapter]] = host_names()
 
 def marks(host: str | type[HostAdapter], host_forward: bool = False) -> list:
     """The markers of a test on ``host`` (a class name of ``ADAPTERS`` or an adapter class); ``host_forward``: the
-    test runs the real host layer (``gpu`` too where its forward refuses the CPU)."""
+    test runs the real host layer (``gpu`` too where its forward refuses the CPU: ``host_forward_runs_on``)."""
     adapter = ADAPTERS[host] if isinstance(host, str) else host
     package = KERNELS_FROM.get(adapter.host_class, adapter.host_class.partition('.')[0])
-    gpu = [pytest.mark.gpu] if host_forward and adapter.host_class in FORWARD_NEEDS_CUDA else []
+    gpu = [pytest.mark.gpu] if host_forward and not adapter.host_forward_runs_on(torch.device('cpu')) else []
     return ([OPTIONAL[package]] if package in OPTIONAL else []) + gpu
 
 

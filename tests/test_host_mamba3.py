@@ -543,16 +543,18 @@ def make_fla_host(**kw):
 
 @pytest.fixture
 def fla_forward_on_cpu(monkeypatch):
-    """fla's Mamba3 forward without its refusal of the CPU: its own ``cuda_kernels_forward`` (the kernels under the
-    interpreter), packed sequences through cu_seqlens; no padding mask, and a cache left as it is (fla's model passes
-    one; the checks that use this compare full forwards only)."""
+    """fla's Mamba3 forward without its refusal of the CPU (and its adapter saying so): its own
+    ``cuda_kernels_forward`` (the kernels under the interpreter), packed sequences through cu_seqlens; no padding
+    mask, and a cache left as it is (fla's model passes one; the checks that use this compare full forwards only)."""
     from fla.layers.mamba3 import Mamba3 as FlaMamba3
 
     def forward(self, hidden_states, attention_mask=None, past_key_values=None, use_cache=False,
                 output_attentions=False, cu_seqlens=None, **kwargs):
         assert attention_mask is None
         return self.cuda_kernels_forward(hidden_states, cu_seqlens=cu_seqlens)[0], None, past_key_values
+    from mom_wrap.adapters.mamba3_fla import FlaMamba3Adapter
     monkeypatch.setattr(FlaMamba3, 'forward', forward)
+    monkeypatch.setattr(FlaMamba3Adapter, 'host_forward_runs_on', classmethod(lambda cls, device: True))
 
 
 FLA_OPTIONS = [{}, dict(use_bias=True, norm_eps=1e-2), dict(n_groups=2, is_outproj_norm=True, rope_fraction=1.0)]
@@ -598,7 +600,15 @@ def test_fla_parity_suite_and_models_on_cpu(fla_forward_on_cpu):
 
 
 def test_fla_forward_refuses_the_cpu():
-    """What the parity suite on the CPU meets without ``fla_forward_on_cpu`` (hence ``gpu`` there: tests/hosts.py)."""
+    """What the parity suite on the CPU would meet without ``fla_forward_on_cpu``: so the adapter says so
+    (``host_forward_runs_on``), and the suite leaves the checks against the layer out there (on the GPU it runs
+    them: tests/test_parity.py)."""
+    from mom_wrap.adapters.mamba3_fla import FlaMamba3Adapter
+    from mom_wrap.testing import run_checks
     host = make_fla_host()
     with pytest.raises(NotImplementedError, match='CUDA'):
         host(torch.randn(1, 4, 32))
+    assert not FlaMamba3Adapter.host_forward_runs_on(torch.device('cpu'))
+    assert FlaMamba3Adapter.host_forward_runs_on(torch.device('cuda'))
+    ran = {r.check for r in run_checks(FlaMamba3Adapter.example_host, 'fla.Mamba3')}
+    assert 'naive_loop[shared=True]' in ran and not any('host' in check for check in ran), ran

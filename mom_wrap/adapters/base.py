@@ -94,6 +94,13 @@ class HostAdapter:
         return self.host.hidden_size
 
     @classmethod
+    def host_forward_runs_on(cls, device: torch.device) -> bool:
+        """Whether the host layer's own forward runs on ``device`` (the parity suite's checks against the host run
+        only where it does). Grown for every host at once, for fla's Mamba3, whose forward refuses any device but
+        CUDA. Default: everywhere (on the CPU under Triton's interpreter)."""
+        return True
+
+    @classmethod
     def example_host(cls) -> nn.Module:
         """A small host layer (hidden 64, ``layer_idx=0`` or, where later layers have more to check, a later
         one; the host's default options otherwise): what ``mom_wrap.check`` runs the parity checks

@@ -28,6 +28,10 @@ class FlaMamba3Adapter(Mamba3Common):
                 hidden='hidden_size')
 
     @classmethod
+    def host_forward_runs_on(cls, device: torch.device) -> bool:
+        return device.type == 'cuda'  # fla's forward raises NotImplementedError elsewhere
+
+    @classmethod
     def example_host(cls):
         """Mamba3(hidden_size=64, state_size=16, head_dim=16, chunk_size=16), layer 0: 8 heads, 4 rotary angles; its
         constant parameters (D, B_bias, C_bias, the B and C norms' weights) redrawn (fixed seed)."""

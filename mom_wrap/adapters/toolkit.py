@@ -40,6 +40,7 @@ from mom_wrap.adapters.rwkv_common import group_norm
 from mom_wrap.dispatch import combine, gather
 from mom_wrap.kernels.scalar_decay import scalar_decay_reference
 
-__all__ = ['combine', 'delta_rule_reference', 'gated_delta_rule_reference', 'gather', 'gla_reference', 'group_norm', 'gsa_reference',
-           'l2norm', 'linear_attn_reference', 'mamba3_reference', 'padded_segments', 'rms_norm', 'rms_norm_gated', 'rwkv6_reference', 'rwkv7_reference',
+__all__ = ['combine', 'delta_rule_reference', 'gated_delta_rule_reference', 'gather', 'gla_reference',
+           'group_norm', 'gsa_reference', 'l2norm', 'linear_attn_reference', 'mamba3_reference',
+           'padded_segments', 'rms_norm', 'rms_norm_gated', 'rwkv6_reference', 'rwkv7_reference',
            'scalar_decay_reference']
