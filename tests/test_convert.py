@@ -15,7 +15,7 @@ import mom_wrap
 from mom_wrap import MixtureOfMemories, convert, set_balance_loss_weight
 from mom_wrap.wrapper import INITS
 from tests import hosts
-from tests.test_models import MODELS, host_model, host_slots
+from tests.test_models import MODELS, host_model, host_slots, model_params
 
 pytestmark = pytest.mark.skipif(os.environ.get('TRITON_INTERPRET') != '1' and not torch.cuda.is_available(),
                                 reason="fla's model norms and MLP need TRITON_INTERPRET=1 or CUDA")
@@ -23,7 +23,7 @@ needs_preserve = pytest.mark.skipif('preserve' not in INITS, reason='init="prese
 
 FAMILY = {'GatedDeltaNet': 'gated_deltanet', 'GatedLinearAttention': 'gla', 'DeltaNet': 'delta_net',
           'LinearAttention': 'linear_attn', 'GatedSlotAttention': 'gsa', 'MultiScaleRetention': 'retnet',
-          'HGRN2Attention': 'hgrn2', 'KimiDeltaAttention': 'kda', 'fla.Mamba2': 'mamba2',
+          'HGRN2Attention': 'hgrn2', 'KimiDeltaAttention': 'kda', 'fla.Mamba2': 'mamba2', 'fla.Mamba3': 'mamba3',
           'RWKV6Attention': 'rwkv6', 'RWKV7Attention': 'rwkv7'}  # host -> fla model_type
 SETTINGS = dict(num_memories=3, topk=2, shared_memory=True, balance_loss_weight=0.05)  # not the defaults
 
@@ -79,7 +79,7 @@ def mamba_model(**kw):
 
 # convert ------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize('host', sorted(MODELS))
+@pytest.mark.parametrize('host', model_params())
 def test_convert_wraps_every_host_layer(host):
     model = host_model(host)
     hosts = [getattr(block, name) for block, name in host_slots(model)]
@@ -150,7 +150,7 @@ def test_convert_errors():
 
 
 @needs_preserve
-@pytest.mark.parametrize('host', [*sorted(MODELS), hosts.param('Mamba2')])
+@pytest.mark.parametrize('host', [*model_params(host_forward=True), hosts.param('Mamba2')])
 def test_convert_default_preserves_the_logits(host):
     model = mamba_model() if host == 'Mamba2' else host_model(host)
     ids = torch.randint(0, 64, (2, 10))
@@ -171,7 +171,7 @@ def save_and_load(model, path, **kwargs):
     return loaded
 
 
-@pytest.mark.parametrize('host', sorted(MODELS))
+@pytest.mark.parametrize('host', model_params())
 def test_fla_round_trip(host, tmp_path):
     model = host_model(host)
     convert(model, init='copy', **SETTINGS)

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from mom_wrap import convert
 from tests import hosts
-from tests.test_models import MODELS, host_model
+from tests.test_models import host_model, model_params
 
 pytestmark = pytest.mark.skipif(os.environ.get('TRITON_INTERPRET') != '1' and not torch.cuda.is_available(),
                                 reason="fla's model norms and MLP need TRITON_INTERPRET=1 or CUDA")
@@ -59,7 +59,7 @@ def assert_close(got, want, tol):
 
 
 @pytest.mark.parametrize('dtype', DTYPES)
-@pytest.mark.parametrize('host', sorted(MODELS))
+@pytest.mark.parametrize('host', model_params(host_forward=True))
 def test_fla_fp32_checkpoint_loaded_in_half_converts_runs_saves_and_loads(host, dtype, tmp_path):
     from transformers import AutoModelForCausalLM
     model = separated(host_model(host)).to(DEVICE)

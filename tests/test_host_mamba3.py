@@ -612,3 +612,21 @@ def test_fla_forward_refuses_the_cpu():
     assert FlaMamba3Adapter.host_forward_runs_on(torch.device('cuda'))
     ran = {r.check for r in run_checks(FlaMamba3Adapter.example_host, 'fla.Mamba3')}
     assert 'naive_loop[shared=True]' in ran and not any('host' in check for check in ran), ran
+
+
+@interpreter
+def test_fla_model_convert_preserves_the_logits_and_one_memory_copies_keep_them(fla_forward_on_cpu):
+    """fla's Mamba3ForCausalLM (tests/test_models.py's): ``convert`` with its default init="preserve", and every layer
+    wrapped with M=1 copies, keep the model's logits (with the layer's refusal of the CPU lifted; on a GPU
+    tests/test_convert.py and tests/test_models.py run these on the layer as it is)."""
+    from mom_wrap import convert
+    from tests.test_models import host_model
+    ids = torch.randint(0, 64, (2, 10))
+    for init in ('preserve', 'copy'):
+        model = host_model('fla.Mamba3')
+        with torch.no_grad():
+            want = model(ids).logits
+            convert(model, **({} if init == 'preserve' else dict(num_memories=1, topk=1, shared_memory=False,
+                                                                  init='copy')))
+            assert model.config.mom['init'] == init
+            close(model(ids).logits, want, tol=1e-6)

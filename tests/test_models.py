@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from mom_wrap import MixtureOfMemories
+from tests import hosts
 from tests.test_generation import left_padded_prompts
 
 pytestmark = pytest.mark.skipif(os.environ.get('TRITON_INTERPRET') != '1' and not torch.cuda.is_available(),
@@ -22,12 +23,21 @@ MODELS = {  # host -> (config class, model class, config options beyond the comm
     'KimiDeltaAttention': ('KDAConfig', 'KDAForCausalLM', dict(head_dim=16, expand_v=2)),
     # fla's own Mamba2 (tests/hosts.py names it so beside mamba-ssm's): 2 heads of head_dim 64 (expand 2), state 16
     'fla.Mamba2': ('Mamba2Config', 'Mamba2ForCausalLM', dict(state_size=16, chunk_size=16)),
+    # fla's Mamba3: 2 heads of 64 (its model initialises dt_bias from the config's num_heads); its forward refuses the
+    # CPU: the checks of the plain model run on a GPU (``model_params``)
+    'fla.Mamba3': ('Mamba3Config', 'Mamba3ForCausalLM', dict(state_size=16, head_dim=64, chunk_size=16)),
     'DeltaNet': ('DeltaNetConfig', 'DeltaNetForCausalLM', {}),
     'RWKV6Attention': ('RWKV6Config', 'RWKV6ForCausalLM', dict(proj_low_rank_dim=8, gate_low_rank_dim=8)),
     # layer 0 returns v_first, layer 1 takes it; fuse_norm (the config's default): fla's GroupNorm and l2_norm
     'RWKV7Attention': ('RWKV7Config', 'RWKV7ForCausalLM', dict(head_dim=32, decay_low_rank_dim=8, a_low_rank_dim=8,
                                                                v_low_rank_dim=8, gate_low_rank_dim=8)),
 }
+
+
+def model_params(host_forward: bool = False) -> list:
+    """Every host of MODELS as a pytest parameter with its markers (tests/hosts.py; ``host_forward``: the test runs
+    the plain model, whose layers' own forward may refuse the CPU)."""
+    return [hosts.param(h, host_forward=host_forward) for h in sorted(MODELS)]
 
 
 def host_model(host):
@@ -87,13 +97,13 @@ def generate_matches_full_forwards(model, ids, mask, new):
     assert torch.equal(out.sequences, seq), (out.sequences, seq)
 
 
-@pytest.mark.parametrize('host', sorted(MODELS))
+@pytest.mark.parametrize('host', model_params())
 def test_wrapped_model_generate_equals_full_forward_greedy_decoding(host):
     ids, mask = left_padded_prompts([8, 5], 8)
     generate_matches_full_forwards(wrapped_model(host), ids, mask, new=4)
 
 
-@pytest.mark.parametrize('host', sorted(MODELS))
+@pytest.mark.parametrize('host', model_params(host_forward=True))
 def test_wrapped_model_with_one_memory_copies_equals_the_host_model(host):
     """Every attention layer wrapped with M=1 copying it: the model's logits stay the host model's (for RWKV7
     this covers v_first from layer 0 into layer 1)."""

@@ -27,6 +27,7 @@ refused.
 from __future__ import annotations
 
 import importlib
+import itertools
 import math
 from typing import ClassVar
 
@@ -133,7 +134,7 @@ class Mamba3Common(HostAdapter):
         self.A = host.num_rope_angles
         sizes = dict(z=self.d_inner, x=self.d_inner, B=self.G * self.N, C=self.G * self.N, dt=self.H, A=self.H,
                      trap=self.H, angles=self.A)
-        offsets = [0, *torch.tensor(list(sizes.values())).cumsum(0).tolist()]
+        offsets = [0, *itertools.accumulate(sizes.values())]  # (plain ints: models are built on the meta device)
         self.in_rows = {name: (offsets[i], offsets[i + 1]) for i, name in enumerate(sizes)}
 
     @property
