@@ -17,7 +17,7 @@ from fla.layers import DeltaNet
 from fla.models.utils import Cache
 from fla.ops.delta_rule.naive import delta_rule_recurrence
 
-from mom_wrap import MixtureOfMemories
+from mom_wrap import MixtureOfMemories, testing
 from mom_wrap.adapters.deltanet import DeltaNetAdapter, delta_rule_reference
 from mom_wrap.dispatch import plan_dispatch
 from mom_wrap.testing import routed
@@ -59,13 +59,10 @@ VARIANTS = {
 }
 
 
-def mom_dn(variant='default', num_memories=4, topk=2, shared=True, init='random', **kw):
-    mom = wrap(make_dn(**VARIANTS[variant]), num_memories=num_memories, topk=topk, shared_memory=shared,
-               init=init, **kw)
-    torch.nn.init.normal_(mom.router.weight, std=0.5)
-    for b in mom.memories.conv_bias.values():  # fresh conv biases are tiny; make them matter
-        torch.nn.init.normal_(b.data, std=0.3)
-    return mom
+def mom_dn(variant='default', num_memories=4, topk=2, shared=True, init='random', backend='torch'):
+    """The host wrapped with random memories (``mom_wrap.testing.wrap``: a router spread to route, fresh
+    biases redrawn), no balancing loss."""
+    return testing.wrap(make_dn(**VARIANTS[variant]), num_memories, topk, shared, init, backend)
 
 
 # ---- the naive per-memory loop -------------------------------------------------------------------------

@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from fla.layers.mamba2 import Mamba2
 from fla.models.utils import Cache
 
-from mom_wrap import MixtureOfMemories
+from mom_wrap import MixtureOfMemories, testing
 from mom_wrap.testing import routed, routing_rounding
 from tests.test_every_host import flat_states, run_chunks
-from tests.test_layer import HIDDEN, close, wrap
+from tests.test_layer import HIDDEN, close
 
 needs_kernels = pytest.mark.skipif(os.environ.get('TRITON_INTERPRET') != '1' and not torch.cuda.is_available(),
                                    reason="fla's gated norm needs TRITON_INTERPRET=1 or CUDA")
@@ -61,11 +61,9 @@ def make_host(**kw):
 
 
 def mom_mamba2(num_memories=4, topk=2, shared=True, **kw):
-    mom = wrap(make_host(**kw), num_memories=num_memories, topk=topk, shared_memory=shared, init='random')
-    torch.nn.init.normal_(mom.router.weight, std=0.5)
-    for b in mom.memories.conv_bias.values():  # make the memories' conv biases count
-        torch.nn.init.normal_(b.data, std=0.3)
-    return mom
+    """The host wrapped with random memories (``mom_wrap.testing.wrap``: a router spread to route, fresh biases
+    redrawn), no balancing loss."""
+    return testing.wrap(make_host(**kw), num_memories, topk, shared)
 
 
 def copies(host, backend):

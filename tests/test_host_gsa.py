@@ -18,7 +18,7 @@ from fla.layers import GatedSlotAttention
 from fla.models.utils import Cache
 from fla.ops.gsa.naive import naive_recurrent_gsa
 
-from mom_wrap import MixtureOfMemories
+from mom_wrap import MixtureOfMemories, testing
 from mom_wrap.adapters import adapter_for
 from mom_wrap.adapters.gsa import from_fla_state, gsa_reference, to_fla_state
 from mom_wrap.dispatch import plan_dispatch
@@ -60,13 +60,10 @@ def host_options(variant, conv):
     return {**VARIANTS[variant], **(CONV if conv else {})}
 
 
-def mom_gsa(variant='default', conv=True, num_memories=4, topk=2, shared=True, init='random', **kw):
-    mom = wrap(make_gsa(**host_options(variant, conv)), num_memories=num_memories, topk=topk, shared_memory=shared,
-               init=init, **kw)
-    torch.nn.init.normal_(mom.router.weight, std=0.5)
-    for b in mom.memories.conv_bias.values():  # fresh conv biases are tiny; make them matter
-        torch.nn.init.normal_(b.data, std=0.3)
-    return mom
+def mom_gsa(variant='default', conv=True, num_memories=4, topk=2, shared=True, init='random', backend='torch'):
+    """The host wrapped with random memories (``mom_wrap.testing.wrap``: a router spread to route, fresh
+    biases redrawn), no balancing loss."""
+    return testing.wrap(make_gsa(**host_options(variant, conv)), num_memories, topk, shared, init, backend)
 
 
 # ---- the naive per-memory loop -------------------------------------------------------------------------

@@ -56,13 +56,10 @@ def host_options(variant, conv):
     return {**VARIANTS[variant], **(CONV if conv else {})}
 
 
-def mom_hgrn2(variant='default', conv=False, num_memories=4, topk=2, shared=True, init='random', **kw):
-    mom = wrap(make_hgrn2(**host_options(variant, conv)), num_memories=num_memories, topk=topk, shared_memory=shared,
-               init=init, **kw)
-    torch.nn.init.normal_(mom.router.weight, std=0.5)
-    for b in mom.memories.conv_bias.values():  # fresh conv biases are tiny; make them matter
-        torch.nn.init.normal_(b.data, std=0.3)
-    return mom
+def mom_hgrn2(variant='default', conv=False, num_memories=4, topk=2, shared=True, init='random', backend='torch'):
+    """The host wrapped with random memories (``mom_wrap.testing.wrap``: a router spread to route, fresh
+    biases redrawn), no balancing loss."""
+    return testing.wrap(make_hgrn2(**host_options(variant, conv)), num_memories, topk, shared, init, backend)
 
 
 def lower_bound(kind, x=None):

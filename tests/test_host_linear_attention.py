@@ -19,7 +19,7 @@ from fla.models.utils import Cache
 from fla.modules.activations import elu_p1
 from fla.ops.linear_attn.naive import naive_recurrent_linear_attn
 
-from mom_wrap import MixtureOfMemories
+from mom_wrap import MixtureOfMemories, testing
 from mom_wrap.adapters import adapter_for
 from mom_wrap.adapters.linear_attention import linear_attn_reference
 from mom_wrap.dispatch import plan_dispatch
@@ -55,11 +55,10 @@ VARIANTS = {
 }
 
 
-def mom_la(variant='default', num_memories=4, topk=2, shared=True, init='random', **kw):
-    mom = wrap(make_la(**VARIANTS[variant]), num_memories=num_memories, topk=topk, shared_memory=shared, init=init,
-               **kw)
-    nn.init.normal_(mom.router.weight, std=0.5)
-    return mom
+def mom_la(variant='default', num_memories=4, topk=2, shared=True, init='random', backend='torch'):
+    """The host wrapped with random memories (``mom_wrap.testing.wrap``: a router spread to route, fresh
+    biases redrawn), no balancing loss."""
+    return testing.wrap(make_la(**VARIANTS[variant]), num_memories, topk, shared, init, backend)
 
 
 # ---- the naive per-memory loop -------------------------------------------------------------------------

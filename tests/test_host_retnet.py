@@ -20,7 +20,7 @@ from fla.models.utils import Cache
 from fla.modules.rotary.ops import rotary_embedding_ref
 from fla.ops.retention.naive import naive_retention
 
-from mom_wrap import MixtureOfMemories
+from mom_wrap import MixtureOfMemories, testing
 from mom_wrap.adapters import adapter_for
 from mom_wrap.adapters.retnet import _decode, _encode, retention_decay, retention_reference
 from mom_wrap.dispatch import plan_dispatch
@@ -53,11 +53,10 @@ VARIANTS = {
 LOOP_VARIANTS = [v for v in VARIANTS if v != 'short_conv']  # the naive loop below has no per-memory convs
 
 
-def mom_rn(variant='default', num_memories=4, topk=2, shared=True, init='random', **kw):
-    mom = wrap(make_rn(**VARIANTS[variant]), num_memories=num_memories, topk=topk, shared_memory=shared, init=init,
-               **kw)
-    nn.init.normal_(mom.router.weight, std=0.5)
-    return mom
+def mom_rn(variant='default', num_memories=4, topk=2, shared=True, init='random', backend='torch'):
+    """The host wrapped with random memories (``mom_wrap.testing.wrap``: a router spread to route, fresh
+    biases redrawn), no balancing loss."""
+    return testing.wrap(make_rn(**VARIANTS[variant]), num_memories, topk, shared, init, backend)
 
 
 def one_memory(host, backend):
