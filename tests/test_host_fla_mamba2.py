@@ -23,7 +23,7 @@ from fla.models.utils import Cache
 from mom_wrap import MixtureOfMemories, testing
 from mom_wrap.testing import routed, routing_rounding
 from tests.test_every_host import flat_states, run_chunks
-from tests.test_layer import HIDDEN, close
+from tests.test_layer import HIDDEN, assert_gradients_of_naive_loop, close
 
 needs_kernels = pytest.mark.skipif(os.environ.get('TRITON_INTERPRET') != '1' and not torch.cuda.is_available(),
                                    reason="fla's gated norm needs TRITON_INTERPRET=1 or CUDA")
@@ -266,15 +266,7 @@ def test_matches_naive_per_memory_loop(option, shared):
 def test_every_parameter_gets_the_naive_loops_gradient(option):
     mom = mom_mamba2(**{**OPTIONS, **GROUPS}[option]).train()
     x = torch.randn(2, 9, HIDDEN)
-    mom(x)[0].square().mean().backward()
-    ref = copy.deepcopy(mom)
-    ref.zero_grad()
-    naive_mom(ref, x).square().mean().backward()
-    want = dict(ref.named_parameters())
-    for name, p in mom.named_parameters():
-        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
-        if name != 'router.weight':  # (the naive loop routes in fp32 without the router's straight path)
-            close(p.grad, want[name].grad, tol=1e-4)
+    assert_gradients_of_naive_loop(mom, lambda m: m(x)[0], lambda m: naive_mom(m, x))
 
 
 def test_torch_backend_is_exact_in_fp64():

@@ -453,17 +453,10 @@ def test_torch_backend_is_exact_in_fp64():
 
 
 def test_every_parameter_gets_the_naive_loops_gradient():
+    from tests.test_layer import assert_gradients_of_naive_loop
     mom = mom_mamba3(is_outproj_norm=True).train()
     x = torch.randn(2, 9, 32)
-    mom(x).square().mean().backward()
-    ref = copy.deepcopy(mom)
-    ref.zero_grad()
-    naive_mom(ref, x).square().mean().backward()
-    want = dict(ref.named_parameters())
-    for name, p in mom.named_parameters():
-        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
-        if name != 'router.weight':  # (the naive loop routes in fp32 without the router's straight path)
-            close(p.grad, want[name].grad, tol=1e-4)
+    assert_gradients_of_naive_loop(mom, lambda m: m(x), lambda m: naive_mom(m, x))
 
 
 def test_reference_equals_step_reference_over_packed_segments_from_states():

@@ -33,6 +33,20 @@ def close(a, b, tol=2e-5):
     assert err <= tol * max(scale, 1.0), f"max abs err {err:.3e} (ref max {scale:.3e})"
 
 
+def assert_gradients_of_naive_loop(mom, run, naive, tol=1e-4):
+    """run(mom).square().mean() gives every parameter of ``mom`` a finite nonzero gradient, equal to the one
+    naive(copy of mom) gives (but the router's: a naive loop routes in fp32 without the router's straight path)."""
+    run(mom).square().mean().backward()
+    ref = copy.deepcopy(mom)
+    ref.zero_grad()
+    naive(ref).square().mean().backward()
+    want = dict(ref.named_parameters())
+    for name, p in mom.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+        if name != 'router.weight':
+            close(p.grad, want[name].grad, tol=tol)
+
+
 HOST_VARIANTS = [{}, dict(num_v_heads=4), dict(use_gate=False), dict(allow_neg_eigval=True),
                  dict(conv_bias=True), dict(use_short_conv=False)]
 

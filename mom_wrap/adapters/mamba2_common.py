@@ -54,6 +54,18 @@ def gated_rms_norm(y, z, weight, bias, eps: float, group_size: int | None, norm_
     return out * F.silu(z) if norm_before_gate else out
 
 
+def gate_or_norm(y: torch.Tensor, z: torch.Tensor, norm: nn.Module | None, backend: str) -> torch.Tensor:
+    """The read side's last step of both Mamba families: y [N, D] through the host's gated RMSNorm module ``norm``
+    with the gate z [N, D] (on the torch backend ``gated_rms_norm`` with the module's settings), or without a norm
+    y * silu(z); in y's dtype."""
+    if norm is None:
+        return (acc(y) * F.silu(acc(z))).to(y.dtype)
+    if backend == 'torch':
+        return gated_rms_norm(y, z, norm.weight, norm.bias, norm.eps, norm.group_size,
+                              norm.norm_before_gate).to(y.dtype)
+    return norm(y, z)
+
+
 def linear_rows(linear: nn.Linear, start: int, stop: int) -> nn.Linear:
     """A new nn.Linear holding rows [start, stop) of ``linear`` (weight and bias)."""
     w = linear.weight
@@ -195,15 +207,7 @@ class Mamba2Common(HostAdapter):
     def finish(self, o, read, backend):
         """o [N, H, P] -> [N, hidden]: the gated norm (or the z gate), the gated MLP part, out_proj."""
         h = self.host
-        y, z = o.flatten(1), read['z']
-        if h.rmsnorm:
-            if backend == 'torch':
-                n = h.norm
-                y = gated_rms_norm(y, z, n.weight, n.bias, n.eps, n.group_size, n.norm_before_gate).to(y.dtype)
-            else:
-                y = h.norm(y, z)
-        else:
-            y = (acc(y) * F.silu(acc(z))).to(y.dtype)
+        y = gate_or_norm(o.flatten(1), read['z'], h.norm if h.rmsnorm else None, backend)
         if self.d_mlp > 0:
             y = torch.cat([F.silu(read['z0']) * read['x0'], y], -1)
         return h.out_proj(y)

@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mom_wrap.adapters.base import HostAdapter, WriteProjection
-from mom_wrap.adapters.mamba2_common import gated_rms_norm, linear_rows
+from mom_wrap.adapters.mamba2_common import gate_or_norm, linear_rows
 from mom_wrap.adapters.registry import register_adapter
 from mom_wrap.calls import Mamba3Convention
 from mom_wrap.dispatch import gather
@@ -141,6 +141,16 @@ class Mamba3Common(HostAdapter):
     def hidden_size(self) -> int:
         return getattr(self.host, self.dims['hidden'])
 
+    @staticmethod
+    def redrawn(host: nn.Module) -> nn.Module:
+        """``host`` with the parameters it initialises to a constant (D, B_bias, C_bias, the B and C norms' weights)
+        moved off it (fixed seed): at a constant, a check could not see them. For the examples."""
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in (host.D, host.B_bias, host.C_bias, host.B_norm.weight, host.C_norm.weight):
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+        return host
+
     def write_projections(self):
         return [WriteProjection(n, linear_rows(self.host.in_proj, *self.in_rows[n])) for n in WRITE]
 
@@ -209,16 +219,7 @@ class Mamba3Common(HostAdapter):
     def finish(self, o, read, backend):
         """o [N, H, P] -> [N, hidden]: the gate silu(z) or the per-head gated norm, then out_proj."""
         h = self.host
-        y, z = o.flatten(1), read['z']
-        if h.is_outproj_norm:
-            if backend == 'torch':
-                n = h.norm
-                y = gated_rms_norm(y, z, n.weight, n.bias, n.eps, n.group_size, n.norm_before_gate).to(y.dtype)
-            else:
-                y = h.norm(y, z)
-        else:
-            y = (acc(y) * F.silu(acc(z))).to(y.dtype)
-        return h.out_proj(y)
+        return h.out_proj(gate_or_norm(o.flatten(1), read['z'], h.norm if h.is_outproj_norm else None, backend))
 
 
 @register_adapter
@@ -230,10 +231,5 @@ class Mamba3Adapter(Mamba3Common):
     @classmethod
     def example_host(cls):
         """Mamba3(d_model=64, d_state=16, headdim=16, chunk_size=16), layer 0: 8 heads, 4 rotary angles; its constant
-        parameters (D, B_bias, C_bias, the B and C norms' weights) redrawn (fixed seed)."""
-        host = cls.load_host_class()(d_model=64, d_state=16, headdim=16, chunk_size=16, layer_idx=0)
-        g = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            for p in (host.D, host.B_bias, host.C_bias, host.B_norm.weight, host.C_norm.weight):
-                p.add_(0.3 * torch.randn(p.shape, generator=g))
-        return host
+        parameters redrawn (``redrawn``)."""
+        return cls.redrawn(cls.load_host_class()(d_model=64, d_state=16, headdim=16, chunk_size=16, layer_idx=0))

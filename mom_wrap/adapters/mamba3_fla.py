@@ -34,13 +34,9 @@ class FlaMamba3Adapter(Mamba3Common):
     @classmethod
     def example_host(cls):
         """Mamba3(hidden_size=64, state_size=16, head_dim=16, chunk_size=16), layer 0: 8 heads, 4 rotary angles; its
-        constant parameters (D, B_bias, C_bias, the B and C norms' weights) redrawn (fixed seed)."""
-        host = cls.load_host_class()(hidden_size=64, state_size=16, head_dim=16, chunk_size=16, layer_idx=0)
-        g = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            for p in (host.D, host.B_bias, host.C_bias, host.B_norm.weight, host.C_norm.weight):
-                p.add_(0.3 * torch.randn(p.shape, generator=g))
-        return host
+        constant parameters redrawn (``redrawn``)."""
+        return cls.redrawn(cls.load_host_class()(hidden_size=64, state_size=16, head_dim=16, chunk_size=16,
+                                                 layer_idx=0))
 
     @classmethod
     def example_models(cls):

@@ -65,7 +65,7 @@ def retention_reference(q, k, v, cu_seqlens, position, initial_state=None, outpu
         S <- gamma_h S + k_t v_t^T;  o_t = scale q_t^T S
     Returns o [S, H, V] (dtype of v) and the final states [G, H, K, V] (fp32) or None.
     """
-    dtype, (S_, H, K), V = v.dtype, q.shape, v.shape[-1]
+    dtype, (_, H, K), V = v.dtype, q.shape, v.shape[-1]
     G = cu_seqlens.numel() - 1
     scale = K ** -0.5 if scale is None else scale
     segment, (q, k, v) = padded_segments(cu_seqlens, position, acc(q) * scale, acc(k), acc(v))
