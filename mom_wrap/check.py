@@ -82,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
             bar.set_description(name)
             rows = run_checks(adapter.example_host, name, device=args.device, progress=_progress(bar))
             tqdm.write(_table(rows, header=not results), file=sys.stdout)  # (clears the bar, then redraws it)
+            if not adapter.host_forward_runs_on(torch.device(args.device)):
+                tqdm.write(f"{name}: its own forward does not run on {args.device}: the checks against it were left "
+                           "out (they run with --device cuda)", file=sys.stdout)
             sys.stdout.flush()
             results += rows
     failed = sum(not r.passed for r in results)

@@ -592,19 +592,22 @@ def test_fla_parity_suite_and_models_on_cpu(fla_forward_on_cpu):
     assert not [r for r in results if not r.passed]
 
 
-def test_fla_forward_refuses_the_cpu():
+@interpreter
+def test_fla_forward_refuses_the_cpu(capsys):
     """What the parity suite on the CPU would meet without ``fla_forward_on_cpu``: so the adapter says so
-    (``host_forward_runs_on``), and the suite leaves the checks against the layer out there (on the GPU it runs
-    them: tests/test_parity.py)."""
+    (``host_forward_runs_on``), and ``python -m mom_wrap.check`` leaves the checks against the layer out there and
+    says so (on the GPU it runs them: tests/test_parity.py)."""
+    import mom_wrap.check as check
     from mom_wrap.adapters.mamba3_fla import FlaMamba3Adapter
-    from mom_wrap.testing import run_checks
     host = make_fla_host()
     with pytest.raises(NotImplementedError, match='CUDA'):
         host(torch.randn(1, 4, 32))
     assert not FlaMamba3Adapter.host_forward_runs_on(torch.device('cpu'))
     assert FlaMamba3Adapter.host_forward_runs_on(torch.device('cuda'))
-    ran = {r.check for r in run_checks(FlaMamba3Adapter.example_host, 'fla.Mamba3')}
-    assert 'naive_loop[shared=True]' in ran and not any('host' in check for check in ran), ran
+    assert check.main(['fla.Mamba3', '--device', 'cpu']) == 0
+    out = capsys.readouterr().out
+    assert 'naive_loop[shared=True]' in out and 'equals_host' not in out
+    assert "fla.Mamba3: its own forward does not run on cpu: the checks against it were left out" in out
 
 
 @interpreter
