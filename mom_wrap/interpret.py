@@ -47,9 +47,9 @@ def interpret_on_cpu() -> None:
     """TRITON_INTERPRET=1 and ``first_config_only``; and for a mamba-ssm built without its CUDA extensions
     (``MAMBA_SKIP_CUDA_BUILD``): an empty ``selective_scan_cuda`` module (mamba-ssm 2.3 imports it with the
     package; only Mamba1 calls it) and ``torch.cuda.device`` as a no-op context (mamba-ssm's Triton kernels
-    enter the CUDA device of their input); and mamba-ssm's Mamba3 kernels with Triton's exact functions for their PTX
-    approximations, without their casts to bf16 (``mom_wrap.kernels.mamba3_interpreter``). Call it before Triton (and so fla, mamba-ssm or mom_wrap's
-    kernels) is imported."""
+    enter the CUDA device of their input); and mamba-ssm's Mamba3 kernels with Triton's exact functions for their
+    PTX approximations, without their casts to bf16 (``mom_wrap.kernels.mamba3_interpreter``). Call it before Triton
+    (and so fla, mamba-ssm or mom_wrap's kernels) is imported."""
     import contextlib
     import importlib.util
     import types

@@ -124,8 +124,9 @@ class Mamba2Common(HostAdapter):
 
     def write_projections(self):
         h = self.host
-        return [WriteProjection(n, linear_rows(h.in_proj, *self.in_rows[n]),
-                                _channels(h.conv1d, *self.conv_channels[n])) for n in ('x', 'B')] + [WriteProjection('dt', linear_rows(h.in_proj, *self.in_rows['dt']))]
+        convolved = [WriteProjection(n, linear_rows(h.in_proj, *self.in_rows[n]),
+                                     _channels(h.conv1d, *self.conv_channels[n])) for n in ('x', 'B')]
+        return convolved + [WriteProjection('dt', linear_rows(h.in_proj, *self.in_rows['dt']))]
 
     def detach_write_side(self):
         """Replace in_proj and conv1d by the read side's rows (z0, x0, z, C) and C channels."""
