@@ -1,6 +1,6 @@
 """The host layers the tests run on, as pytest parameters: every registered adapter, installed or not, marked with
-the optional package its host needs (``mamba_ssm`` for mamba-ssm's Mamba2), which tests/conftest.py skips where
-that package is missing. A test over hosts takes its parameters from here, so that no test needs a rule of its own
+the optional package its host needs (``mamba_ssm`` for mamba-ssm's Mamba2 and Mamba3, and for fla's Mamba3, whose
+kernels are mamba-ssm's), which tests/conftest.py skips where that package is missing. A test over hosts takes its parameters from here, so that no test needs a rule of its own
 for an optional host (README's quick start runs without mamba-ssm; `python -m pytest -m mamba_ssm` runs them).
 """
 from __future__ import annotations

@@ -626,3 +626,23 @@ def test_fla_model_convert_preserves_the_logits_and_one_memory_copies_keep_them(
                                                                   init='copy')))
             assert model.config.mom['init'] == init
             close(model(ids).logits, want, tol=1e-6)
+
+
+@interpreter
+def test_fla_without_mamba_ssm_the_torch_backend_runs_and_triton_names_what_is_missing(monkeypatch):
+    """With mamba-ssm unimportable (as where it is not installed): fla's Mamba3 wrapped trains and decodes on the
+    torch backend; the triton backend says that it needs mamba-ssm's kernels."""
+    import sys
+    host = make_fla_host()
+    for name in [m for m in sys.modules if m == 'mamba_ssm' or m.startswith('mamba_ssm.')] + ['mamba_ssm']:
+        monkeypatch.setitem(sys.modules, name, None)  # (an import of it raises ImportError)
+    from mom_wrap.testing import wrap
+    from tests.test_every_host import run_chunks
+    mom = wrap(host)
+    x = torch.randn(2, 6, 32)
+    mom.train()(x)[0].sum().backward()
+    with torch.no_grad():
+        run_chunks(mom.eval(), x, [4, 1, 1])
+    mom.backend = 'triton'
+    with pytest.raises(ImportError, match="backend: Mamba3's triton backend runs mamba-ssm's kernels"):
+        mom(x)

@@ -203,7 +203,11 @@ class Mamba3Common(HostAdapter):
             return mamba3_reference(C, B, x, adt, dt, write['trap'], q_bias, k_bias, angles, h.D,
                                     dispatch.cu_seqlens, initial_state, output_final_state)
         # looked up at each call: on the CPU, mom_wrap.interpret_on_cpu swaps in the interpreter's version
-        kernel = importlib.import_module('mamba_ssm.ops.triton.mamba3.mamba3_siso_combined').mamba3_siso_combined
+        try:
+            kernel = importlib.import_module('mamba_ssm.ops.triton.mamba3.mamba3_siso_combined').mamba3_siso_combined
+        except ImportError as e:  # (fla's Mamba3 without mamba-ssm: its own layer has no kernel either)
+            raise ImportError("backend: Mamba3's triton backend runs mamba-ssm's kernels (mamba3_siso_combined): "
+                              "install mamba-ssm (pip install \"mom_wrap[mamba]\"), or use backend='torch'") from e
         states = None
         if initial_state is not None:
             S, k, v, theta = unpack_states(initial_state, self.P, self.N)
