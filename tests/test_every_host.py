@@ -333,7 +333,7 @@ def test_every_parameter_gradient_matches_finite_differences(host, variant):
 # ------------------------------------------------------------------------------------------ on the GPU
 
 @pytest.mark.gpu
-@pytest.mark.parametrize('host,variant', hosts.case_params(*hosts.SHORT_CONV))
+@pytest.mark.parametrize('host,variant', hosts.case_params(*hosts.SHORT_CONV, *hosts.GPU_MORE))
 def test_gpu_triton_backend_equals_torch_backend_beyond_64_tokens(host, variant):
     """On a GPU at T = 256, where the hosts' chunked kernels run (several of them do not under the interpreter):
     training with the triton backend in one recurrence call and in 2 parts over time equals the torch backend, output
