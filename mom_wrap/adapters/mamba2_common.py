@@ -66,14 +66,16 @@ def gate_or_norm(y: torch.Tensor, z: torch.Tensor, norm: nn.Module | None, backe
     return norm(y, z)
 
 
-def linear_rows(linear: nn.Linear, start: int, stop: int) -> nn.Linear:
-    """A new nn.Linear holding rows [start, stop) of ``linear`` (weight and bias)."""
-    w = linear.weight
-    out = nn.Linear(w.shape[1], stop - start, bias=linear.bias is not None, device=w.device, dtype=w.dtype)
+def linear_rows(linear: nn.Linear, *ranges: tuple[int, int]) -> nn.Linear:
+    """A new nn.Linear holding the rows [start, stop) of ``linear`` of each of ``ranges``, one after the other
+    (weight and bias)."""
+    w, b = linear.weight, linear.bias
+    weight = torch.cat([w[start:stop] for start, stop in ranges])
+    out = nn.Linear(w.shape[1], weight.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
     with torch.no_grad():
-        out.weight.copy_(w[start:stop])
-        if linear.bias is not None:
-            out.bias.copy_(linear.bias[start:stop])
+        out.weight.copy_(weight)
+        if b is not None:
+            out.bias.copy_(torch.cat([b[start:stop] for start, stop in ranges]))
     return out
 
 
@@ -124,22 +126,13 @@ class Mamba2Common(HostAdapter):
 
     def write_projections(self):
         h = self.host
-        convolved = [WriteProjection(n, linear_rows(h.in_proj, *self.in_rows[n]),
-                                     _channels(h.conv1d, *self.conv_channels[n])) for n in ('x', 'B')]
-        return convolved + [WriteProjection('dt', linear_rows(h.in_proj, *self.in_rows['dt']))]
+        return [WriteProjection(n, linear_rows(h.in_proj, self.in_rows[n]), _channels(h.conv1d, *self.conv_channels[n]))
+                for n in ('x', 'B')] + [WriteProjection('dt', linear_rows(h.in_proj, self.in_rows['dt']))]
 
     def detach_write_side(self):
         """Replace in_proj and conv1d by the read side's rows (z0, x0, z, C) and C channels."""
-        h = self.host
-        read = linear_rows(h.in_proj, 0, 2 * self.d_mlp + self.d_ssm)
-        c = linear_rows(h.in_proj, *self.in_rows['C'])
-        with torch.no_grad():  # one projection for the read side: [z0 | x0 | z | C]
-            proj = nn.Linear(read.in_features, read.out_features + c.out_features, bias=read.bias is not None,
-                             device=read.weight.device, dtype=read.weight.dtype)
-            proj.weight.copy_(torch.cat([read.weight, c.weight]))
-            if read.bias is not None:
-                proj.bias.copy_(torch.cat([read.bias, c.bias]))
-        setattr(h, READ_PROJ, proj)
+        h = self.host  # one projection for the read side: [z0 | x0 | z | C]
+        setattr(h, READ_PROJ, linear_rows(h.in_proj, (0, 2 * self.d_mlp + self.d_ssm), self.in_rows['C']))
         setattr(h, C_CONV, _channels(h.conv1d, *self.conv_channels['C']))
         super().detach_write_side()
 

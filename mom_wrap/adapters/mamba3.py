@@ -36,6 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mom_wrap.adapters.base import HostAdapter, WriteProjection
+from mom_wrap.adapters.fla_common import rms_norm
 from mom_wrap.adapters.mamba2_common import gate_or_norm, linear_rows
 from mom_wrap.adapters.registry import register_adapter
 from mom_wrap.calls import Mamba3Convention
@@ -152,19 +153,12 @@ class Mamba3Common(HostAdapter):
         return host
 
     def write_projections(self):
-        return [WriteProjection(n, linear_rows(self.host.in_proj, *self.in_rows[n])) for n in WRITE]
+        return [WriteProjection(n, linear_rows(self.host.in_proj, self.in_rows[n])) for n in WRITE]
 
     def detach_write_side(self):
         """Replace in_proj by the read side's rows: [z | C]."""
         h = self.host
-        z, c = linear_rows(h.in_proj, *self.in_rows['z']), linear_rows(h.in_proj, *self.in_rows['C'])
-        proj = nn.Linear(z.in_features, z.out_features + c.out_features, bias=z.bias is not None,
-                         device=z.weight.device, dtype=z.weight.dtype)
-        with torch.no_grad():
-            proj.weight.copy_(torch.cat([z.weight, c.weight]))
-            if z.bias is not None:
-                proj.bias.copy_(torch.cat([z.bias, c.bias]))
-        setattr(h, READ_PROJ, proj)
+        setattr(h, READ_PROJ, linear_rows(h.in_proj, self.in_rows['z'], self.in_rows['C']))
         super().detach_write_side()
 
     def state_shape(self):
@@ -176,10 +170,7 @@ class Mamba3Common(HostAdapter):
     def _norm(self, t: torch.Tensor, norm: nn.Module, backend: str) -> torch.Tensor:
         """B or C [R, G * N] -> RMSNorm per group with the host's norm, [R, G, N] (torch: at least fp32)."""
         t = t.unflatten(-1, (self.G, self.N))
-        if backend != 'torch':
-            return norm(t)
-        t = acc(t)
-        return t * torch.rsqrt(t.square().mean(-1, keepdim=True) + norm.eps) * acc(norm.weight)
+        return norm(t) if backend != 'torch' else rms_norm(t, norm.weight, norm.bias, norm.eps)
 
     def read(self, x, layout, backend, conv_rows=None):
         """x [N, hidden] -> z [N, d_inner] and C [N, G, N] (normed, before its bias)."""
