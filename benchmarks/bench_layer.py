@@ -8,7 +8,7 @@ ratios are against the plain host layer.
     python benchmarks/bench_layer.py [--host GatedDeltaNet|GatedLinearAttention|DeltaNet|RWKV6Attention|
                                              RWKV7Attention|Mamba2|LinearAttention|GatedSlotAttention|
                                              HGRN2Attention|MultiScaleRetention|KimiDeltaAttention|
-                                             fla.Mamba2|Mamba3]
+                                             fla.Mamba2|Mamba3|fla.Mamba3]
                                      [--batch 8 --seq-len 2048 --iters 20] [--profile] [--memory]
                                      [--json rows.json]
 
@@ -49,6 +49,9 @@ def host_factory(host, hidden, heads, head_dim):
     if host == 'Mamba3':  # mamba-ssm's defaults at this width (SISO): 32 heads x 64, d_state 128, 32 rotary angles
         from mamba_ssm.modules.mamba3 import Mamba3
         return lambda: Mamba3(d_model=hidden, layer_idx=0)
+    if host == 'fla.Mamba3':  # fla's port (SISO), its defaults at this width: 32 heads x 64, state 128
+        from fla.layers.mamba3 import Mamba3 as FlaMamba3
+        return lambda: FlaMamba3(hidden_size=hidden, layer_idx=0)
     if host == 'fla.Mamba2':  # fla's port, its defaults at this width: 32 heads x 64, state 128
         from fla.layers.mamba2 import Mamba2
         return lambda: Mamba2(hidden_size=hidden, num_heads=2 * hidden // 64, head_dim=64, layer_idx=0)

@@ -211,6 +211,8 @@ RULES: dict[str, Rule] = {
     'Mamba3Adapter': Rule(LINEAR, lambda a, s: (s[0], [(a.N, a.P)]),
                           'mamba3_siso_combined: one scalar-decay pass (rotation and trapezoid inside); the packed '
                           'state [H, P N + N + P + A]: K = N, V = P'),
+    'FlaMamba3Adapter': Rule(LINEAR, lambda a, s: (s[0], [(a.N, a.P)]),
+                             'mamba3_siso_combined (mamba-ssm\'s): as Mamba3Adapter'),
     'RWKV7Adapter': Rule(DPLR, lambda a, s: _kv(s), 'chunk_rwkv7 -> chunk_dplr_delta_rule; state [H, K, V]'),
     # fla/ops/gsa/chunk.py chunk_gsa: two chunk_gla-like passes, q k^T over K into the M slots (state [K, M]), a
     # softmax over the slots, then over M into the values (state [M, V]); the adapter's state is [H, M, K + V]

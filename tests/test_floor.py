@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from mom_wrap.adapters.registry import adapter_for
 from mom_wrap.wrapper import WRAPPED
 from tests import hosts
 
@@ -67,6 +68,12 @@ def test_every_host_has_a_positive_floor(host):
     assert mom.flops() > plain.flops() and mom.ms(floor.H100_SXM) > plain.ms(floor.H100_SXM)
     # the host is copied, never wrapped itself
     assert not getattr(layer, WRAPPED, False) and all(p.device.type == 'cpu' for p in layer.parameters())
+
+
+@pytest.mark.parametrize('host', hosts.params())
+def test_every_built_in_host_has_its_own_rule(host):
+    """The fallback rule is for a user's adapter: every built-in host's recurrence is counted by a rule of its own."""
+    assert type(adapter_for(hosts.make(host))).__name__ in floor.RULES
 
 
 @pytest.mark.parametrize('host', hosts.params())
