@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 
 import torch
 import floor
@@ -106,7 +107,14 @@ def layers(hidden, heads, head_dim, memories, topk, dtype, host='GatedDeltaNet',
         from fla.layers.mom import MomAttention
         made['fla MomAttention'] = MomAttention(hidden_size=hidden, head_dim=head_dim, num_heads=heads, expand_v=1,
                                                 layer_idx=0, num_memories=memories, topk=topk, shared_mem=True)
-    return {name: m.to('cuda', dtype).train() for name, m in made.items()}
+    made = {name: m.to('cuda', dtype).train() for name, m in made.items()}
+    if host == 'fla.Mamba2' and importlib.util.find_spec('causal_conv1d') is None:
+        # fla's Mamba2 trains through mamba-ssm's fused mamba_split_conv1d_scan_combined, which calls the causal-conv1d
+        # CUDA package; without it only its eval path runs (fla's Triton conv, then mamba_chunk_scan_combined, with
+        # gradients): the host is timed on that path, and the run says so
+        print(f"{host} (host): timed in eval mode: its training path needs the causal-conv1d package, not installed")
+        made[f'{host} (host)'].eval()
+    return made
 
 
 def fwd_bwd(layer, x, dy, **kwargs):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 import warnings
 
 import torch
@@ -73,14 +74,18 @@ def main(argv: list[str] | None = None) -> int:
                     f"installed here: {', '.join(_name(a) for a in adapters)} (see --help)")
         adapters = [a for a in adapters if a.host_class in wanted or _name(a) in wanted]
 
-    from mom_wrap.testing import run_checks
+    from mom_wrap.testing import Result, run_checks
 
     results = []
     with tqdm(adapters, unit='host', file=sys.stderr, dynamic_ncols=True) as bar:
         for adapter in bar:  # each host's rows as soon as they are done: a later host may run out of time
             name = _name(adapter)
             bar.set_description(name)
-            rows = run_checks(adapter.example_host, name, device=args.device, progress=_progress(bar))
+            try:
+                rows = run_checks(adapter.example_host, name, device=args.device, progress=_progress(bar))
+            except Exception as e:  # a host that breaks the suite fails, and the other hosts still run
+                tqdm.write(traceback.format_exc(), file=sys.stderr)
+                rows = [Result(name, 'run_checks', float('nan'), 0.0, f'raised {type(e).__name__}: {e}')]
             tqdm.write(_table(rows, header=not results), file=sys.stdout)  # (clears the bar, then redraws it)
             if not adapter.host_forward_runs_on(torch.device(args.device)):
                 tqdm.write(f"{name}: its own forward does not run on {args.device}: the checks against it were left "

@@ -393,15 +393,22 @@ def _gpu_checks(factory, name: str, interpret: bool, adapter_cls: type | None = 
         mom = wrap(host, num_memories=1, topk=1, shared=False, init='copy', backend='triton').train()
         x = torch.randn(2, 2048, hidden, device='cuda', dtype=torch.bfloat16)
         dy = torch.randn_like(x)
-        outs = []
-        for layer in (ref, mom):
+
+        def fwd_bwd(layer):
             xi = x.clone().requires_grad_()
             y = adapter.convention.outputs(layer(xi, **adapter.example_inputs(x)))[0]
             y.backward(dy)
-            outs.append((y.detach(), xi.grad))
-        err, worst = max((norm_rel_err(a, b), n) for a, b, n in zip(outs[1], outs[0], ('output', 'input grad')))
+            return y.detach(), xi.grad
+        note = ''
+        try:
+            want = fwd_bwd(ref)
+        except Exception as e:  # a host whose training path needs a package this machine lacks (fla's Mamba2's
+            # fused path calls causal-conv1d's CUDA kernel): its eval path computes the same function, gradients too
+            note = f'; the host ran in eval mode, its training path failed: {type(e).__name__}: {e}'
+            want = fwd_bwd(ref.eval())
+        err, worst = max((norm_rel_err(a, b), n) for a, b, n in zip(fwd_bwd(mom), want, ('output', 'input grad')))
         results.append(Result(name, 'one_memory_equals_host_training[bf16,T=2048]', err, GPU_TOL[torch.bfloat16],
-                              f'worst: {worst}'))
+                              f'worst: {worst}{note}'))
     return results
 
 

@@ -85,3 +85,24 @@ def test_run_checks_reports_each_result_as_it_is_done():
     seen = []
     results = testing.run_checks(hosts.ADAPTERS['GatedDeltaNet'].example_host, interpret=False, progress=seen.append)
     assert len(results) >= 8 and len(seen) == len(results) and all(a is b for a, b in zip(seen, results))
+
+
+def test_a_host_whose_checks_raise_fails_and_the_next_host_still_runs(monkeypatch, capsys):
+    """An exception inside one host's suite is that host's failed row (with the traceback on stderr), not the end of
+    the command: the hosts after it are still checked."""
+    monkeypatch.setattr(check, 'interpret_on_cpu', lambda: None)
+
+    def run_checks(factory, name, device='cpu', progress=None):
+        if name == 'DeltaNet':
+            raise TypeError("'NoneType' object is not callable")
+        return [testing.Result(name, 'exact', 0.0, 0.0)]
+    monkeypatch.setattr(testing, 'run_checks', run_checks)
+
+    assert check.main(['DeltaNet', 'GatedDeltaNet']) == 1
+    out, err = capsys.readouterr()
+    assert out.splitlines()[1:] == [
+        "DeltaNet              run_checks                                             nan      0e+00  FAIL  "
+        "raised TypeError: 'NoneType' object is not callable",
+        'GatedDeltaNet         exact                                              0.0e+00      0e+00  pass',
+        '1 passed, 1 failed']
+    assert 'Traceback' in err
