@@ -49,6 +49,8 @@ class TrainConfig:
     eval_examples: int = 1000
     eval_batch: int = 64
     snapshots: int = 10  # memory-load snapshots over training (MoM models)
+    eval_every: int = 0  # > 0: accuracy on the first curve_examples of each test set every this many steps
+    curve_examples: int = 128
     train_mix: tuple = TRAIN_MIX
     test_settings: tuple = TEST_SETTINGS
     assignment_setting: MQARSetting = MQARSetting(256, 64)  # a test batch's token -> memory assignment (MoM rows)
@@ -142,6 +144,10 @@ def train(spec: ModelSpec, config: TrainConfig, device: str = 'cpu', results: st
     stats = MemoryStats(model).attach() if spec.variant == 'mom' else None
     autocast = not cpu
     every = max(1, config.steps // max(1, config.snapshots))
+    sets = make_eval_sets(config.test_settings, config.eval_examples, vocab_size=spec.vocab_size, seed=EVAL_SEED,
+                          device=device)
+    curve_sets = {k: v.head(config.curve_examples) for k, v in sets.items()}
+    curve = []
     losses, start = [], time.time()
     for step, batch in enumerate(tqdm(data, total=config.steps, desc=run_id, disable=not progress,
                                       mininterval=5)):
@@ -155,14 +161,16 @@ def train(spec: ModelSpec, config: TrainConfig, device: str = 'cpu', results: st
         losses.append(loss.detach())
         if stats is not None and (step + 1) % every == 0:
             stats.snapshot(step + 1)
+        if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < config.steps:
+            acc = evaluate(model, curve_sets, config.eval_batch, autocast)
+            curve.append([step + 1, round(sum(acc.values()) / len(acc), 4)])
     train_seconds = time.time() - start
     row['loss'] = [float(x) for x in torch.stack(losses)[::every].cpu()]  # one host sync, at the end
     row['final_loss'] = float(torch.stack(losses[-max(1, len(losses) // 20):]).mean())
     row['train_seconds'] = round(train_seconds, 1)
-    sets = make_eval_sets(config.test_settings, config.eval_examples, vocab_size=spec.vocab_size, seed=EVAL_SEED,
-                          device=device)
     row['accuracy'] = evaluate(model, sets, config.eval_batch, autocast)
     row['mean_accuracy'] = sum(row['accuracy'].values()) / len(row['accuracy'])
+    row['accuracy_curve'] = curve + [[config.steps, round(row['mean_accuracy'], 4)]]  # [step, mean accuracy]
     if stats is not None:
         stats.detach()
         row['loads'] = {name: {'steps': h['steps'], 'load': h['load'].tolist(), 'entropy': h['entropy'].tolist()}
@@ -217,6 +225,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument('--eval-batch', type=int, default=TrainConfig.eval_batch)
     p.add_argument('--batch-size', type=int, default=TrainConfig.batch_size)
     p.add_argument('--eval-examples', type=int, default=TrainConfig.eval_examples)
+    p.add_argument('--eval-every', type=int, default=TrainConfig.eval_every,
+                   help='steps between accuracy measurements on the first --curve-examples of each test set (0: none)')
+    p.add_argument('--curve-examples', type=int, default=TrainConfig.curve_examples)
     p.add_argument('--vocab-size', type=int, default=DEFAULT_VOCAB_SIZE)
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--results', default='evidence/results/mqar.jsonl', help='JSON lines, appended (resumable)')
@@ -241,7 +252,8 @@ def _config(args, **kw) -> TrainConfig:
         more['test_settings'] = args.test_settings
         more['assignment_setting'] = max(args.test_settings, key=lambda s: (s.num_kv_pairs, s.seq_len))
     return TrainConfig(steps=args.steps, batch_size=args.batch_size, eval_examples=args.eval_examples,
-                       eval_batch=args.eval_batch, **more, **kw)
+                       eval_batch=args.eval_batch, eval_every=args.eval_every, curve_examples=args.curve_examples,
+                       **more, **kw)
 
 
 def _sweep(args) -> int:
@@ -265,7 +277,8 @@ def _sweep(args) -> int:
             cmd = [sys.executable, '-m', 'evidence.mqar', 'train', '--host', spec.host, '--d-model', str(spec.d_model),
                    '--variant', spec.variant, '--balance', str(spec.balance), '--lr', str(lr), '--seed', str(seed),
                    '--steps', str(args.steps), '--batch-size', str(args.batch_size), '--eval-examples',
-                   str(args.eval_examples), '--eval-batch', str(args.eval_batch), '--vocab-size',
+                   str(args.eval_examples), '--eval-batch', str(args.eval_batch), '--eval-every',
+                   str(args.eval_every), '--curve-examples', str(args.curve_examples), '--vocab-size',
                    str(args.vocab_size), '--device', args.device, '--results', args.results]  # progress: the log
             for flag, settings in (('--train-mix', args.train_mix), ('--test-settings', args.test_settings)):
                 if settings:

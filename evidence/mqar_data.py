@@ -153,6 +153,11 @@ class MQARBatch:
     query_positions: torch.Tensor
     setting: MQARSetting
 
+    def head(self, n: int) -> MQARBatch:
+        """The first ``n`` examples."""
+        return MQARBatch(self.inputs[:n], self.labels[:n], self.keys[:n], self.values[:n], self.query_positions[:n],
+                         self.setting)
+
     def to(self, device) -> MQARBatch:
         return MQARBatch(self.inputs.to(device), self.labels.to(device), self.keys.to(device),
                          self.values.to(device), self.query_positions.to(device), self.setting)

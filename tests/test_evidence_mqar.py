@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(os.environ.get('TRITON_INTERPRET') != '1' and no
 
 HOSTS = ['GatedDeltaNet', 'GLA', hosts.param('Mamba2')]
 VARIANTS = ['host', 'mom', 'host_params', 'host_state']
-TINY = TrainConfig(steps=2, batch_size=2, eval_examples=2, eval_batch=2, snapshots=2,
+TINY = TrainConfig(steps=2, batch_size=2, eval_examples=2, eval_batch=2, snapshots=2, eval_every=1, curve_examples=1,
                    train_mix=(MQARSetting(64, 4),), test_settings=(MQARSetting(64, 4), MQARSetting(64, 8)),
                    assignment_setting=MQARSetting(64, 4), assignment_examples=2)
 
@@ -35,6 +35,9 @@ def test_every_model_trains_writes_its_row_and_resumes(host, tmp_path, monkeypat
         assert row['device'] == 'cpu' and row['commit'] and row['date']
         assert row['host_as_one_memory'] == (variant != 'mom')  # the CPU's stand-in for a plain host
         assert ('loads' in row) == ('assignment' in row) == (variant == 'mom')
+        # accuracy along the way (on the test sets' first example each), then the final one on all of them
+        (s1, a1), (s2, a2) = row['accuracy_curve']
+        assert (s1, s2) == (1, 2) and 0 <= a1 <= 1 and a2 == round(row['mean_accuracy'], 4)
     mom = rows[1]
     for layer in mom['loads'].values():
         assert layer['steps'] == [1, 2] and all(abs(sum(load) - 1) < 1e-9 for load in layer['load'])
@@ -89,11 +92,12 @@ def test_sweep_runs_its_grid_in_processes_and_resumes(tmp_path):
     results = tmp_path / 'mqar.jsonl'
     args = ['sweep', '--hosts', 'GLA', '--d-models', '64', '--variants', 'host', '--lrs', '1e-3', '--steps', '1',
             '--batch-size', '2', '--eval-examples', '2', '--eval-batch', '2', '--vocab-size', '256', '--train-mix',
-            '64x4', '--test-settings', '64x4', '--device', 'cpu', '--results', str(results), '--logs',
+            '64x4', '--eval-every', '1', '--test-settings', '64x4', '--device', 'cpu', '--results', str(results), '--logs',
             str(tmp_path / 'logs'), '--jobs', '1']
     assert main(args) == 0, (tmp_path / 'logs').joinpath(os.listdir(tmp_path / 'logs')[0]).read_text()[-3000:]
     rows = runs.read_rows(results)
     assert len(rows) == 1 and rows[0]['run_id'].startswith('GLA-d64-host-v256-lr0.001-s0-n1-b2-data')
+    assert rows[0]['eval_every'] == 1 and len(rows[0]['accuracy_curve']) == 1  # (1 step: only the final accuracy)
     assert main(args) == 0 and len(runs.read_rows(results)) == 1  # resumed: nothing left to run
 
 
