@@ -271,3 +271,14 @@ def test_every_gradient_has_its_parameters_strides(backend, kw):
     mom.to(dev)(torch.randn(2, 9, HIDDEN, device=dev))[0].square().mean().backward()
     for name, p in mom.named_parameters():
         assert p.grad.stride() == p.stride(), (name, p.grad.stride(), p.stride())
+
+
+@pytest.mark.parametrize('layer', ['GatedDeltaNet', 'KimiDeltaAttention'])
+@pytest.mark.parametrize('heads, v_heads', [(4, 2), (3, 1)])
+def test_fewer_value_heads_than_qk_heads_are_refused(layer, heads, v_heads):
+    """fla's layers accept fewer value heads than q/k heads (they check divisibility only for more), which their
+    kernels do not handle: the wrapper refuses it by name instead of failing inside a kernel or a reference."""
+    import fla.layers
+    host = getattr(fla.layers, layer)(hidden_size=48, head_dim=16, num_heads=heads, num_v_heads=v_heads, expand_v=1)
+    with pytest.raises(ValueError, match='num_v_heads: must be a multiple of num_heads'):
+        MixtureOfMemories(host, num_memories=4, topk=2)

@@ -362,7 +362,7 @@ def test_triton_backend_equals_torch_backend_in_training(variant):
     value heads, the lower-bounded gate with and without safe_gate (the example host at T = 256:
     tests/test_every_host.py)."""
     torch.manual_seed(0)
-    cfg = {**VARIANTS[variant], 'hidden_size': 256, 'head_dim': 64}
+    cfg = {'num_heads': 2, **VARIANTS[variant], 'hidden_size': 256, 'head_dim': 64}  # gva: 4 value heads on 2
     mom = MixtureOfMemories(KimiDeltaAttention(**cfg), num_memories=4, topk=2, init='random').cuda().train()
     torch.nn.init.normal_(mom.router.weight, std=0.05)
     x = torch.randn(2, 200, 256, device='cuda')

@@ -32,6 +32,7 @@ cu_seqlens and per-segment input states (decode too: the host's own step needs C
 (``mom_wrap.calls.Mamba3Convention``): the host's second positional argument is ``seq_idx``, not ``seqlen``.
 """
 import copy
+import importlib
 import math
 import os
 
@@ -289,21 +290,30 @@ def test_decode_steps_need_cuda_and_the_rotary_step_runs():
 
 @pytest.mark.gpu
 def test_gpu_kernel_gradients_equal_step_reference():
-    """On CUDA (PTX approximations as shipped): the chunked kernel's forward and every input's gradient, from
-    initial states, = the fp64 step reference's (autograd), to the approximations' and TF32's error."""
+    """On CUDA (PTX approximations as shipped): ``mamba3_siso_combined``, the entry the host layer and the adapter
+    call, which casts q, k, v, z, trap and angles to bf16 (its backward keeps its chunk states in bf16 and takes no fp32
+    output gradient: ``_Mamba3Function`` on fp32 q, k, v fails to compile there), from initial states: its forward and
+    every input's gradient = the fp64 step reference's (autograd) on the same bf16-rounded inputs, to the kernel's
+    bf16 states and approximations."""
+    from mamba_ssm.ops.triton.mamba3.mamba3_siso_combined import mamba3_siso_combined
     inp = {n: t.cuda() for n, t in kernel_inputs(T=100, H=4, P=64, N=128, A=32).items()}
+    for n in ('q', 'k', 'v', 'z', 'trap', 'angles'):  # what the entry casts: the reference sees the same values
+        inp[n] = inp[n].to(torch.bfloat16).float()
     states = [torch.randn(2, 4, 32, device='cuda'), 0.1 * torch.randn(2, 4, 64, 128, device='cuda'),
               torch.randn(2, 4, 128, device='cuda'), torch.randn(2, 4, 64, device='cuda')]
     leaves = {n: t.clone().requires_grad_() for n, t in inp.items()}
-    y, *_ = run_kernel(leaves, states=states, chunk_size=64)
+    i = leaves
+    y = mamba3_siso_combined(i['q'], i['k'], i['v'], i['adt'], i['dt'], i['trap'], i['q_bias'], i['k_bias'],
+                             i['angles'], D=i['D'], Z=i['z'], Input_States=tuple(states), chunk_size=64)
+    y = y[0] if isinstance(y, tuple) else y
     grad = torch.randn_like(y)
     y.backward(grad)
     ref_leaves = {n: t.double().requires_grad_() for n, t in inp.items()}
     want, _ = step_reference(**ref_leaves, states=[s.double() for s in states])
     want.backward(grad.double())
-    close(y.double(), want, 1e-2)
+    close(y.double(), want, 2e-2)
     for n in inp:
-        close(leaves[n].grad.double(), ref_leaves[n].grad, 2e-2)
+        close(leaves[n].grad.double(), ref_leaves[n].grad, 3e-2)
 
 
 @pytest.mark.gpu
@@ -316,6 +326,9 @@ def test_gpu_real_layer_generation_equals_full_forward():
     with torch.no_grad():
         full = host(u)
         close(full, layer_reference(host, u), tol=2e-2)
+        if importlib.import_module('mamba_ssm.modules.mamba3').mamba3_step_fn is None:
+            pytest.skip("mamba-ssm's Mamba3 decode needs its CuTe step (nvidia-cutlass-dsl, quack-kernels), not "
+                        "installed here: only the full forward was checked")
         params = InferenceParams(max_seqlen=24, max_batch_size=2)
         outs = [host(u[:, :16], inference_params=params)]
         params.seqlen_offset += 16

@@ -98,3 +98,28 @@ def test_model_check_sees_a_norm_eps_the_model_sets(monkeypatch):
     assert check() <= testing.TOL[torch.float32]
     monkeypatch.setattr(fla_common, 'rms_norm_gated', lambda x, g, w, b, eps, *a: real(x, g, w, b, 1e-6, *a))
     assert check() > 2 * testing.TOL[torch.float32]  # the check fails (measured: 7e-4)
+
+
+@needs_host_kernels
+def test_host_kernel_rounding_widens_only_the_comparisons_with_the_host(monkeypatch):
+    """``HostAdapter.host_kernel_rounding`` (default 0; mamba-ssm's Mamba3: bf16's on CUDA) is added to the tolerance
+    of the checks against the host layer, and of no other check."""
+    adapter = ADAPTERS['LinearAttention']
+    assert adapter.host_kernel_rounding(torch.device('cuda'), torch.float32) == 0.0
+    monkeypatch.setattr(adapter, 'host_kernel_rounding', classmethod(lambda cls, device, dtype: 0.5))
+    rows = {r.check: r.tolerance for r in testing.run_checks(adapter.example_host, 'LinearAttention')}
+    tol = testing.TOL[torch.float32]
+    against_host = {c for c in rows if c.startswith(('one_memory_equals_host', 'topk_copies', 'preserve_equals',
+                                                     'model_one_memory'))}
+    assert len(against_host) >= 5 and all(rows[c] == tol + 0.5 for c in against_host)
+    assert rows['naive_loop[shared=True]'] == tol and rows['causal'] == tol
+
+
+def test_mamba3_kernels_round_as_bf16_on_cuda_only():
+    from mom_wrap.adapters.mamba3 import Mamba3Common
+    cuda, cpu = torch.device('cuda'), torch.device('cpu')
+    assert Mamba3Common.host_kernel_rounding(cuda, torch.float32) == 2e-2
+    assert Mamba3Common.host_kernel_rounding(cuda, torch.bfloat16) == 0.0
+    assert Mamba3Common.host_kernel_rounding(cpu, torch.float32) == 0.0  # interpret_on_cpu drops the casts
+    assert all(a.host_kernel_rounding(cuda, torch.float32) == 0.0 for n, a in ADAPTERS.items()
+               if not issubclass(a, Mamba3Common))

@@ -83,6 +83,16 @@ def q_projection(host, x: torch.Tensor, layout, backend: str, conv_rows=None) ->
     return q
 
 
+def check_value_heads(host) -> None:
+    """Grouped value heads (fla's GVA): each q/k head serves ``num_v_heads / num_heads`` value heads. fla's layers
+    check divisibility only when there are more value heads than q/k heads, and accept fewer, which their kernels
+    do not handle: refuse both (ValueError naming num_v_heads)."""
+    H, HV = host.num_heads, host.num_v_heads
+    if HV < H or HV % H:
+        raise ValueError(f"num_v_heads: must be a multiple of num_heads={H} (each q/k head serves a group of value "
+                         f"heads), got num_v_heads={HV}")
+
+
 def fla_models(family: str, variants: dict[str, dict], **options) -> dict[str, Callable[[], nn.Module]]:
     """Factories of small fla models of ``family`` (``fla.models.<family>Config`` / ``<family>ForCausalLM``), one per
     variant (name -> config options on top of ``options``): 2 layers, hidden 64, vocabulary 64, every parameter that

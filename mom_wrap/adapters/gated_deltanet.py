@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 from mom_wrap.adapters.base import HostAdapter, WriteProjection
 from mom_wrap.adapters.registry import register_adapter
-from mom_wrap.adapters.fla_common import (fla_models, gated_norm_out, l2norm, padded_segments, q_conv_shapes,
-                                          q_projection)
+from mom_wrap.adapters.fla_common import (check_value_heads, fla_models, gated_norm_out, l2norm, padded_segments,
+                                          q_conv_shapes, q_projection)
 from mom_wrap.dispatch import gather
 from mom_wrap.ops import acc
 
@@ -72,6 +72,10 @@ class GatedDeltaNetAdapter(HostAdapter):
     def example_models(cls):
         return fla_models('GatedDeltaNet', {'default': {}, 'norm_eps=1e-2': dict(norm_eps=1e-2),
                                             'no_gate': dict(use_gate=False)}, head_dim=16, num_heads=2, expand_v=1)
+
+    def __init__(self, host: torch.nn.Module):
+        super().__init__(host)
+        check_value_heads(host)
 
     def write_projections(self) -> list[WriteProjection]:
         h = self.host

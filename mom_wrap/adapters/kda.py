@@ -36,8 +36,8 @@ import torch.nn.functional as F
 
 from mom_wrap.adapters.base import HostAdapter, WriteProjection
 from mom_wrap.adapters.registry import register_adapter
-from mom_wrap.adapters.fla_common import (fla_models, l2norm, padded_segments, q_conv_shapes, q_projection,
-                                          rms_norm_gated)
+from mom_wrap.adapters.fla_common import (check_value_heads, fla_models, l2norm, padded_segments, q_conv_shapes,
+                                          q_projection, rms_norm_gated)
 from mom_wrap.dispatch import gather
 from mom_wrap.ops import acc
 
@@ -130,6 +130,7 @@ class KimiDeltaAttentionAdapter(HostAdapter):
                                 < SAFE_LOWER_BOUND[1]):
             raise ValueError(f"safe_gate: needs a lower_bound in [-5, 0) (fla's chunk_kda refuses it otherwise), "
                              f"got lower_bound={h.lower_bound!r}")
+        check_value_heads(h)
         R = h.head_v_dim
         for name, dims in (('q_proj', (h.key_dim,)), ('k_proj', (h.key_dim,)), ('v_proj', (h.value_dim,)),
                            ('b_proj', (h.num_v_heads,)), ('f_proj', (R, h.gate_dim)), ('g_proj', (R, h.value_dim))):
