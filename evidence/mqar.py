@@ -164,6 +164,9 @@ def train(spec: ModelSpec, config: TrainConfig, device: str = 'cpu', results: st
         if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < config.steps:
             acc = evaluate(model, curve_sets, config.eval_batch, autocast)
             curve.append([step + 1, round(sum(acc.values()) / len(acc), 4)])
+            if progress:
+                tqdm.write(f"{run_id} step {step + 1}: loss {float(loss):.3f}, accuracy {curve[-1][1]:.3f} "
+                           f"({time.time() - start:.0f} s)")
     train_seconds = time.time() - start
     row['loss'] = [float(x) for x in torch.stack(losses)[::every].cpu()]  # one host sync, at the end
     row['final_loss'] = float(torch.stack(losses[-max(1, len(losses) // 20):]).mean())
