@@ -10,6 +10,11 @@ Four variants of one (host, d_model):
 * ``host_state``: the host with MoM's recurrent state, (M + 1) times its own: the value width of fla's hosts
   (``expand_v``) or Mamba2's ``d_state`` times M + 1.
 
+A positive control, ``Attention``: a softmax-attention model of the same size (transformers' ``LlamaForCausalLM``,
+heads of 64, the gated MLP's width as fla computes it), which solves MQAR wherever the data and the training loop are
+right (Zoology's baseline); it has the ``host`` variant only, and no fixed state (its KV cache grows with the length:
+``state_size`` None).
+
 The state size is the number of recurrent-state elements of all layers for one sequence (``HostAdapter.state_shape``
 times the memories: M + 1 for MoM), short convs' states left out. Heads are 64 wide (fla's GatedDeltaNet crashes in
 training at head sizes 16 and 32 on an H100, README's known host limits).
@@ -23,6 +28,7 @@ import torch
 import torch.nn as nn
 
 HOSTS = ('GatedDeltaNet', 'GLA', 'Mamba2')
+CONTROLS = ('Attention',)  # models without memories to wrap: the host variant only
 VARIANTS = ('host', 'mom', 'host_params', 'host_state')
 HEAD = 64  # head size of every host (keys and values)
 
@@ -40,10 +46,12 @@ class ModelSpec:
     balance: float = 0.01
 
     def __post_init__(self):
-        if self.host not in HOSTS:
-            raise ValueError(f"host: expected one of {HOSTS}, got {self.host!r}")
+        if self.host not in HOSTS + CONTROLS:
+            raise ValueError(f"host: expected one of {HOSTS + CONTROLS}, got {self.host!r}")
         if self.variant not in VARIANTS:
             raise ValueError(f"variant: expected one of {VARIANTS}, got {self.variant!r}")
+        if self.host in CONTROLS and self.variant != 'host':
+            raise ValueError(f"variant: {self.host} is a control without memories: 'host' only, got {self.variant!r}")
         if self.d_model % HEAD:
             raise ValueError(f"d_model: must be a multiple of {HEAD}, got {self.d_model}")
 
@@ -73,6 +81,16 @@ def _mamba_model(d_model: int, layers: int, vocab: int, expand: float, d_state: 
     return MambaLMHeadModel(config)
 
 
+def _attention_model(d_model: int, layers: int, vocab: int):
+    """The softmax-attention control: Llama blocks (RoPE, pre-norm, gated MLP) with heads of HEAD."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    mlp = 256 * -(-int(d_model * 4 * 2 / 3) // 256)  # fla's GatedMLP width for hidden_ratio 4
+    config = LlamaConfig(vocab_size=vocab, hidden_size=d_model, intermediate_size=mlp, num_hidden_layers=layers,
+                         num_attention_heads=d_model // HEAD, num_key_value_heads=d_model // HEAD, head_dim=HEAD,
+                         max_position_embeddings=4096, tie_word_embeddings=False, attn_implementation='sdpa')
+    return LlamaForCausalLM(config)
+
+
 BASE_WIDTH = {'GatedDeltaNet': 1.0, 'GLA': 1.0, 'Mamba2': 2.0}  # expand_v (fla) or expand (Mamba2)
 BASE_STATE = 64  # Mamba2's d_state
 
@@ -80,6 +98,8 @@ BASE_STATE = 64  # Mamba2's d_state
 def _plain(spec: ModelSpec, width: float | None = None, state_factor: int = 1, cpu: bool = False) -> nn.Module:
     """The host's model; ``cpu``: Mamba2's block norms as torch's LayerNorm (mamba-ssm's Triton RMSNorm asks for
     CUDA in its backward)."""
+    if spec.host == 'Attention':
+        return _attention_model(spec.d_model, spec.num_layers, spec.vocab_size)
     width = BASE_WIDTH[spec.host] if width is None else width
     if spec.host == 'Mamba2':
         return _mamba_model(spec.d_model, spec.num_layers, spec.vocab_size, width, BASE_STATE * state_factor,
@@ -148,7 +168,7 @@ def build(spec: ModelSpec, device: str | torch.device = 'cpu', host_as_one_memor
         width = widened_width(spec) if spec.variant == 'host_params' else None
         model = _plain(spec, width=width, state_factor=spec.num_memories + 1 if spec.variant == 'host_state' else 1,
                        cpu=cpu)
-        if host_as_one_memory:
+        if host_as_one_memory and spec.host not in CONTROLS:
             from mom_wrap import convert
             convert(model, num_memories=1, topk=1, shared_memory=False, init='copy', balance_loss_weight=0.0)
     return model.to(device)
@@ -160,4 +180,4 @@ def describe(spec: ModelSpec, model: nn.Module) -> dict:
     embeddings = sum(p.numel() for n, p in model.named_parameters() if 'embed' in n or 'lm_head' in n)
     params = count_parameters(model)
     return {**dataclasses.asdict(spec), 'name': spec.name, 'params': params, 'params_no_embed': params - embeddings,
-            'state_size': state_size(model)}
+            'state_size': None if spec.host in CONTROLS else state_size(model)}

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from evidence import runs
-from evidence.models import HOSTS, VARIANTS, ModelSpec, build, describe
+from evidence.models import CONTROLS, HOSTS, VARIANTS, ModelSpec, build, describe
 from evidence.mqar_data import (DEFAULT_VOCAB_SIZE, IGNORE_INDEX, TEST_SETTINGS, TRAIN_MIX, MQARBatch, MQARMixture,
                                 MQARSetting, make_eval_sets)
 
@@ -131,7 +131,7 @@ def train(spec: ModelSpec, config: TrainConfig, device: str = 'cpu', results: st
     torch.manual_seed(config.seed)
     model = build(spec, device, host_as_one_memory=cpu).train()
     row = {'run_id': run_id, 'task': 'mqar', **describe(spec, model), 'host_as_one_memory': cpu and
-           spec.variant != 'mom', **{k: v for k, v in dataclasses.asdict(config).items()
+           spec.variant != 'mom' and spec.host not in CONTROLS, **{k: v for k, v in dataclasses.asdict(config).items()
                                      if k not in ('train_mix', 'test_settings', 'assignment_setting')},
            'train_mix': [[s.seq_len, s.num_kv_pairs] for s in config.train_mix]}
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and 'embed' not in n]
@@ -242,6 +242,8 @@ def jobs(hosts, d_models, variants, lrs, seeds, balances) -> list[tuple[ModelSpe
     """The sweep's grid: every (spec, lr, seed); the balancing-loss settings apply to MoM models only."""
     out = []
     for host, d, variant, lr, seed in itertools.product(hosts, d_models, variants, lrs, seeds):
+        if host in CONTROLS and variant != 'host':  # (a control has no memories to vary)
+            continue
         for balance in (balances if variant == 'mom' else (ModelSpec.balance,)):
             out.append((ModelSpec(host, d, variant, balance=balance), lr, seed))
     return out
@@ -306,7 +308,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog='python -m evidence.mqar', description=__doc__.split('\n\n')[0])
     sub = p.add_subparsers(dest='command', required=True)
     t = sub.add_parser('train', help='train and evaluate one model; append its row')
-    t.add_argument('--host', choices=HOSTS, required=True)
+    t.add_argument('--host', choices=HOSTS + CONTROLS, required=True)
     t.add_argument('--d-model', type=int, required=True)
     t.add_argument('--variant', choices=VARIANTS, default='host')
     t.add_argument('--balance', type=float, default=ModelSpec.balance)
@@ -315,7 +317,7 @@ def main(argv=None) -> int:
     t.add_argument('--quiet', action='store_true')
     _train_args(t)
     s = sub.add_parser('sweep', help='train a grid of models, several processes at a time')
-    s.add_argument('--hosts', nargs='+', choices=HOSTS, default=list(HOSTS))
+    s.add_argument('--hosts', nargs='+', choices=HOSTS + CONTROLS, default=list(HOSTS))
     s.add_argument('--d-models', nargs='+', type=int, default=[64, 128, 256])
     s.add_argument('--variants', nargs='+', choices=VARIANTS, default=list(VARIANTS))
     s.add_argument('--lrs', nargs='+', type=float, default=list(LRS))

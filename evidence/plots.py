@@ -100,7 +100,8 @@ def plot_state(entries: list[dict], path) -> Path:
     ax = axes[0][0]
     lines = collections.defaultdict(list)
     for e in entries:
-        lines[(e['host'], e['variant'], e['balance'] if e['variant'] == 'mom' else None)].append(e)
+        if e['state_size'] is not None:  # (the attention control: no fixed state)
+            lines[(e['host'], e['variant'], e['balance'] if e['variant'] == 'mom' else None)].append(e)
     for (host, variant, _), points in sorted(lines.items(), key=lambda kv: str(kv[0])):
         points.sort(key=lambda e: e['state_size'])
         ax.plot([p['state_size'] for p in points], [p['mean_accuracy'] for p in points], VARIANT_STYLE[variant],
@@ -157,7 +158,7 @@ def summary_table(entries: list[dict]) -> str:
     for e in entries:
         hardest = max(e['accuracy'], key=lambda s: (int(s.split('x')[1]), int(s.split('x')[0])))
         spread = e['mean_accuracy_spread']
-        lines.append(f"| {_label(e)} | {e['d_model']} | {e['params']:,} | {e['state_size']:,} | {e['lr']:g} | "
+        lines.append(f"| {_label(e)} | {e['d_model']} | {e['params']:,} | {'KV cache' if e['state_size'] is None else format(e['state_size'], ',')} | {e['lr']:g} | "
                      f"{len(e['seeds'])} | {e['mean_accuracy']:.3f}"
                      + (f" ({spread[0]:.3f}-{spread[1]:.3f})" if len(e['seeds']) > 1 else '')
                      + f" | {hardest}: {e['accuracy'][hardest]:.3f} |")

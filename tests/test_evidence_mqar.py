@@ -111,3 +111,22 @@ def test_sweep_grid_and_errors():
         ModelSpec('GLA', 96)
     with pytest.raises(SystemExit):
         main(['train', '--host', 'GLA'])  # --d-model is required
+    # the attention control: the host variant only
+    assert [(s.host, s.variant) for s, _, _ in jobs(['Attention'], [64], VARIANTS, [1e-3], [0], [0.01])] == [
+        ('Attention', 'host')]
+    with pytest.raises(ValueError, match="variant: Attention is a control"):
+        ModelSpec('Attention', 64, 'mom')
+
+
+def test_attention_control_trains_and_sits_beside_the_hosts_in_the_figures(tmp_path):
+    """The softmax-attention control (transformers' Llama) runs through the same loop; its row has no fixed state
+    (None), the state figure leaves it out, the pairs figure and the table show it."""
+    results = tmp_path / 'mqar.jsonl'
+    rows = [train(ModelSpec(host, 64, vocab_size=512), TINY, 'cpu', results, progress=False)
+            for host in ('Attention', 'GLA')]
+    assert rows[0]['state_size'] is None and rows[0]['host_as_one_memory'] is False and rows[1]['state_size'] > 0
+    from evidence import plots
+    entries = plots.best(runs.read_rows(results))
+    for plot in (plots.plot_pairs, plots.plot_state):
+        assert plot(entries, tmp_path / f'{plot.__name__}.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    assert '| Attention | 64 |' in plots.summary_table(entries) and '| KV cache |' in plots.summary_table(entries)
