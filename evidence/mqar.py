@@ -165,7 +165,7 @@ def train(spec: ModelSpec, config: TrainConfig, device: str = 'cpu', results: st
             acc = evaluate(model, curve_sets, config.eval_batch, autocast)
             curve.append([step + 1, round(sum(acc.values()) / len(acc), 4)])
             if progress:
-                tqdm.write(f"{run_id} step {step + 1}: loss {float(loss):.3f}, accuracy {curve[-1][1]:.3f} "
+                tqdm.write(f"{run_id} step {step + 1}: loss {losses[-1].item():.3f}, accuracy {curve[-1][1]:.3f} "
                            f"({time.time() - start:.0f} s)")
     train_seconds = time.time() - start
     row['loss'] = [float(x) for x in torch.stack(losses)[::every].cpu()]  # one host sync, at the end
@@ -338,8 +338,9 @@ def main(argv=None) -> int:
         spec = ModelSpec(args.host, args.d_model, args.variant, vocab_size=args.vocab_size, balance=args.balance)
         config = _config(args, lr=args.lr, seed=args.seed)
         row = train(spec, config, args.device, args.results, progress=not args.quiet)
+        state = 'a KV cache' if row['state_size'] is None else f"{row['state_size']:,}"
         print(f"{row['run_id']}: mean accuracy {row['mean_accuracy']:.3f}, {row['params']:,} parameters, state "
-              f"{row['state_size']:,}")
+              f"{state}")
         return 0
     return 1 if _sweep(args) else 0
 

@@ -118,12 +118,18 @@ def test_sweep_grid_and_errors():
         ModelSpec('Attention', 64, 'mom')
 
 
-def test_attention_control_trains_and_sits_beside_the_hosts_in_the_figures(tmp_path):
-    """The softmax-attention control (transformers' Llama) runs through the same loop; its row has no fixed state
-    (None), the state figure leaves it out, the pairs figure and the table show it."""
+def test_attention_control_trains_and_sits_beside_the_hosts_in_the_figures(tmp_path, capsys):
+    """The softmax-attention control (transformers' Llama) runs through the same loop and command; its row has no
+    fixed state (None), the state figure leaves it out, the pairs figure and the table show it."""
     results = tmp_path / 'mqar.jsonl'
-    rows = [train(ModelSpec(host, 64, vocab_size=512), TINY, 'cpu', results, progress=False)
-            for host in ('Attention', 'GLA')]
+    assert main(['train', '--host', 'Attention', '--d-model', '64', '--steps', '2', '--batch-size', '2',
+                 '--eval-examples', '2', '--eval-batch', '2', '--vocab-size', '512', '--train-mix', '64x4',
+                 '--test-settings', '64x4,64x8', '--eval-every', '1', '--device', 'cpu', '--results',
+                 str(results)]) == 0
+    out = capsys.readouterr()
+    assert 'state a KV cache' in out.out and 'step 1: loss' in out.err + out.out
+    rows = runs.read_rows(results) + [train(ModelSpec('GLA', 64, vocab_size=512), TINY, 'cpu', results,
+                                            progress=False)]
     assert rows[0]['state_size'] is None and rows[0]['host_as_one_memory'] is False and rows[1]['state_size'] > 0
     from evidence import plots
     entries = plots.best(runs.read_rows(results))
