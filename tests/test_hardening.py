@@ -276,8 +276,8 @@ def test_every_gradient_has_its_parameters_strides(backend, kw):
 @pytest.mark.parametrize('layer', ['GatedDeltaNet', 'KimiDeltaAttention'])
 @pytest.mark.parametrize('heads, v_heads', [(4, 2), (3, 1)])
 def test_fewer_value_heads_than_qk_heads_are_refused(layer, heads, v_heads):
-    """fla's layers accept fewer value heads than q/k heads (they check divisibility only for more), which their
-    kernels do not handle: the wrapper refuses it by name instead of failing inside a kernel or a reference."""
+    """fla's layers accept fewer value heads than q/k heads when made (they check divisibility only for more) and
+    their kernels refuse them at the first forward: the wrapper refuses them by name when it is made."""
     import fla.layers
     host = getattr(fla.layers, layer)(hidden_size=48, head_dim=16, num_heads=heads, num_v_heads=v_heads, expand_v=1)
     with pytest.raises(ValueError, match='num_v_heads: must be a multiple of num_heads'):

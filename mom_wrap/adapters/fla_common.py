@@ -85,8 +85,9 @@ def q_projection(host, x: torch.Tensor, layout, backend: str, conv_rows=None) ->
 
 def check_value_heads(host) -> None:
     """Grouped value heads (fla's GVA): each q/k head serves ``num_v_heads / num_heads`` value heads. fla's layers
-    check divisibility only when there are more value heads than q/k heads, and accept fewer, which their kernels
-    do not handle: refuse both (ValueError naming num_v_heads)."""
+    check divisibility at construction only when there are more value heads than q/k heads; fewer pass, and their
+    kernels refuse them at the first forward (fla 0.6: GatedDeltaNet's ValueError, KDA's AssertionError). The wrapper
+    refuses both when it is made (ValueError naming num_v_heads)."""
     H, HV = host.num_heads, host.num_v_heads
     if HV < H or HV % H:
         raise ValueError(f"num_v_heads: must be a multiple of num_heads={H} (each q/k head serves a group of value "
