@@ -4,6 +4,8 @@
   variant (host, MoM, host with MoM's parameters, host with MoM's state);
 * ``mqar_state.png``: mean accuracy against the recurrent state size (Zoology's figure), a line per (host, variant)
   over the model widths;
+* ``mqar_curves.png``: mean accuracy over training (rows run with ``--eval-every``), a panel per (host, d_model), a
+  line per model, the mean over its seeds;
 * ``mqar_loads.png``: the memory loads of each MoM layer over training, with and without the balancing loss;
 * ``mqar_assignment.png``: which memory the keys, values, queries and fillers of a test batch went to.
 
@@ -19,6 +21,7 @@ import statistics
 from pathlib import Path
 
 from evidence import runs
+from evidence.models import CONTROLS
 
 VARIANT_LABEL = {'host': 'host', 'mom': 'MoM(host)', 'host_params': 'host, MoM params', 'host_state': 'host, MoM state'}
 VARIANT_STYLE = {'host': '-', 'mom': '-', 'host_params': '--', 'host_state': ':'}
@@ -62,6 +65,24 @@ def _label(entry: dict) -> str:
     return label
 
 
+def _panels(entries: list[dict]) -> list[tuple[str, int]]:
+    """The (host, d_model) panels of a figure: the recurrent hosts' (a control's own only where no host has one)."""
+    hosts = {(e['host'], e['d_model']) for e in entries if e['host'] not in CONTROLS}
+    return sorted(hosts or {(e['host'], e['d_model']) for e in entries})
+
+
+def _targets(entry: dict, panels: list[tuple[str, int]]) -> list[tuple[str, int]]:
+    """The panels ``entry`` is drawn in: its own, or for a control every panel of its d_model (the reference
+    line beside each host)."""
+    if entry['host'] in CONTROLS:
+        return [p for p in panels if p[1] == entry['d_model']]
+    return [(entry['host'], entry['d_model'])]
+
+
+def _style(entry: dict) -> dict:
+    return dict(color='0.5') if entry['host'] in CONTROLS else {}
+
+
 def _figure(rows: int, cols: int, width: float, height: float):
     from matplotlib.figure import Figure
     fig = Figure(figsize=(width * cols, height * rows), layout='constrained')
@@ -78,20 +99,48 @@ def _by_pairs(accuracy: dict[str, float]) -> tuple[list[int], list[float]]:
 
 
 def plot_pairs(entries: list[dict], path) -> Path:
-    panels = sorted({(e['host'], e['d_model']) for e in entries})
+    panels = _panels(entries)
     hosts = sorted({h for h, _ in panels})
     widths = sorted({d for _, d in panels})
     fig, axes = _figure(len(hosts), len(widths), 4.0, 3.0)
     for e in entries:
-        ax = axes[hosts.index(e['host'])][widths.index(e['d_model'])]
         pairs, acc = _by_pairs(e['accuracy'])
-        ax.plot(pairs, acc, VARIANT_STYLE[e['variant']], marker='o', label=_label(e))
-        ax.set(title=f"{e['host']}, d_model {e['d_model']}", xscale='log', xlabel='key-value pairs',
-               ylabel='accuracy', ylim=(0, 1.02))
+        for host, d in _targets(e, panels):
+            ax = axes[hosts.index(host)][widths.index(d)]
+            ax.plot(pairs, acc, VARIANT_STYLE[e['variant']], marker='o', label=_label(e), **_style(e))
+            ax.set(title=f"{host}, d_model {d}", xscale='log', xlabel='key-value pairs', ylabel='accuracy',
+                   ylim=(0, 1.02))
     for row in axes:
         for ax in row:
             if ax.has_data():
                 ax.legend(fontsize='x-small')
+    return save_png(fig, path)
+
+
+def plot_curves(entries: list[dict], path) -> Path:
+    """Mean accuracy against the training step, from the rows' ``accuracy_curve`` (the mean over seeds at each step
+    they share)."""
+    curves = []
+    for e in entries:
+        per_step = collections.defaultdict(list)
+        for row in e['rows']:
+            for step, acc in row.get('accuracy_curve', []):
+                per_step[step].append(acc)
+        steps = [s for s in sorted(per_step) if len(per_step[s]) == len(e['rows'])]
+        if len(steps) > 1:
+            curves.append((e, steps, [statistics.mean(per_step[s]) for s in steps]))
+    if not curves:
+        raise ValueError('no accuracy curves in the rows (train with --eval-every)')
+    panels = _panels([e for e, _, _ in curves])
+    fig, axes = _figure(1, len(panels), 4.5, 3.2)
+    for e, steps, acc in curves:
+        for host, d in _targets(e, panels):
+            ax = axes[0][panels.index((host, d))]
+            ax.plot(steps, acc, VARIANT_STYLE[e['variant']], marker='.', label=f"{_label(e)}, lr {e['lr']:g}",
+                    **_style(e))
+            ax.set(title=f"{host}, d_model {d}", xlabel='training step', ylabel='mean accuracy', ylim=(0, 1.02))
+    for ax in axes[0]:
+        ax.legend(fontsize='x-small')
     return save_png(fig, path)
 
 
@@ -102,6 +151,8 @@ def plot_state(entries: list[dict], path) -> Path:
     for e in entries:
         if e['state_size'] is not None:  # (the attention control: no fixed state)
             lines[(e['host'], e['variant'], e['balance'] if e['variant'] == 'mom' else None)].append(e)
+    if not lines:
+        raise ValueError('no rows of a model with a fixed state')
     for (host, variant, _), points in sorted(lines.items(), key=lambda kv: str(kv[0])):
         points.sort(key=lambda e: e['state_size'])
         ax.plot([p['state_size'] for p in points], [p['mean_accuracy'] for p in points], VARIANT_STYLE[variant],
@@ -182,8 +233,8 @@ def main(argv=None) -> int:
     if not entries:
         p.error(f"--results: no MQAR rows in {args.results}")
     out = Path(args.out)
-    for name, plot in (('mqar_pairs', plot_pairs), ('mqar_state', plot_state), ('mqar_loads', plot_loads),
-                       ('mqar_assignment', plot_assignment)):
+    for name, plot in (('mqar_pairs', plot_pairs), ('mqar_state', plot_state), ('mqar_curves', plot_curves),
+                       ('mqar_loads', plot_loads), ('mqar_assignment', plot_assignment)):
         try:
             print(plot(entries, out / f"{name}.png"))
         except ValueError as e:

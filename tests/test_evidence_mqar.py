@@ -54,7 +54,7 @@ def test_every_model_trains_writes_its_row_and_resumes(host, tmp_path, monkeypat
     from evidence import plots
     entries = plots.best(runs.read_rows(results))
     assert len(entries) == 4
-    for plot in (plots.plot_pairs, plots.plot_state, plots.plot_loads, plots.plot_assignment):
+    for plot in (plots.plot_pairs, plots.plot_state, plots.plot_curves, plots.plot_loads, plots.plot_assignment):
         path = plot(entries, tmp_path / f'{plot.__name__}.png')
         assert path.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
     table = plots.summary_table(entries)
@@ -133,6 +133,9 @@ def test_attention_control_trains_and_sits_beside_the_hosts_in_the_figures(tmp_p
     assert rows[0]['state_size'] is None and rows[0]['host_as_one_memory'] is False and rows[1]['state_size'] > 0
     from evidence import plots
     entries = plots.best(runs.read_rows(results))
-    for plot in (plots.plot_pairs, plots.plot_state):
+    for plot in (plots.plot_pairs, plots.plot_state, plots.plot_curves):
         assert plot(entries, tmp_path / f'{plot.__name__}.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    # the control is a grey reference line in the hosts' panels of its width, not a panel of its own
+    control = next(e for e in entries if e['host'] == 'Attention')
+    assert plots._panels(entries) == [('GLA', 64)] and plots._targets(control, [('GLA', 64)]) == [('GLA', 64)]
     assert '| Attention | 64 |' in plots.summary_table(entries) and '| KV cache |' in plots.summary_table(entries)
