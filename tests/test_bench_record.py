@@ -1,10 +1,14 @@
 """The benchmarks' record (benchmarks/record.py): JSON rows round-trip, and the sequence-length plot renders
-from synthetic rows on the CPU."""
+from synthetic rows on the CPU; bench_decode.py calls every layer the host's way."""
+import copy
 import importlib.util
 import json
 import pathlib
 
 import pytest
+import torch
+
+from tests import hosts
 
 _PATH = pathlib.Path(__file__).resolve().parent.parent / 'benchmarks' / 'record.py'
 _spec = importlib.util.spec_from_file_location('mom_wrap_bench_record', _PATH)
@@ -60,3 +64,36 @@ def test_plot_from_synthetic_rows(tmp_path):
     assert data[:8] == b'\x89PNG\r\n\x1a\n' and len(data) > 1000
     with pytest.raises(ValueError, match='no bench_layer rows'):
         record.plot_seq_len([], str(tmp_path / 'empty.png'))
+
+
+
+@pytest.mark.parametrize('host', ['GatedDeltaNet', 'RWKV7Attention', 'HGRN2Attention', hosts.param('Mamba2')])
+def test_decode_bench_calls_each_layer_the_hosts_way(host, monkeypatch):
+    """bench_decode.py's prefill and step go through the host's convention (fla's Cache, mamba-ssm's
+    InferenceParams) with the host's own arguments (RWKV7's v_first, HGRN2's lower bound): a step after an 8-token
+    prompt equals the full forward's 9th output, for the host and its wrapper (on the CPU, a small layer of each)."""
+    monkeypatch.syspath_prepend(str(_PATH.parent))  # (the benchmarks import each other by name)
+    import bench_decode
+    import bench_layer
+    from mom_wrap import MixtureOfMemories
+    base = hosts.make(host)
+    layers = {'host': copy.deepcopy(base).eval(),
+              'mom': MixtureOfMemories(copy.deepcopy(base), num_memories=4, topk=2).eval()}
+    convention = bench_decode.convention_of(layers)
+    hidden = layers['mom']._adapter.hidden_size
+    torch.manual_seed(0)
+    prompt, x = torch.randn(2, 8, hidden), torch.randn(2, 1, hidden)
+    extra = bench_layer.host_kwargs(host, torch.cat([prompt, x], 1))  # per token [B, T, hidden] or per channel
+
+    def tokens(lo, hi):  # the host's own arguments of tokens lo .. hi-1
+        return lambda _: {k: v[:, lo:hi] if v.dim() == 3 else v for k, v in extra.items()}
+    for name, layer in layers.items():
+        with torch.no_grad():
+            cache = convention.new_cache(2, 9)
+            convention.call_cached(layer, prompt, cache, **tokens(0, 8)(None))
+            got = bench_decode.stepper(layer, convention, cache, x, tokens(8, 9))()
+            full = convention.outputs(layer(torch.cat([prompt, x], 1), **extra))[0][:, -1:]
+            assert (got - full).abs().max() <= 1e-4 * full.abs().max(), name
+            cache = bench_decode.prefill(layer, convention, tokens(0, 8), 2, 8, hidden=hidden, device='cpu',
+                                         dtype=torch.float32)
+            assert bench_decode.stepper(layer, convention, cache, x, tokens(8, 9))().shape == (2, 1, hidden)
