@@ -3,13 +3,17 @@ for GatedDeltaNet).
 
 The paper's 340M layer size (hidden 1024, 4 heads; GatedDeltaNet: 4 x 256, expand_v 1; the other hosts
 their default head sizes), M=4, top-2, shared memory, bf16, all layers measured in one run on one GPU;
-ratios are against the plain host layer.
+ratios are against the plain host layer. Each time is the median of --repeats (5) repetitions of --iters steps in
+which the layers take turns (host, ours, ..., host, ours, ...): one process's times swing with the GPU's clocks and
+the host's load, and taking turns exposes every layer to the same swing. --prefill times a forward without autograd
+(eval mode) instead of a training step.
 
     python benchmarks/bench_layer.py [--host GatedDeltaNet|GatedLinearAttention|DeltaNet|RWKV6Attention|
                                              RWKV7Attention|Mamba2|LinearAttention|GatedSlotAttention|
                                              HGRN2Attention|MultiScaleRetention|KimiDeltaAttention|
                                              fla.Mamba2|Mamba3|fla.Mamba3]
-                                     [--batch 8 --seq-len 2048 --iters 20] [--profile] [--memory]
+                                     [--batch 8 --seq-len 2048 --iters 20 --repeats 5] [--prefill]
+                                     [--profile] [--memory]
                                      [--json rows.json]
 
 Sequence-length sweep (time and peak memory vs length; --plot needs matplotlib: pip install "mom_wrap[plot]"):
@@ -123,12 +127,21 @@ def fwd_bwd(layer, x, dy, **kwargs):
     output(layer(x, **kwargs)).backward(dy)
 
 
-def measure(layer, x, dy, iters, **kwargs):
-    """Mean fwd+bwd milliseconds over ``iters`` (after warm-up) and peak memory above the inputs (MiB)."""
-    def step():
-        fwd_bwd(layer, x, dy, **kwargs)
-    for _ in range(3):
-        step()
+def step_of(layer, x, dy, prefill: bool, **kwargs):
+    """The timed step: a training step (``fwd_bwd``), or with ``prefill`` a forward without autograd (the layer in
+    eval mode: a prompt's prefill)."""
+    if not prefill:
+        return lambda: fwd_bwd(layer, x, dy, **kwargs)
+
+    def forward():
+        with torch.no_grad():
+            layer(x, **kwargs)
+    return forward
+
+
+def timed(step, iters):
+    """One repetition: mean milliseconds per step over ``iters`` steps and the peak memory above what was allocated
+    before them (MiB)."""
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -139,6 +152,38 @@ def measure(layer, x, dy, iters, **kwargs):
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / iters, (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def interleaved(steps: dict, iters: int, repeats: int) -> dict:
+    """name -> (median ms, peak MiB, every repetition's ms) of each of ``steps`` (name -> a step function): three
+    warm-up steps each, then ``repeats`` rounds in which the layers take turns (host, ours, ..., host, ours, ...), so
+    that every layer sees the same drift of the GPU's clocks and the host's load. A layer that runs out of memory or
+    fails gets ``(None, None, status)`` and leaves the rounds."""
+    out, live = {}, {}
+    for name, step in steps.items():
+        try:
+            for _ in range(3):
+                step()
+            live[name] = []
+        except torch.cuda.OutOfMemoryError:
+            out[name] = (None, None, 'oom')
+        except Exception as e:  # report it, measure the others
+            out[name] = (None, None, f"failed: {type(e).__name__}: {str(e)[:200]}")
+        gc.collect()
+        torch.cuda.empty_cache()
+    peaks = dict.fromkeys(live, 0.0)
+    for _ in range(repeats):
+        for name in list(live):
+            try:
+                ms, mem = timed(steps[name], iters)
+                live[name].append(ms)
+                peaks[name] = max(peaks[name], mem)
+            except torch.cuda.OutOfMemoryError:
+                out[name] = (None, None, 'oom')
+                del live[name]
+    for name, times in live.items():
+        out[name] = (sorted(times)[len(times) // 2], peaks[name], times)
+    return {name: out[name] for name in steps}
 
 
 def host_time(layer, x, dy, iters, **kwargs):
@@ -265,44 +310,49 @@ def run_case(made, args, batch, seq_len, rec):
     that runs out of memory (or fails) gets a row without numbers; the others are still measured."""
     dtype = torch.bfloat16
     torch.manual_seed(0)
-    results, x = {}, None
+    results, repeats, x = {}, {}, None
     try:
-        x = torch.randn(batch, seq_len, args.hidden, device='cuda', dtype=dtype, requires_grad=True)
+        x = torch.randn(batch, seq_len, args.hidden, device='cuda', dtype=dtype, requires_grad=not args.prefill)
         dy = torch.randn_like(x)
         kwargs = host_kwargs(args.host, x)
     except torch.cuda.OutOfMemoryError:
         results = {name: (None, None, 'oom') for name in made}
-    for name, layer in made.items():
-        if name in results:
-            continue
-        try:
-            ms, mem = measure(layer, x, dy, args.iters, **kwargs)
-            results[name] = (ms, mem, 'ok')
-            if args.host_time:
-                print(f"{name}: host time to issue fwd+bwd from an idle GPU {host_time(layer, x, dy, args.iters, **kwargs):.2f} ms")
-            if args.memory and role(name) != 'host':
-                print(f"\n{name}:")
-                memory_report(layer, x, dy, **kwargs)
-            if args.profile and role(name) == 'mom_wrap':
-                profile(layer, x, dy, **kwargs)
-        except torch.cuda.OutOfMemoryError:
-            results[name] = (None, None, 'oom')
-        except Exception as e:  # report it, measure the others
-            results[name] = (None, None, f"failed: {type(e).__name__}: {str(e)[:200]}")
-        if x is not None:
+    if x is not None:
+        prefill = args.prefill
+        if prefill:
+            for layer in made.values():
+                layer.eval()
+        steps = {name: step_of(layer, x, dy, prefill, **kwargs) for name, layer in made.items()}
+        timings = interleaved(steps, args.iters, args.repeats)
+        for name, layer in made.items():
+            ms, mem, spread = timings[name]
+            results[name] = (ms, mem, 'ok' if ms is not None else spread)
+            repeats[name] = spread if ms is not None else None
+            if ms is None or prefill:
+                continue
+            try:
+                if args.host_time:
+                    print(f"{name}: host time to issue fwd+bwd from an idle GPU "
+                          f"{host_time(layer, x, dy, args.iters, **kwargs):.2f} ms")
+                if args.memory and role(name) != 'host':
+                    print(f"\n{name}:")
+                    memory_report(layer, x, dy, **kwargs)
+                if args.profile and role(name) == 'mom_wrap':
+                    profile(layer, x, dy, **kwargs)
+            except Exception as e:  # the numbers above stand
+                print(f"{name}: {type(e).__name__}: {str(e)[:200]}")
             x.grad = None
-        for prm in layer.parameters():
-            prm.grad = None
-        gc.collect()  # a caught exception's frames may hold tensors
-        torch.cuda.empty_cache()
+            for prm in layer.parameters():
+                prm.grad = None
     del x
     gc.collect()
     torch.cuda.empty_cache()
 
     host_ms, host_mem, _ = results[f'{args.host} (host)']
-    case = {'batch': batch, 'seq_len': seq_len, 'tokens': batch * seq_len, 'mode': 'fwd+bwd', 'dtype': 'bf16',
+    mode = 'prefill' if args.prefill else 'fwd+bwd'
+    case = {'batch': batch, 'seq_len': seq_len, 'tokens': batch * seq_len, 'mode': mode, 'dtype': 'bf16',
             'hidden': args.hidden, 'heads': args.heads, 'memories': args.memories, 'topk': args.topk,
-            'shared_memory': True, 'iters': args.iters}
+            'shared_memory': True, 'iters': args.iters, 'repeats': args.repeats, 'interleaved': True}
     if args.host == 'GatedDeltaNet':
         case['head_dim'] = args.head_dim
     ref = {'ms': host_ms, 'peak_mib': host_mem}
@@ -312,12 +362,15 @@ def run_case(made, args, batch, seq_len, rec):
     if floors and card is None:
         print(f"no floor: floor.py has no peaks for {torch.cuda.get_device_name()!r} (it knows "
               f"{', '.join(c.name for c in floor.CARDS.values())}); the rows get its FLOPs and bytes only")
-    print(f"{'layer':<36}{'fwd+bwd ms':>12}{'x host':>9}{'peak MiB':>11}{'x host':>9}{'floor ms':>10}{'x floor':>9}")
+    print(f"{'layer':<36}{mode + ' ms':>12}{'x host':>9}{'peak MiB':>11}{'x host':>9}{'floor ms':>10}{'x floor':>9}"
+          f"  (median of {args.repeats} interleaved repetitions of {args.iters} steps)")
+    floor_mode = 'fwd' if args.prefill else 'fwd+bwd'
     for name, (ms, mem, status) in results.items():
         row = rec.add(name, role(name), args.host, case, ms, mem, status, ref=ref)
+        row['ms_repeats'] = [round(t, 4) for t in repeats[name]] if repeats.get(name) else None
         fl = floors.get(role(name))
-        if fl is not None:  # (the recorder wrote the row already: again with the floor)
-            row.update(fl.record(card))
+        if fl is not None or row['ms_repeats']:  # (the recorder wrote the row already: again with the extras)
+            row.update(fl.record(card, floor_mode) if fl is not None else {})
             if rec.path:
                 write_rows(rec.path, rec.rows)
         floor_ms = None if fl is None or card is None else row['floor_ms']
@@ -332,8 +385,9 @@ def run_case(made, args, batch, seq_len, rec):
     if floors and card is not None:
         host_fl, mom_fl = floors['host'], floors['mom_wrap']
         print(f"floor: max(FLOPs / {card.flops / 1e12:.0f} TFLOP/s, bytes / {card.bandwidth / 1e12:.2f} TB/s) on "
-              f"{card.name}, fwd+bwd; host {host_fl.flops() / 1e9:.0f} GFLOP {host_fl.bytes() / 1e9:.2f} GB, "
-              f"MoM {mom_fl.flops() / 1e9:.0f} GFLOP {mom_fl.bytes() / 1e9:.2f} GB (benchmarks/floor.py)")
+              f"{card.name}, {floor_mode}; host {host_fl.flops(floor_mode) / 1e9:.0f} GFLOP "
+              f"{host_fl.bytes(floor_mode) / 1e9:.2f} GB, MoM {mom_fl.flops(floor_mode) / 1e9:.0f} GFLOP "
+              f"{mom_fl.bytes(floor_mode) / 1e9:.2f} GB (benchmarks/floor.py)")
     fla_mom = results.get('fla MomAttention', (None,))[0]
     for name, (ours, _, _) in results.items():
         if role(name) == 'mom_wrap' and ours is not None and fla_mom is not None:
@@ -355,7 +409,12 @@ def layer_args(p: argparse.ArgumentParser) -> None:
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     layer_args(p)
-    p.add_argument('--iters', type=int, default=20)
+    p.add_argument('--iters', type=int, default=20, help='steps per repetition')
+    p.add_argument('--repeats', type=int, default=5,
+                   help='repetitions, the layers taking turns (host, ours, ..., host, ours, ...): each number is '
+                        'the median (default 5)')
+    p.add_argument('--prefill', action='store_true',
+                   help='time a forward without autograd (eval mode: a prompt\'s prefill) instead of fwd+bwd')
     p.add_argument('--profile', action='store_true', help='print the CUDA kernel table of the MoM layer')
     p.add_argument('--host-time', action='store_true',
                    help='also print each layer\'s host (CPU) time to issue one fwd+bwd from an idle GPU')

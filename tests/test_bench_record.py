@@ -97,3 +97,28 @@ def test_decode_bench_calls_each_layer_the_hosts_way(host, monkeypatch):
             cache = bench_decode.prefill(layer, convention, tokens(0, 8), 2, 8, hidden=hidden, device='cpu',
                                          dtype=torch.float32)
             assert bench_decode.stepper(layer, convention, cache, x, tokens(8, 9))().shape == (2, 1, hidden)
+
+
+def test_layer_bench_takes_turns_and_reports_the_median(monkeypatch):
+    """bench_layer.interleaved: warm-up, then ``repeats`` rounds in which the layers take turns; each layer's number
+    is the median of its rounds, its peak the highest; a layer that runs out of memory in a round leaves the rounds
+    with an 'oom' status and the others go on."""
+    monkeypatch.syspath_prepend(str(_PATH.parent))
+    import bench_layer
+    order, times = [], {'host': iter([3.0, 1.0, 2.0]), 'ours': iter([5.0, 4.0, 6.0]), 'big': iter([1.0])}
+
+    def timed(step, iters):
+        name = step()
+        order.append(name)
+        t = next(times[name], None)
+        if t is None:
+            raise torch.cuda.OutOfMemoryError('out of memory')
+        return t, 10.0 * t
+
+    monkeypatch.setattr(bench_layer, 'timed', timed)
+    monkeypatch.setattr(bench_layer.torch.cuda, 'empty_cache', lambda: None)
+    steps = {name: (lambda name=name: name) for name in ('host', 'ours', 'big')}
+    out = bench_layer.interleaved(steps, iters=4, repeats=3)
+    assert order == ['host', 'ours', 'big', 'host', 'ours', 'big', 'host', 'ours']
+    assert out['host'] == (2.0, 30.0, [3.0, 1.0, 2.0]) and out['ours'] == (5.0, 60.0, [5.0, 4.0, 6.0])
+    assert out['big'] == (None, None, 'oom') and list(out) == ['host', 'ours', 'big']
