@@ -209,7 +209,8 @@ def summary_table(entries: list[dict]) -> str:
     for e in entries:
         hardest = max(e['accuracy'], key=lambda s: (int(s.split('x')[1]), int(s.split('x')[0])))
         spread = e['mean_accuracy_spread']
-        lines.append(f"| {_label(e)} | {e['d_model']} | {e['params']:,} | {'KV cache' if e['state_size'] is None else format(e['state_size'], ',')} | {e['lr']:g} | "
+        state = 'KV cache' if e['state_size'] is None else f"{e['state_size']:,}"
+        lines.append(f"| {_label(e)} | {e['d_model']} | {e['params']:,} | {state} | {e['lr']:g} | "
                      f"{len(e['seeds'])} | {e['mean_accuracy']:.3f}"
                      + (f" ({spread[0]:.3f}-{spread[1]:.3f})" if len(e['seeds']) > 1 else '')
                      + f" | {hardest}: {e['accuracy'][hardest]:.3f} |")

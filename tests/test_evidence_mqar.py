@@ -92,8 +92,8 @@ def test_sweep_runs_its_grid_in_processes_and_resumes(tmp_path):
     results = tmp_path / 'mqar.jsonl'
     args = ['sweep', '--hosts', 'GLA', '--d-models', '64', '--variants', 'host', '--lrs', '1e-3', '--steps', '1',
             '--batch-size', '2', '--eval-examples', '2', '--eval-batch', '2', '--vocab-size', '256', '--train-mix',
-            '64x4', '--eval-every', '1', '--test-settings', '64x4', '--device', 'cpu', '--results', str(results), '--logs',
-            str(tmp_path / 'logs'), '--jobs', '1']
+            '64x4', '--eval-every', '1', '--test-settings', '64x4', '--device', 'cpu', '--results', str(results),
+            '--logs', str(tmp_path / 'logs'), '--jobs', '1']
     assert main(args) == 0, (tmp_path / 'logs').joinpath(os.listdir(tmp_path / 'logs')[0]).read_text()[-3000:]
     rows = runs.read_rows(results)
     assert len(rows) == 1 and rows[0]['run_id'].startswith('GLA-d64-host-v256-lr0.001-s0-n1-b2-data')
