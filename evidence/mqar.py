@@ -8,7 +8,8 @@ One run: a seeded model, AdamW (weight decay 0.1, betas 0.9 / 0.98) with a linea
 the steps and a cosine decay, batches of Zoology's training mix (``evidence.mqar_data.TRAIN_MIX``, one setting per
 batch), the loss on the answer positions only, bf16 autocast on a GPU; then accuracy on fixed test sets
 (``TEST_SETTINGS``, the same examples for every run). The row (``evidence.runs``) records the spec, parameter count
-and state size, the optimisation settings, the accuracy per test setting, the loss curve, and for MoM models the
+and state size, the optimisation settings, the accuracy per test setting, the loss curve, the accuracy along
+training (``--eval-every``), and for MoM models the
 memory loads over training and which memory the keys, values, queries and fillers of a test batch went to
 (``mom_wrap.stats``). A run whose ``run_id`` is in the results file already is skipped: a sweep resumes, and a later
 sweep appends.
@@ -49,7 +50,9 @@ class TrainConfig:
     eval_examples: int = 1000
     eval_batch: int = 64
     snapshots: int = 10  # memory-load snapshots over training (MoM models)
-    eval_every: int = 0  # > 0: accuracy on the first curve_examples of each test set every this many steps
+    # > 0: mean accuracy on the first curve_examples of each test set every this many steps: the row's
+    # accuracy_curve, whose last point is the final accuracy on all eval_examples
+    eval_every: int = 0
     curve_examples: int = 128
     train_mix: tuple = TRAIN_MIX
     test_settings: tuple = TEST_SETTINGS
