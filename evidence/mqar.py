@@ -9,9 +9,8 @@ the steps and a cosine decay, batches of Zoology's training mix (``evidence.mqar
 batch), the loss on the answer positions only, bf16 autocast on a GPU; then accuracy on fixed test sets
 (``TEST_SETTINGS``, the same examples for every run). The row (``evidence.runs``) records the spec, parameter count
 and state size, the optimisation settings, the accuracy per test setting, the loss curve, the accuracy along
-training (``--eval-every``), and for MoM models the
-memory loads over training and which memory the keys, values, queries and fillers of a test batch went to
-(``mom_wrap.stats``). A run whose ``run_id`` is in the results file already is skipped: a sweep resumes, and a later
+training (``--eval-every``), and for MoM models the memory loads over training and which memory the keys, values,
+queries and fillers of a test batch went to (``mom_wrap.stats``). A run whose ``run_id`` is in the results file already is skipped: a sweep resumes, and a later
 sweep appends.
 
 What is cut from Zoology's protocol (its 64 epochs of 100,000 examples per setting mix; learning rates swept over
