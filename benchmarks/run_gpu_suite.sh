@@ -3,9 +3,9 @@
 # autotuning of a new kernel shape) cannot starve the others. Logs and JSON rows go to $LOGS (default
 # /tmp/gpu-logs) and, packed, to $OUT/gpu-logs.tar.gz (the device tool brings back at most 8 files).
 # Usage on the GPU host, after `source .gpu/setup.sh`:  bash benchmarks/run_gpu_suite.sh [STEP ...]
-# (steps: warm kernels gpu_tests gpu_extreme check bench_layer bench_scalar_decay bench_decode syncs memory soak;
-# default all but gpu_extreme and soak, which take about 6 and 7 minutes on an H100 and are best calls of their
-# own).
+# (steps: warm kernels gpu_tests gpu_extreme check bench_layer bench_scalar_decay bench_decode syncs memory soak
+# targets; default all but gpu_extreme, soak and targets, which take about 6, 7 and 2-3 minutes a host on an H100
+# and are best calls of their own).
 # Then `gpu_save_cache $OUT` (a function of setup.sh, not visible in this script's shell) to bring the
 # autotune results back.
 #
@@ -61,4 +61,20 @@ want syncs && step syncs 200 python benchmarks/syncs.py
 want memory && step memory 200 python benchmarks/bench_layer.py --batch 2 --seq-len 16384 --iters 20 --memory \
   --profile
 want soak && step soak 560 python benchmarks/soak.py --json "$out/soak.json"
+# issue 24's cases for every host of $HOSTS (each number the median of 5 interleaved repetitions), then its table
+if want targets; then
+  for h in $hosts; do
+    for case in "8 2048" "2 16384"; do set -- $case
+      step "targets_${h}_fwdbwd_$1x$2" 150 python benchmarks/bench_layer.py --host "$h" --batch $1 --seq-len $2 \
+        --iters 10 --json "$out/targets_${h}_fwdbwd_$1x$2.json"
+    done
+    for case in "1 32768" "8 4096"; do set -- $case
+      step "targets_${h}_prefill_$1x$2" 150 python benchmarks/bench_layer.py --host "$h" --batch $1 --seq-len $2 \
+        --prefill --iters 10 --json "$out/targets_${h}_prefill_$1x$2.json"
+    done
+    step "targets_${h}_decode" 200 python benchmarks/bench_decode.py --host "$h" --batch 64 --steps 30 \
+      --json "$out/targets_${h}_decode.json"
+  done
+  python benchmarks/targets.py "$out"/targets_*.json | tee "$out/targets.md"
+fi
 [ -n "${OUT:-}" ] && tar czf "$OUT/gpu-logs.tar.gz" -C "$out" . && echo "logs: \$OUT/gpu-logs.tar.gz"

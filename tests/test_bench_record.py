@@ -122,3 +122,39 @@ def test_layer_bench_takes_turns_and_reports_the_median(monkeypatch):
     assert order == ['host', 'ours', 'big', 'host', 'ours', 'big', 'host', 'ours']
     assert out['host'] == (2.0, 30.0, [3.0, 1.0, 2.0]) and out['ours'] == (5.0, 60.0, [5.0, 4.0, 6.0])
     assert out['big'] == (None, None, 'oom') and list(out) == ['host', 'ours', 'big']
+
+
+def test_targets_table_holds_each_case_to_its_target(tmp_path, monkeypatch):
+    """benchmarks/targets.py (issue 24's record): per host a line per case with the host's and our times, the ratio
+    against its target and whether it is met, peaks, the floor, and the run; the latest run's row where several hold
+    a case; "not measured" where none does; fla MomAttention's two targets for GatedDeltaNet."""
+    monkeypatch.syspath_prepend(str(_PATH.parent))
+    import targets
+    old, new = dict(RUN, date='2026-12-01T00:00:00+00:00'), dict(RUN, date='2026-12-08T00:00:00+00:00')
+    rec_old, rec = record.Recorder(None, 'bench_layer', run=old), record.Recorder(None, 'bench_layer', run=new)
+    train = {'batch': 8, 'seq_len': 2048, 'mode': 'fwd+bwd', 'repeats': 5, 'interleaved': True}
+    host = rec_old.add('GatedDeltaNet (host)', 'host', 'GatedDeltaNet', train, 6.0, 500.0)
+    rec_old.add('mom_wrap MoM(GatedDeltaNet)', 'mom_wrap', 'GatedDeltaNet', train, 18.0, 2500.0, ref=host)
+    host = rec.add('GatedDeltaNet (host)', 'host', 'GatedDeltaNet', train, 6.0, 500.0)
+    ours = rec.add('mom_wrap MoM(GatedDeltaNet)', 'mom_wrap', 'GatedDeltaNet', train, 11.4, 2100.0, ref=host)
+    ours['floor_ms'] = 3.8
+    rec.add('fla MomAttention', 'fla_mom', 'GatedDeltaNet', train, 26.0, 2000.0, ref=host)
+    prefill = {'batch': 1, 'seq_len': 32768, 'mode': 'prefill'}
+    host = rec.add('GatedDeltaNet (host)', 'host', 'GatedDeltaNet', prefill, 4.0, 100.0)
+    rec.add('mom_wrap MoM(GatedDeltaNet)', 'mom_wrap', 'GatedDeltaNet', prefill, 9.0, 300.0, ref=host)
+    dec = record.Recorder(None, 'bench_decode', run=new)
+    graph = {'batch': 64, 'prompt': 512, 'mode': 'decode step, graph'}
+    host = dec.add('GatedDeltaNet (host)', 'host', 'GatedDeltaNet', graph, 0.1)
+    dec.add('mom_wrap MoM(GatedDeltaNet)', 'mom_wrap', 'GatedDeltaNet', graph, 0.14, ref=host)
+    path = tmp_path / 'rows.json'
+    record.write_rows(path, rec_old.rows + rec.rows + dec.rows)
+
+    table = targets.host_table(record.read_rows(path), 'GatedDeltaNet').splitlines()
+    line = {row.split(' | ')[0].lstrip('| '): row for row in table if row.startswith('| ') and ' ms ' not in row}
+    assert line['fwd+bwd 8 x 2048'].startswith('| fwd+bwd 8 x 2048 | 6.00 | 11.40 | 1.90 | <= 2x | yes | 500 / 2100 '
+                                               '| 3.0x | H100 80GB HBM3, 2026-12-08, 0000000, median of 5 taking turns')
+    assert '| 4.00 | 9.00 | 2.25 | <= 2x | no |' in line['prefill 1 x 32768']
+    assert '| 0.10 | 0.14 | 1.40 | <= 1.5x | yes |' in line['decode B = 64, graph']
+    assert 'not measured' in line['fwd+bwd 2 x 16384'] and 'not measured' in line['decode B = 64, eager']
+    assert ('- fwd+bwd 8 x 2048: fla MomAttention 26.00 ms, 2.28x ours (target >= 2x: yes); peak 2000 MiB against '
+            'our 2100 (ours at most its: no)') in table
