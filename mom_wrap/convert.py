@@ -22,6 +22,8 @@ which wraps what is left with their settings (nothing, where every host layer is
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch.nn as nn
 
 from mom_wrap.adapters.registry import adapter_by_path, adapter_for, path_of, registered_adapters, supported_hosts
@@ -116,6 +118,15 @@ def _settings_to_use(model: nn.Module, given: dict, init: str | None) -> tuple[d
     return options, init or current['init'] or 'preserve', current
 
 
+def model_initializer(model: nn.Module) -> Callable[[nn.Module], None] | None:
+    """How ``model`` initialises a module of its own, where it says: a transformers model's ``_init_weights`` (fla's
+    models draw every Linear and conv weight from N(0, ``initializer_range``), not PyTorch's defaults); None for
+    other models (mamba-ssm's ``MambaLMHeadModel`` keeps PyTorch's defaults for its layers' weights, as
+    ``MixtureOfMemories`` does without an initializer)."""
+    from transformers import PreTrainedModel
+    return model._init_weights if isinstance(model, PreTrainedModel) else None
+
+
 def convert(model: nn.Module, num_memories: int | None = None, topk: int | None = None,
             shared_memory: bool | None = None, init: str | None = None, layers=None, **kwargs) -> nn.Module:
     """Wrap every supported host layer of ``model`` (``mom_wrap.supported_hosts()``) in place as
@@ -134,7 +145,8 @@ def convert(model: nn.Module, num_memories: int | None = None, topk: int | None 
         init: as ``MixtureOfMemories``, for the layers wrapped now; ``"preserve"`` (default) keeps the model's
             function at the start.
         kwargs: ``MixtureOfMemories``'s other options (``backend``, ``balance_loss_weight``, ``recurrence_parts``,
-            ``adapter``), defaults as above.
+            ``adapter``, ``initializer``), defaults as above; ``initializer`` defaults to the model's own
+            (``model_initializer``), so that fresh memories and routers start as the model's layers did.
 
     A model converted already (or with layers wrapped by hand) takes more layers with the same settings: a setting
     given must equal its layers' (``ValueError`` naming it otherwise). With nothing left to wrap, ``convert`` only
@@ -150,6 +162,7 @@ def convert(model: nn.Module, num_memories: int | None = None, topk: int | None 
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    initializer = kwargs.pop('initializer', None) or model_initializer(model)  # (not a setting: not recorded)
     given = dict(num_memories=num_memories, topk=topk, shared_memory=shared_memory, **kwargs)
     options, init_now, current = _settings_to_use(model, given, init)
     hosts = host_layers(model, options.get('adapter'))
@@ -164,7 +177,7 @@ def convert(model: nn.Module, num_memories: int | None = None, topk: int | None 
     for _, layer in hosts:  # the host's options are refused here, before any layer changes
         adapter_for(layer, options.get('adapter'))
     for paths, layer in hosts:
-        mom = MixtureOfMemories(layer, init=init_now, **options)
+        mom = MixtureOfMemories(layer, init=init_now, initializer=initializer, **options)
         for path in paths:
             parent, _, attr = path.rpartition('.')
             setattr(model.get_submodule(parent), attr, mom)

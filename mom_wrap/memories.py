@@ -28,15 +28,15 @@ from mom_wrap.ops import add_memory_bias, cached_conv, check_activation, grouped
 from mom_wrap.pool import PoolRows
 
 
-def _stack(module: nn.Module, attr: str, num: int, init: str) -> torch.Tensor:
-    """The host module's parameter ``attr`` repeated ``num`` times, or ``num`` fresh initialisations
-    made the way the module initialises itself (its own ``reset_parameters``)."""
+def _stack(module: nn.Module, attr: str, num: int, init: str, initializer=None) -> torch.Tensor:
+    """The host module's parameter ``attr`` repeated ``num`` times, or ``num`` fresh initialisations: each of a
+    copy of the module, through ``initializer`` (default: the module's own ``reset_parameters``)."""
     if init == 'copy':
         return getattr(module, attr).detach().clone().unsqueeze(0).repeat(num, *([1] * getattr(module, attr).dim()))
     fresh = []
     for _ in range(num):
         m = copy.deepcopy(module)
-        m.reset_parameters()
+        m.reset_parameters() if initializer is None else initializer(m)
         fresh.append(getattr(m, attr).detach())
     return torch.stack(fresh)
 
@@ -67,20 +67,22 @@ STAGE_ACTIVATIONS = {None: lambda t: t, 'tanh': torch.tanh, 'sigmoid': torch.sig
 
 
 class MemoryBank(nn.Module):
-    def __init__(self, projections: list[WriteProjection], num_memories: int, init: str):
+    def __init__(self, projections: list[WriteProjection], num_memories: int, init: str, initializer=None):
         super().__init__()
         for p in projections:
             if p.activation not in STAGE_ACTIVATIONS:
                 raise ValueError(f"activation: unsupported activation {p.activation!r} of projection {p.name!r}")
+
+        def stack(module: nn.Module, attr: str) -> torch.Tensor:
+            return _stack(module, attr, num_memories, init, initializer)
         self.names = [p.name for p in projections]
         # projections of x, fused; each other input's projection on its own
         self.x_names = [p.name for p in projections if p.input == 'x']
         self.out_features = [p.linear.out_features for p in projections if p.input == 'x']
         self.inputs = {p.name: p.input for p in projections}
-        self.weight = nn.Parameter(torch.cat([_stack(p.linear, 'weight', num_memories, init)
-                                              for p in projections if p.input == 'x'], dim=1)) \
-            if self.x_names else None
-        self.input_weight = nn.ParameterDict({p.name: nn.Parameter(_stack(p.linear, 'weight', num_memories, init))
+        self.weight = nn.Parameter(torch.cat([stack(p.linear, 'weight') for p in projections if p.input == 'x'],
+                                             dim=1)) if self.x_names else None
+        self.input_weight = nn.ParameterDict({p.name: nn.Parameter(stack(p.linear, 'weight'))
                                               for p in projections if p.input != 'x'})
         self.proj_bias = nn.ParameterDict()
         self.second = nn.ParameterDict()
@@ -91,17 +93,17 @@ class MemoryBank(nn.Module):
         self.conv_activation: dict[str, str | None] = {}
         for p in projections:
             if p.linear.bias is not None:
-                self.proj_bias[p.name] = nn.Parameter(_stack(p.linear, 'bias', num_memories, init))
+                self.proj_bias[p.name] = nn.Parameter(stack(p.linear, 'bias'))
             if p.second is not None:
-                self.second[p.name] = nn.Parameter(_stack(p.second, 'weight', num_memories, init))
+                self.second[p.name] = nn.Parameter(stack(p.second, 'weight'))
                 if p.second.bias is not None:
-                    self.second_bias[p.name] = nn.Parameter(_stack(p.second, 'bias', num_memories, init))
+                    self.second_bias[p.name] = nn.Parameter(stack(p.second, 'bias'))
                 self.activation[p.name] = p.activation
             if p.conv is not None:
                 # ShortConvolution weight [D, 1, W] -> [E, D, W]
-                self.conv[p.name] = nn.Parameter(_stack(p.conv, 'weight', num_memories, init).squeeze(2))
+                self.conv[p.name] = nn.Parameter(stack(p.conv, 'weight').squeeze(2))
                 if p.conv.bias is not None:
-                    self.conv_bias[p.name] = nn.Parameter(_stack(p.conv, 'bias', num_memories, init))
+                    self.conv_bias[p.name] = nn.Parameter(stack(p.conv, 'bias'))
                 self.conv_activation[p.name] = getattr(p.conv, 'activation', None)
 
     def last_stage(self, name: str, grads: bool = False) -> list[torch.Tensor]:

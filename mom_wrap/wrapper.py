@@ -11,6 +11,7 @@ Data flow of one forward (x: [B, T, hidden]):
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -72,7 +73,8 @@ class MixtureOfMemories(nn.Module):
         topk: memories each token is written to and read from.
         shared_memory: add one more memory that sees every token, read with weight 1.
         init: ``"copy"``: every memory starts as a copy of the host's write side; ``"random"``: fresh
-            initialisation the way the host's modules initialise themselves; ``"preserve"``: copies whose
+            initialisation, each memory's copy of a write-side module through ``initializer`` (default: the
+            module's own ``reset_parameters``); ``"preserve"``: copies whose
             routed memories start silent (the last stage of the path the adapter names in
             ``silent_projection`` zeroed, conv biases included), so that the layer computes exactly what the
             host did (the shared memory carries it; needs ``shared_memory``), while gradients still reach
@@ -92,6 +94,11 @@ class MixtureOfMemories(nn.Module):
             in a call per group of whole segments; the other hosts make calls over consecutive time ranges of
             every segment, each starting from the states the one before ended with. 1 (default): all slots in
             one call. Inference always makes one call. Settable at any time.
+        initializer: how a fresh module is initialised, called on it in place: the router, and with
+            ``init="random"`` each memory's copies of the host's write-side modules. None (default): their own
+            ``reset_parameters`` (a Linear: PyTorch's default). ``mom_wrap.convert`` passes the model's own
+            (transformers' ``_init_weights``: fla's models draw every Linear and conv weight from
+            N(0, ``initializer_range``)), so that the memories start as the model's own layers did.
 
     ``forward`` takes and returns what the host does (``mom_wrap.calls``): for fla's layers
     ``(o, None, past_key_values)`` and the host's own extra arguments and outputs (RWKV7: ``v_first``), for
@@ -102,7 +109,7 @@ class MixtureOfMemories(nn.Module):
 
     def __init__(self, host: nn.Module, num_memories: int, topk: int, shared_memory: bool = True,
                  init: str = 'copy', backend: str = 'auto', balance_loss_weight: float = 0.01, adapter=None,
-                 recurrence_parts: int = 1):
+                 recurrence_parts: int = 1, initializer: Callable[[nn.Module], None] | None = None):
         super().__init__()
         global _RUN_EAGERLY
         if _RUN_EAGERLY is None:
@@ -121,6 +128,8 @@ class MixtureOfMemories(nn.Module):
             raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
         if isinstance(balance_loss_weight, bool) or not isinstance(balance_loss_weight, (int, float)):
             raise TypeError(f"balance_loss_weight: expected a float, got {type(balance_loss_weight).__name__}")
+        if initializer is not None and not callable(initializer):
+            raise TypeError(f"initializer: expected a function of a module, got {type(initializer).__name__}")
         if getattr(host, WRAPPED, False):
             raise ValueError("host: this layer was already wrapped by mom_wrap (its write side moved into a "
                              "MixtureOfMemories); use that MixtureOfMemories, or wrap a fresh layer")
@@ -141,7 +150,10 @@ class MixtureOfMemories(nn.Module):
         # some in fp32 in a bf16 model on purpose (GatedDeltaNet's A_log), and the router's input is x
         ref = projections[0].linear.weight
         self.router = Router(self.hidden_size, num_memories, topk, device=ref.device, dtype=ref.dtype)
-        self.memories = MemoryBank(projections, self.num_slots_memories, 'copy' if init == 'preserve' else init)
+        if initializer is not None:
+            initializer(self.router)
+        self.memories = MemoryBank(projections, self.num_slots_memories, 'copy' if init == 'preserve' else init,
+                                   initializer)
         if init == 'preserve':
             self.memories.silence(adapter.silent_projection, num_memories)
         adapter.detach_write_side()

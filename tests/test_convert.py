@@ -116,6 +116,30 @@ def test_convert_finds_host_layers_anywhere_and_shared_ones_once():
     assert len(moms(anonymous)) == 2 and mom_settings(anonymous)['layers'] is None
 
 
+def test_random_memories_start_as_the_model_initialises_its_layers():
+    """``convert(init="random")`` draws each memory's write-side weights, convs included, and the router through the
+    model's own initialiser (fla's models: N(0, initializer_range)), as the model drew the host's; a layer wrapped on
+    its own takes the modules' reset_parameters (PyTorch's defaults: the short conv's taps 14x larger here); an
+    explicit ``initializer`` wins; anything but a function is refused."""
+    import fla.models as models
+    cfg = models.GatedDeltaNetConfig(vocab_size=64, hidden_size=128, num_hidden_layers=2, num_heads=2, head_dim=64,
+                                     expand_v=1, initializer_range=0.02, fuse_cross_entropy=False)
+    torch.manual_seed(0)
+    model = convert(models.GatedDeltaNetForCausalLM(cfg), num_memories=4, topk=2, init='random')
+    for mom in moms(model):
+        for t in [mom.memories.weight, mom.router.weight, *mom.memories.conv.values()]:
+            assert abs(t.std().item() / 0.02 - 1) < 0.1, t.shape
+    alone = MixtureOfMemories(models.GatedDeltaNetForCausalLM(cfg).model.layers[0].attn, 4, 2, init='random')
+    assert all(w.std().item() > 0.2 for w in alone.memories.conv.values())  # kaiming-uniform over 4 taps
+    assert abs(alone.memories.weight.std().item() - 1 / (3 * 128) ** 0.5) < 0.005
+    mine = convert(models.GatedDeltaNetForCausalLM(cfg), num_memories=4, topk=2, init='random',
+                   initializer=lambda m: [torch.nn.init.constant_(p, 0.5) for p in m.parameters()])
+    assert all((mom.memories.weight == 0.5).all() and (mom.router.weight == 0.5).all() for mom in moms(mine))
+    assert 'initializer' not in mine.config.mom  # (not a setting: nothing to save)
+    with pytest.raises(TypeError, match='initializer: expected a function of a module'):
+        MixtureOfMemories(models.GatedDeltaNetForCausalLM(cfg).model.layers[0].attn, 4, 2, initializer=0.02)
+
+
 def test_convert_errors():
     with pytest.raises(ValueError, match='model: no supported host layer'):
         convert(nn.Sequential(nn.Linear(4, 4)))
