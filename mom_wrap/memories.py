@@ -36,7 +36,10 @@ def _stack(module: nn.Module, attr: str, num: int, init: str, initializer=None) 
     fresh = []
     for _ in range(num):
         m = copy.deepcopy(module)
-        m.reset_parameters() if initializer is None else initializer(m)
+        if initializer is None:
+            m.reset_parameters()
+        else:
+            initializer(m)
         fresh.append(getattr(m, attr).detach())
     return torch.stack(fresh)
 

@@ -74,11 +74,10 @@ class MixtureOfMemories(nn.Module):
         shared_memory: add one more memory that sees every token, read with weight 1.
         init: ``"copy"``: every memory starts as a copy of the host's write side; ``"random"``: fresh
             initialisation, each memory's copy of a write-side module through ``initializer`` (default: the
-            module's own ``reset_parameters``); ``"preserve"``: copies whose
-            routed memories start silent (the last stage of the path the adapter names in
-            ``silent_projection`` zeroed, conv biases included), so that the layer computes exactly what the
-            host did (the shared memory carries it; needs ``shared_memory``), while gradients still reach
-            the routed memories.
+            module's own ``reset_parameters``); ``"preserve"``: copies whose routed memories start silent (the
+            last stage of the path the adapter names in ``silent_projection`` zeroed, conv biases included), so
+            that the layer computes exactly what the host did (the shared memory carries it; needs
+            ``shared_memory``), while gradients still reach the routed memories.
         backend: ``"triton"`` (the host's kernels), ``"torch"`` (pure PyTorch reference) or ``"auto"``
             (triton on CUDA tensors, torch otherwise).
         balance_loss_weight: weight of the router's load-balancing loss, whose gradient the layer adds in
