@@ -14,15 +14,15 @@ row and the others are still timed.
 from __future__ import annotations
 
 import argparse
+import statistics
 
 import torch
-from bench_layer import host_kwargs, layers, role  # benchmarks/ is the script's directory, so on sys.path
+from bench_layer import HEAD_DIM_HOSTS, host_kwargs, interleaved, layers, role, timed  # (benchmarks/: on sys.path)
 from record import Recorder
 
 from mom_wrap import MixtureOfMemories
 
 HIDDEN = 1024
-HEAD_DIM_HOSTS = ('GatedDeltaNet', 'KimiDeltaAttention')  # bench_layer gives these 4 heads x 256
 
 
 def make_layers(host, memories, topk):
@@ -53,37 +53,6 @@ def stepper(layer, convention, cache, x, kwargs):
 ROUNDS = 5
 
 
-def mean_ms(run, steps):
-    """Mean milliseconds per call of ``steps`` calls of ``run``."""
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(steps):
-        run()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / steps
-
-
-def median(values):
-    return sorted(values)[len(values) // 2]
-
-
-def time_eager(steppers, steps):
-    """name -> eager ms per step of each of ``steppers`` (name -> a decode step): the median of ROUNDS rounds, the
-    layers taking turns within each round. An eager step is bound by the host's Python and launch overhead, which
-    drifts over seconds; taking turns exposes every layer to the same drift, so the ratios hold better than the
-    absolute times."""
-    for step in steppers.values():
-        for _ in range(5):
-            step()
-    rounds = {name: [] for name in steppers}
-    for _ in range(ROUNDS):
-        for name, step in steppers.items():
-            rounds[name].append(mean_ms(step, steps))
-    return {name: median(r) for name, r in rounds.items()}
-
-
 def time_graph(step, steps):
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
@@ -96,7 +65,7 @@ def time_graph(step, steps):
         step()
     for _ in range(5):
         graph.replay()
-    return median([mean_ms(graph.replay, steps) for _ in range(ROUNDS)])
+    return statistics.median_high([timed(graph.replay, steps)[0] for _ in range(ROUNDS)])
 
 
 def main():
@@ -121,19 +90,20 @@ def main():
     with torch.no_grad():
         for batch in args.batch:
             x = torch.randn(batch, 1, HIDDEN, device='cuda', dtype=torch.bfloat16)
-            steppers, failed = {}, {}
+            # eager steps, the layers taking turns (bench_layer.interleaved): an eager step is bound by the host's
+            # Python and launch overhead, which drifts over seconds; turns expose every layer to the same drift
+            steppers, eager = {}, {}
             for name, layer in layers.items():
                 try:
-                    step = stepper(layer, convention, prefill(layer, convention, kwargs, batch, args.prompt), x,
-                                   kwargs)
-                    step()
-                    steppers[name] = step
+                    steppers[name] = stepper(layer, convention, prefill(layer, convention, kwargs, batch,
+                                                                        args.prompt), x, kwargs)
                 except Exception as e:  # report, keep measuring the others
-                    failed[name] = f"failed: {type(e).__name__}: {str(e)[:80]}"
-            eager = time_eager(steppers, args.steps)
+                    eager[name] = f"failed: {type(e).__name__}: {str(e)[:80]}"
+            for name, (ms, _, status) in interleaved(steppers, args.steps, ROUNDS, warmup=5).items():
+                eager[name] = ms if ms is not None else status
             for name, layer in layers.items():
-                row = {'layer': name, 'B': batch, 'eager': eager.get(name, failed.get(name))}
-                if name in steppers and not name.startswith('fla MomAttention'):
+                row = {'layer': name, 'B': batch, 'eager': eager[name]}
+                if isinstance(eager[name], float) and not name.startswith('fla MomAttention'):
                     try:
                         row['graph'] = time_graph(stepper(layer, convention, prefill(layer, convention, kwargs, batch,
                                                                                      args.prompt), x, kwargs),

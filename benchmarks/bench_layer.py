@@ -37,12 +37,16 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib.util
+import statistics
 
 import torch
 import floor
 from record import Recorder, plot_seq_len, require_matplotlib, write_rows  # benchmarks/ is the script's directory
 
 from mom_wrap import MixtureOfMemories
+
+
+HEAD_DIM_HOSTS = ('GatedDeltaNet', 'KimiDeltaAttention')  # the hosts built with --head-dim
 
 
 def host_factory(host, hidden, heads, head_dim):
@@ -63,7 +67,7 @@ def host_factory(host, hidden, heads, head_dim):
     import fla.layers as L
     if host == 'RWKV7Attention':  # layer 1 of 2: like most layers of a model, it takes v_first (head_dim 64)
         return lambda: L.RWKV7Attention(hidden_size=hidden, layer_idx=1, num_hidden_layers=2)
-    if host in ('GatedDeltaNet', 'KimiDeltaAttention'):  # the paper's head size (K = V = head_dim)
+    if host in HEAD_DIM_HOSTS:  # the paper's head size (K = V = head_dim)
         return lambda: getattr(L, host)(hidden_size=hidden, head_dim=head_dim, num_heads=heads, expand_v=1,
                                         layer_idx=0)
     if host == 'LinearAttention':  # an elementwise feature map: the default squares the key dim (256 -> 65536)
@@ -154,15 +158,15 @@ def timed(step, iters):
     return start.elapsed_time(end) / iters, (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def interleaved(steps: dict, iters: int, repeats: int) -> dict:
-    """name -> (median ms, peak MiB, every repetition's ms) of each of ``steps`` (name -> a step function): three
-    warm-up steps each, then ``repeats`` rounds in which the layers take turns (host, ours, ..., host, ours, ...), so
+def interleaved(steps: dict, iters: int, repeats: int, warmup: int = 3) -> dict:
+    """name -> (median ms, peak MiB, every repetition's ms) of each of ``steps`` (name -> a step function):
+    ``warmup`` steps each, then ``repeats`` rounds in which the layers take turns (host, ours, ..., host, ours, ...), so
     that every layer sees the same drift of the GPU's clocks and the host's load. A layer that runs out of memory or
     fails gets ``(None, None, status)`` and leaves the rounds."""
     out, live = {}, {}
     for name, step in steps.items():
         try:
-            for _ in range(3):
+            for _ in range(warmup):
                 step()
             live[name] = []
         except torch.cuda.OutOfMemoryError:
@@ -182,7 +186,7 @@ def interleaved(steps: dict, iters: int, repeats: int) -> dict:
                 out[name] = (None, None, 'oom')
                 del live[name]
     for name, times in live.items():
-        out[name] = (sorted(times)[len(times) // 2], peaks[name], times)
+        out[name] = (statistics.median_high(times), peaks[name], times)
     return {name: out[name] for name in steps}
 
 
