@@ -263,6 +263,22 @@ def _config(args, **kw) -> TrainConfig:
                        **more, **kw)
 
 
+def train_command(args, spec: ModelSpec, lr: float, seed: int) -> list[str]:
+    """The ``train`` command line of one sweep run: the sweep's arguments, this run's model, lr and seed."""
+    cmd = [sys.executable, '-m', 'evidence.mqar', 'train', '--host', spec.host, '--d-model', str(spec.d_model),
+           '--variant', spec.variant, '--balance', str(spec.balance), '--lr', str(lr), '--seed', str(seed),
+           '--steps', str(args.steps), '--batch-size', str(args.batch_size), '--eval-examples',
+           str(args.eval_examples), '--eval-batch', str(args.eval_batch), '--eval-every',
+           str(args.eval_every), '--curve-examples', str(args.curve_examples), '--vocab-size',
+           str(args.vocab_size), '--device', args.device, '--results', args.results]  # progress: the log
+    if args.first_config:  # (each process its own Triton setup: the flag goes with it)
+        cmd.append('--first-config')
+    for flag, settings in (('--train-mix', args.train_mix), ('--test-settings', args.test_settings)):
+        if settings:
+            cmd += [flag, ','.join(f"{x.seq_len}x{x.num_kv_pairs}" for x in settings)]
+    return cmd
+
+
 def _sweep(args) -> int:
     """Run the grid as ``--jobs`` processes at a time (small models leave a GPU mostly idle), skipping runs in the
     results file; returns the number of failed runs."""
@@ -281,15 +297,7 @@ def _sweep(args) -> int:
             todo = []
         while todo and len(running) < args.jobs:
             spec, lr, seed = todo.pop(0)
-            cmd = [sys.executable, '-m', 'evidence.mqar', 'train', '--host', spec.host, '--d-model', str(spec.d_model),
-                   '--variant', spec.variant, '--balance', str(spec.balance), '--lr', str(lr), '--seed', str(seed),
-                   '--steps', str(args.steps), '--batch-size', str(args.batch_size), '--eval-examples',
-                   str(args.eval_examples), '--eval-batch', str(args.eval_batch), '--eval-every',
-                   str(args.eval_every), '--curve-examples', str(args.curve_examples), '--vocab-size',
-                   str(args.vocab_size), '--device', args.device, '--results', args.results]  # progress: the log
-            for flag, settings in (('--train-mix', args.train_mix), ('--test-settings', args.test_settings)):
-                if settings:
-                    cmd += [flag, ','.join(f"{x.seq_len}x{x.num_kv_pairs}" for x in settings)]
+            cmd = train_command(args, spec, lr, seed)
             log = open(os.path.join(args.logs, f"{spec.name}-lr{lr:g}-s{seed}.log"), 'w')
             running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log, spec.name))
         time.sleep(1)
@@ -306,7 +314,7 @@ def _sweep(args) -> int:
     return failed
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='python -m evidence.mqar', description=__doc__.split('\n\n')[0])
     sub = p.add_subparsers(dest='command', required=True)
     t = sub.add_parser('train', help='train and evaluate one model; append its row')
@@ -330,7 +338,11 @@ def main(argv=None) -> int:
     s.add_argument('--deadline', type=float, default=None,
                    help='seconds after which no new run starts (those running finish): for time-boxed machines')
     _train_args(s)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
     if torch.device(args.device).type == 'cpu':
         from mom_wrap import interpret_on_cpu
         interpret_on_cpu()  # fla's model norms and MLP are Triton kernels: the interpreter runs them (slowly)

@@ -9,7 +9,7 @@ import torch
 
 from evidence import runs
 from evidence.models import ModelSpec, build, count_parameters, describe
-from evidence.mqar import TrainConfig, categories, jobs, main, train
+from evidence.mqar import TrainConfig, categories, jobs, main, parser, train, train_command
 from evidence.mqar_data import MQARSetting, make_mqar_batch
 from tests import hosts
 
@@ -139,3 +139,19 @@ def test_attention_control_trains_and_sits_beside_the_hosts_in_the_figures(tmp_p
     control = next(e for e in entries if e['host'] == 'Attention')
     assert plots._panels(entries) == [('GLA', 64)] and plots._targets(control, [('GLA', 64)]) == [('GLA', 64)]
     assert '| Attention | 64 |' in plots.summary_table(entries) and '| KV cache |' in plots.summary_table(entries)
+
+
+def test_sweep_passes_every_training_option_to_its_runs():
+    """A sweep run's command line parses back to the sweep's own training options (--first-config was once
+    dropped there, and every run of a sweep tuned its kernels again)."""
+    p = parser()
+    sweep = p.parse_args(['sweep', '--steps', '7', '--batch-size', '3', '--eval-examples', '5', '--eval-batch', '4',
+                          '--eval-every', '2', '--curve-examples', '6', '--vocab-size', '600', '--train-mix', '64x4',
+                          '--test-settings', '64x4,128x8', '--device', 'cpu', '--results', 'r.jsonl',
+                          '--first-config'])
+    spec = ModelSpec('GLA', 128, 'mom', balance=0.0)
+    run = p.parse_args(train_command(sweep, spec, 3e-3, 2)[3:])
+    train_options = {a.dest for a in p._subparsers._group_actions[0].choices['train']._actions} - {'help'}
+    for dest in train_options - {'host', 'd_model', 'variant', 'balance', 'lr', 'seed', 'quiet'}:
+        assert getattr(run, dest) == getattr(sweep, dest), dest
+    assert (run.host, run.d_model, run.variant, run.balance, run.lr, run.seed) == ('GLA', 128, 'mom', 0.0, 3e-3, 2)
