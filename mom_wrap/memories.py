@@ -21,6 +21,7 @@ import copy
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from mom_wrap.adapters.base import WriteProjection
 from mom_wrap.dispatch import Dispatch, gather
@@ -78,6 +79,9 @@ class MemoryBank(nn.Module):
 
         def stack(module: nn.Module, attr: str) -> torch.Tensor:
             return _stack(module, attr, num_memories, init, initializer)
+        # the fused projection of x computed again in the backward instead of kept (``_recomputes``); off
+        # only to measure what that saves and costs (benchmarks/bench_layer.py --keep-projections)
+        self.recompute = True
         self.names = [p.name for p in projections]
         # projections of x, fused; each other input's projection on its own
         self.x_names = [p.name for p in projections if p.input == 'x']
@@ -154,14 +158,15 @@ class MemoryBank(nn.Module):
 
     @staticmethod
     def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dispatch: Dispatch,
-                per_slot: bool) -> torch.Tensor:
+                per_slot: bool, regather: bool = True) -> torch.Tensor:
         """Each slot's rows through its memory's weight [E, out, in] (+ bias [E, out]). x: per flat token
-        [N, in] (gathered here) or, with ``per_slot``, already per sorted slot [S, in]."""
+        [N, in] (gathered here, and gathered again in the backward: ``regathered``, unless ``regather`` is
+        off) or, with ``per_slot``, already per sorted slot [S, in]."""
         if dispatch.token_major:  # a decode step: each token once, with all its memories
             y = grouped_linear(x, weight, dispatch.memory)
         else:
             xs = x if per_slot else gather(x, dispatch)
-            with contextlib.nullcontext() if per_slot else regathered(xs, x, dispatch.token):
+            with contextlib.nullcontext() if per_slot or not regather else regathered(xs, x, dispatch.token):
                 y = grouped_linear(xs, weight, dispatch.memory, dispatch.memory_offsets,
                                    lambda: dispatch.memory_offsets_cpu)
         return y if bias is None else add_memory_bias(y, bias, dispatch.memory)
@@ -193,6 +198,28 @@ class MemoryBank(nn.Module):
         return dict(zip(self.x_names, split_convs_triton(y, self.out_features, tuple(convs), dispatch.memory,
                                                          dispatch.position, params)))
 
+    def _recomputes(self, dispatch: Dispatch, backend: str, conv_rows) -> bool:
+        """Whether the fused projection of x is computed again in the backward rather than kept (``forward``):
+        on the triton backend when its output feeds the split's convs (``_split_convs``), with gradients on and
+        ``recompute`` set. (Not under torch.compile, whose traced graph decides what it keeps itself.)"""
+        return (self.recompute and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+                and bool(self._split_convs(backend, dispatch, conv_rows)))
+
+    def _project_x(self, x: torch.Tensor, dispatch: Dispatch, backend: str, conv_rows,
+                   regather: bool = True) -> dict[str, torch.Tensor]:
+        """x [N, in] -> name -> [S, out] for the projections of x: one grouped GEMM of the fused weight, then
+        ``_split`` (the convs fused into it on the triton backend)."""
+        y = self._linear(x, self.weight, self._x_bias(), dispatch, per_slot=False, regather=regather)
+        return self._split(y, dispatch, backend, conv_rows)
+
+    def _x_bias(self) -> torch.Tensor | None:
+        """The fused projection's bias [E, sum(out)] (zeros for projections without one), or None."""
+        if not any(n in self.proj_bias for n in self.x_names):
+            return None
+        E = self.weight.shape[0]
+        return torch.cat([self.proj_bias[n] if n in self.proj_bias else self.weight.new_zeros(E, f)
+                          for n, f in zip(self.x_names, self.out_features)], dim=1)
+
     def forward(self, inputs: dict[str, torch.Tensor], dispatch: Dispatch, backend: str = 'torch',
                 conv_rows: dict[str, PoolRows] | None = None) -> dict[str, torch.Tensor]:
         """inputs: 'x' (the layer input) and the read-side tensors projections read, each [N, in] per flat token
@@ -203,13 +230,15 @@ class MemoryBank(nn.Module):
         """
         parts = {}
         if self.weight is not None:
-            bias = None
-            if any(n in self.proj_bias for n in self.x_names):
-                E = self.weight.shape[0]
-                bias = torch.cat([self.proj_bias[n] if n in self.proj_bias else self.weight.new_zeros(E, f)
-                                  for n, f in zip(self.x_names, self.out_features)], dim=1)
-            y = self._linear(inputs['x'], self.weight, bias, dispatch, per_slot=False)
-            parts.update(self._split(y, dispatch, backend, conv_rows))
+            if self._recomputes(dispatch, backend, conv_rows):
+                # nothing of the projection kept for the backward but x (kept anyway): its output, S = (top-k
+                # + 1) x N rows that the convs would keep, is computed again when the convs' backward needs it,
+                # after the host's recurrence has freed its own backward's buffers (the layer's peak)
+                parts.update(checkpoint(self._project_x, inputs['x'], dispatch, backend, conv_rows, False,
+                                        use_reentrant=False))
+            else:  # (inline, not through _project_x: under torch.compile a frame more is a graph break more)
+                y = self._linear(inputs['x'], self.weight, self._x_bias(), dispatch, per_slot=False)
+                parts.update(self._split(y, dispatch, backend, conv_rows))
         for name, w in self.input_weight.items():
             parts[name] = self._linear(inputs[self.inputs[name]], w, self.proj_bias[name] if name in self.proj_bias
                                        else None, dispatch, per_slot=False)
