@@ -97,11 +97,12 @@ def host_kwargs(host, x):
 
 
 def layers(hidden, heads, head_dim, memories, topk, dtype, host='GatedDeltaNet', parts=(None,), time_parts=(),
-           keep_projections=False):
+           recompute_projections=False):
     """The host, ours (one layer per ``recurrence_parts`` value in ``parts``, None: the default; the first is
     named ``mom_wrap MoM(host)``, the others get `` parts=N``; one per value in ``time_parts`` with the parts
-    over time even where the adapter has a backward in groups, `` parts=N time``; with ``keep_projections`` one
-    that keeps its write projection's output for the backward instead of computing it again, `` kept``) and,
+    over time even where the adapter has a backward in groups, `` parts=N time``; with ``recompute_projections``
+    one that computes its write projection's output again in the backward instead of keeping it, `` recompute``)
+    and,
     for GatedDeltaNet, fla's MomAttention."""
     make = host_factory(host, hidden, heads, head_dim)
     made = {f'{host} (host)': make()}
@@ -113,10 +114,10 @@ def layers(hidden, heads, head_dim, memories, topk, dtype, host='GatedDeltaNet',
         mom = MixtureOfMemories(make(), num_memories=memories, topk=topk, shared_memory=True, recurrence_parts=n)
         mom._adapter.recurrence_in_groups = lambda *a, **k: None  # (mom_wrap.recurrence: then over time)
         made[f'mom_wrap MoM({host}) parts={n} time'] = mom
-    if keep_projections:
+    if recompute_projections:
         mom = MixtureOfMemories(make(), num_memories=memories, topk=topk, shared_memory=True)
-        mom.memories.recompute = False
-        made[f'mom_wrap MoM({host}) kept'] = mom
+        mom.memories.recompute = True
+        made[f'mom_wrap MoM({host}) recompute'] = mom
     if host == 'GatedDeltaNet':
         from fla.layers.mom import MomAttention
         made['fla MomAttention'] = MomAttention(hidden_size=hidden, head_dim=head_dim, num_heads=heads, expand_v=1,
@@ -435,9 +436,9 @@ def main():
     p.add_argument('--time-parts', type=int, nargs='+', metavar='N', default=(),
                    help="one MoM layer per value with recurrence_parts=N over time (not the adapter's backward in "
                         "groups of segments)")
-    p.add_argument('--keep-projections', action='store_true',
-                   help='one more MoM layer that keeps its write projection\'s output for the backward (MemoryBank.'
-                        'recompute off): what computing it again saves and costs')
+    p.add_argument('--recompute-projections', action='store_true',
+                   help='one more MoM layer that computes its write projection\'s output again in the backward '
+                        'instead of keeping it (MemoryBank.recompute): what that saves and costs')
     p.add_argument('--json', metavar='PATH', help='write the rows as JSON (rewritten after every row)')
     p.add_argument('--no-floor', action='store_true',
                    help='leave out the floor (benchmarks/floor.py) beside each time')
@@ -456,7 +457,7 @@ def main():
     torch.manual_seed(0)
     rec = Recorder(args.json, 'bench_layer')
     made = layers(args.hidden, args.heads, args.head_dim, args.memories, args.topk, torch.bfloat16, args.host,
-                  args.recurrence_parts or (None,), args.time_parts, args.keep_projections)
+                  args.recurrence_parts or (None,), args.time_parts, args.recompute_projections)
     cases = ([(max(1, args.tokens // T), T) for T in args.seq_lens] if args.seq_lens
              else [(args.batch, args.seq_len)])
     for batch, seq_len in cases:

@@ -79,9 +79,9 @@ class MemoryBank(nn.Module):
 
         def stack(module: nn.Module, attr: str) -> torch.Tensor:
             return _stack(module, attr, num_memories, init, initializer)
-        # the fused projection of x computed again in the backward instead of kept (``_recomputes``); off
-        # only to measure what that saves and costs (benchmarks/bench_layer.py --keep-projections)
-        self.recompute = True
+        # the fused projection of x computed again in the backward instead of kept (``_recomputes``): off until
+        # what it costs in time is measured on a GPU (benchmarks/bench_layer.py --recompute-projections)
+        self.recompute = False
         self.names = [p.name for p in projections]
         # projections of x, fused; each other input's projection on its own
         self.x_names = [p.name for p in projections if p.input == 'x']

@@ -98,9 +98,10 @@ def conv_bank(E):
 @pytest.mark.skipif(os.environ.get('TRITON_INTERPRET') != '1' and not torch.cuda.is_available(),
                     reason='needs TRITON_INTERPRET=1 or CUDA')
 def test_recomputed_projection_equals_the_kept_one_and_is_not_kept():
-    """On the triton backend the fused projection of x feeding the convs is computed again in the backward
-    (``MemoryBank.recompute``): outputs and every gradient bitwise those of keeping it, and no [S, sum(out)]
-    tensor is kept for the backward."""
+    """On the triton backend with ``MemoryBank.recompute`` (off by default) the fused projection of x feeding
+    the convs is computed again in the backward: outputs and every gradient bitwise those of keeping it, and no
+    [S, sum(out)] tensor is kept for the backward."""
+    assert not conv_bank(2).recompute
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
     E, N, s = 4, 40, 2
     b = conv_bank(E).to(device)
