@@ -102,8 +102,7 @@ def layers(hidden, heads, head_dim, memories, topk, dtype, host='GatedDeltaNet',
     named ``mom_wrap MoM(host)``, the others get `` parts=N``; one per value in ``time_parts`` with the parts
     over time even where the adapter has a backward in groups, `` parts=N time``; with ``recompute_projections``
     one that computes its write projection's output again in the backward instead of keeping it, `` recompute``)
-    and,
-    for GatedDeltaNet, fla's MomAttention."""
+    and, for GatedDeltaNet, fla's MomAttention."""
     make = host_factory(host, hidden, heads, head_dim)
     made = {f'{host} (host)': make()}
     for i, n in enumerate(parts):

@@ -205,11 +205,11 @@ class MemoryBank(nn.Module):
         return (self.recompute and torch.is_grad_enabled() and not torch.compiler.is_compiling()
                 and bool(self._split_convs(backend, dispatch, conv_rows)))
 
-    def _project_x(self, x: torch.Tensor, dispatch: Dispatch, backend: str, conv_rows,
-                   regather: bool = True) -> dict[str, torch.Tensor]:
-        """x [N, in] -> name -> [S, out] for the projections of x: one grouped GEMM of the fused weight, then
-        ``_split`` (the convs fused into it on the triton backend)."""
-        y = self._linear(x, self.weight, self._x_bias(), dispatch, per_slot=False, regather=regather)
+    def _project_x(self, x: torch.Tensor, dispatch: Dispatch, backend: str, conv_rows) -> dict[str, torch.Tensor]:
+        """x [N, in] -> name -> [S, out] for the projections of x, as ``forward`` runs them under ``checkpoint``:
+        one grouped GEMM of the fused weight, then ``_split``; without ``regathered`` (its hooks would take what
+        the grouped GEMM saves from checkpoint's, which must see everything saved here)."""
+        y = self._linear(x, self.weight, self._x_bias(), dispatch, per_slot=False, regather=False)
         return self._split(y, dispatch, backend, conv_rows)
 
     def _x_bias(self) -> torch.Tensor | None:
@@ -234,7 +234,7 @@ class MemoryBank(nn.Module):
                 # nothing of the projection kept for the backward but x (kept anyway): its output, S = (top-k
                 # + 1) x N rows that the convs would keep, is computed again when the convs' backward needs it,
                 # after the host's recurrence has freed its own backward's buffers (the layer's peak)
-                parts.update(checkpoint(self._project_x, inputs['x'], dispatch, backend, conv_rows, False,
+                parts.update(checkpoint(self._project_x, inputs['x'], dispatch, backend, conv_rows,
                                         use_reentrant=False))
             else:  # (inline, not through _project_x: under torch.compile a frame more is a graph break more)
                 y = self._linear(inputs['x'], self.weight, self._x_bias(), dispatch, per_slot=False)
