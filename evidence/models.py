@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 
 HOSTS = ('GatedDeltaNet', 'GLA', 'Mamba2')
+FLA_HOSTS = ('GatedDeltaNet', 'GLA')  # (the hosts of fla's models: the retrofit's)
 CONTROLS = ('Attention',)  # models without memories to wrap: the host variant only
 VARIANTS = ('host', 'mom', 'host_params', 'host_state')
 HEAD = 64  # head size of every host (keys and values)
@@ -68,7 +69,9 @@ def _fla_model(host: str, d_model: int, layers: int, vocab: int, width: float):
                   fuse_cross_entropy=False, tie_word_embeddings=False)
     if host == 'GatedDeltaNet':
         return models.GatedDeltaNetForCausalLM(models.GatedDeltaNetConfig(head_dim=HEAD, expand_v=width, **common))
-    return models.GLAForCausalLM(models.GLAConfig(expand_k=1.0, expand_v=width, **common))
+    if host == 'GLA':
+        return models.GLAForCausalLM(models.GLAConfig(expand_k=1.0, expand_v=width, **common))
+    raise ValueError(f"host: fla's models here are {FLA_HOSTS}, got {host!r}")
 
 
 def _mamba_model(d_model: int, layers: int, vocab: int, expand: float, d_state: int, rms_norm: bool = True):

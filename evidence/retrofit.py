@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from evidence import runs
-from evidence.models import HEAD, _fla_model
+from evidence.models import FLA_HOSTS, HEAD, _fla_model
 
 ARMS = ('host', 'preserve', 'copy', 'scratch')
 BYTES = 256
@@ -295,6 +295,8 @@ def main(argv=None) -> int:
     if args.plot:
         print(plot(runs.read_rows(args.results), args.plot))
         return 0
+    if args.host not in FLA_HOSTS:
+        p.error(f"--host: expected one of {FLA_HOSTS}, got {args.host!r}")
     if args.d_model % HEAD:
         p.error(f"--d-model: must be a multiple of {HEAD}")
     config = RetrofitConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RetrofitConfig)})

@@ -51,3 +51,12 @@ def test_every_arm_runs_preserve_starts_at_the_hosts_loss_and_resumes(tmp_path, 
     assert retrofit.experiment(TINY, 0, 'cpu', str(results), checkpoints=str(tmp_path / 'ckpt')) == rows
     path = retrofit.plot(runs.read_rows(results), tmp_path / 'retrofit.png')
     assert path.read_bytes()[:4] == b'\x89PNG'
+
+
+def test_unknown_host_is_refused_by_name(capsys):
+    """A host without an fla model here is refused (it once became a GLA model without a word)."""
+    with pytest.raises(SystemExit):
+        retrofit.main(['--host', 'RWKV7', '--device', 'cpu'])
+    assert "--host: expected one of ('GatedDeltaNet', 'GLA'), got 'RWKV7'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="host: fla's models here are"):
+        retrofit.plain_model(RetrofitConfig(host='Mamba2', d_model=64, layers=1))
