@@ -358,7 +358,8 @@ def test_gpu_triton_backend_equals_torch_backend_beyond_64_tokens(host, variant)
         mom.zero_grad()
     for key in (('triton', 1), ('triton', 2)):
         errs = {n: norm_rel_err(g, grads['torch', 1][n]) for n, g in grads[key].items()}
-        assert max(errs.values()) < 5e-3, (key, errs)
+        worst = max(errs, key=errs.get)  # (named first: pytest cuts a long dict in its report)
+        assert errs[worst] < 5e-3, f"{key}: worst {worst} {errs[worst]:.2e}; all: {errs}"
     mom.eval()
     with torch.no_grad():
         outs = {}
