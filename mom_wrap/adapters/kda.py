@@ -189,8 +189,13 @@ class KimiDeltaAttentionAdapter(HostAdapter):
         # chunk there), fused_recurrent for eval inputs up to 64 tokens, else its mode's kernel
         if torch.is_grad_enabled() or h.training or (dispatch.max_seqlen > FUSED_RECURRENT_MAX_LEN
                                                      and h.mode == 'chunk'):
+            # use_graph: chunk_kda takes no chunk indices from its caller and otherwise uploads the ones it makes
+            # on the host with a blocking copy, a second host sync per forward; with it, fla builds them on the
+            # device from cu_seqlens (its fixed-shape graph mode: one chunk list of ceil(S / 64) + G - 1 rows, the
+            # rows past the segments' chunks skipped by its kernels; every segment here is a real one, so every
+            # output row is written)
             o, state = chunk_kda(q[None], k[None], v[None], f[None], b[None], safe_gate=h.safe_gate,
-                                 cu_seqlens_cpu=dispatch.cu_seqlens_cpu, **kwargs)
+                                 use_graph=True, **kwargs)
         else:
             o, state = fused_recurrent_kda(q[None], k[None], v[None], f[None], b[None], **kwargs)
         return o[0], state
