@@ -57,6 +57,9 @@ class TrainConfig:
     test_settings: tuple = TEST_SETTINGS
     assignment_setting: MQARSetting = MQARSetting(256, 64)  # a test batch's token -> memory assignment (MoM rows)
     assignment_examples: int = 32
+    # seconds: training stops after the first step past it (a time-boxed machine), the row says so (``complete``
+    # False, ``steps_done``) and a later sweep runs it again; not part of the run_id
+    time_limit: float | None = None
 
     def run_id(self, spec: ModelSpec) -> str:
         data = ''
@@ -127,7 +130,7 @@ def train(spec: ModelSpec, config: TrainConfig, device: str = 'cpu', results: st
     run_id = config.run_id(spec)
     if results is not None:
         for row in runs.read_rows(results):
-            if row.get('run_id') == run_id:
+            if row.get('run_id') == run_id and row.get('complete', True):
                 return row
     cpu = torch.device(device).type == 'cpu'
     torch.manual_seed(config.seed)
@@ -136,6 +139,7 @@ def train(spec: ModelSpec, config: TrainConfig, device: str = 'cpu', results: st
            spec.variant != 'mom' and spec.host not in CONTROLS, **{k: v for k, v in dataclasses.asdict(config).items()
                                      if k not in ('train_mix', 'test_settings', 'assignment_setting')},
            'train_mix': [[s.seq_len, s.num_kv_pairs] for s in config.train_mix]}
+    row.pop('time_limit')
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and 'embed' not in n]
     rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and 'embed' not in n)]
     opt = torch.optim.AdamW([{'params': decay, 'weight_decay': 0.1}, {'params': rest, 'weight_decay': 0.0}],
@@ -151,6 +155,7 @@ def train(spec: ModelSpec, config: TrainConfig, device: str = 'cpu', results: st
     curve_sets = {k: v.head(config.curve_examples) for k, v in sets.items()}
     curve = []
     losses, start = [], time.time()
+    steps_done = 0
     for step, batch in enumerate(tqdm(data, total=config.steps, desc=run_id, disable=not progress,
                                       mininterval=5)):
         with torch.autocast(batch.inputs.device.type, torch.bfloat16, enabled=autocast):
@@ -161,6 +166,7 @@ def train(spec: ModelSpec, config: TrainConfig, device: str = 'cpu', results: st
         opt.step()
         sched.step()
         losses.append(loss.detach())
+        steps_done = step + 1
         if stats is not None and (step + 1) % every == 0:
             stats.snapshot(step + 1)
         if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < config.steps:
@@ -169,13 +175,19 @@ def train(spec: ModelSpec, config: TrainConfig, device: str = 'cpu', results: st
             if progress:
                 tqdm.write(f"{run_id} step {step + 1}: loss {losses[-1].item():.3f}, accuracy {curve[-1][1]:.3f} "
                            f"({time.time() - start:.0f} s)")
+        if config.time_limit is not None and time.time() - start > config.time_limit and steps_done < config.steps:
+            if progress:
+                tqdm.write(f"{run_id}: time limit ({config.time_limit:g} s) at step {steps_done}: stopped")
+            break
     train_seconds = time.time() - start
+    row['steps_done'], row['complete'] = steps_done, steps_done == config.steps
     row['loss'] = [float(x) for x in torch.stack(losses)[::every].cpu()]  # one host sync, at the end
     row['final_loss'] = float(torch.stack(losses[-max(1, len(losses) // 20):]).mean())
     row['train_seconds'] = round(train_seconds, 1)
     row['accuracy'] = evaluate(model, sets, config.eval_batch, autocast)
     row['mean_accuracy'] = sum(row['accuracy'].values()) / len(row['accuracy'])
-    row['accuracy_curve'] = curve + [[config.steps, round(row['mean_accuracy'], 4)]]  # [step, mean accuracy]
+    # [step, mean accuracy]; a run stopped at its time limit right after a curve point: the final one in its place
+    row['accuracy_curve'] = [c for c in curve if c[0] < steps_done] + [[steps_done, round(row['mean_accuracy'], 4)]]
     if stats is not None:
         stats.detach()
         row['loads'] = {name: {'steps': h['steps'], 'load': h['load'].tolist(), 'entropy': h['entropy'].tolist()}
@@ -234,6 +246,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
                    help='steps between accuracy measurements on the first --curve-examples of each test set (0: none)')
     p.add_argument('--curve-examples', type=int, default=TrainConfig.curve_examples)
     p.add_argument('--vocab-size', type=int, default=DEFAULT_VOCAB_SIZE)
+    p.add_argument('--time-limit', type=float, default=None, metavar='SECONDS',
+                   help='stop training a run after this long (its row says complete: false; a later sweep reruns it)')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--results', default='evidence/results/mqar.jsonl', help='JSON lines, appended (resumable)')
     p.add_argument('--first-config', action='store_true',
@@ -260,7 +274,7 @@ def _config(args, **kw) -> TrainConfig:
         more['assignment_setting'] = max(args.test_settings, key=lambda s: (s.num_kv_pairs, s.seq_len))
     return TrainConfig(steps=args.steps, batch_size=args.batch_size, eval_examples=args.eval_examples,
                        eval_batch=args.eval_batch, eval_every=args.eval_every, curve_examples=args.curve_examples,
-                       **more, **kw)
+                       time_limit=args.time_limit, **more, **kw)
 
 
 def train_command(args, spec: ModelSpec, lr: float, seed: int) -> list[str]:
@@ -271,6 +285,8 @@ def train_command(args, spec: ModelSpec, lr: float, seed: int) -> list[str]:
            str(args.eval_examples), '--eval-batch', str(args.eval_batch), '--eval-every',
            str(args.eval_every), '--curve-examples', str(args.curve_examples), '--vocab-size',
            str(args.vocab_size), '--device', args.device, '--results', args.results]  # progress: the log
+    if args.time_limit is not None:
+        cmd += ['--time-limit', str(args.time_limit)]
     if args.first_config:  # (each process its own Triton setup: the flag goes with it)
         cmd.append('--first-config')
     for flag, settings in (('--train-mix', args.train_mix), ('--test-settings', args.test_settings)):

@@ -36,10 +36,11 @@ def _key(row: dict) -> tuple:
 def best(rows: list[dict]) -> list[dict]:
     """One entry per model at its best learning rate (the highest mean accuracy averaged over its seeds): the rows of
     the model's seeds at that rate, with their mean accuracy per setting (``accuracy``), ``mean_accuracy``,
-    ``seeds``, ``lr`` and the learning rates tried (``lrs``)."""
+    ``seeds``, ``lr`` and the learning rates tried (``lrs``). Runs stopped at their time limit (``complete``
+    false) are left out."""
     by_model = collections.defaultdict(lambda: collections.defaultdict(list))
     for row in rows:
-        if row.get('task') == 'mqar':
+        if row.get('task') == 'mqar' and row.get('complete', True):
             by_model[_key(row)][row['lr']].append(row)
     out = []
     for key, by_lr in by_model.items():

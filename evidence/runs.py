@@ -67,8 +67,8 @@ def read_rows(path: str | os.PathLike) -> list[dict]:
 
 
 def done(path: str | os.PathLike) -> set[str]:
-    """The ``run_id`` of every row in ``path``."""
-    return {row['run_id'] for row in read_rows(path) if 'run_id' in row}
+    """The ``run_id`` of every complete row in ``path`` (a run stopped at its time limit is to be run again)."""
+    return {row['run_id'] for row in read_rows(path) if 'run_id' in row and row.get('complete', True)}
 
 
 def append_row(path: str | os.PathLike, row: dict) -> None:

@@ -1,6 +1,7 @@
 """The MQAR experiment's code on the CPU (the results come from the GPU): every model of the comparison trains a step
 through the same code and writes its row, the variants hold what they claim (equal parameters, equal state), runs
 resume, and the figures and table come out of the rows."""
+import dataclasses
 import json
 import os
 
@@ -33,6 +34,7 @@ def test_every_model_trains_writes_its_row_and_resumes(host, tmp_path, monkeypat
         assert set(row['accuracy']) == {'64x4', '64x8'} and all(0 <= a <= 1 for a in row['accuracy'].values())
         assert torch.isfinite(torch.tensor(row['loss'])).all() and len(row['loss']) == 2
         assert row['device'] == 'cpu' and row['commit'] and row['date']
+        assert row['complete'] and row['steps_done'] == 2 and 'time_limit' not in row
         assert row['host_as_one_memory'] == (variant != 'mom')  # the CPU's stand-in for a plain host
         assert ('loads' in row) == ('assignment' in row) == (variant == 'mom')
         # accuracy along the way (on the test sets' first example each), then the final one on all of them
@@ -148,10 +150,26 @@ def test_sweep_passes_every_training_option_to_its_runs():
     sweep = p.parse_args(['sweep', '--steps', '7', '--batch-size', '3', '--eval-examples', '5', '--eval-batch', '4',
                           '--eval-every', '2', '--curve-examples', '6', '--vocab-size', '600', '--train-mix', '64x4',
                           '--test-settings', '64x4,128x8', '--device', 'cpu', '--results', 'r.jsonl',
-                          '--first-config'])
+                          '--first-config', '--time-limit', '30'])
     spec = ModelSpec('GLA', 128, 'mom', balance=0.0)
     run = p.parse_args(train_command(sweep, spec, 3e-3, 2)[3:])
     train_options = {a.dest for a in p._subparsers._group_actions[0].choices['train']._actions} - {'help'}
     for dest in train_options - {'host', 'd_model', 'variant', 'balance', 'lr', 'seed', 'quiet'}:
         assert getattr(run, dest) == getattr(sweep, dest), dest
     assert (run.host, run.d_model, run.variant, run.balance, run.lr, run.seed) == ('GLA', 128, 'mom', 0.0, 3e-3, 2)
+
+
+def test_a_run_stopped_at_its_time_limit_says_so_and_runs_again(tmp_path):
+    """--time-limit (a time-boxed machine): training stops after the first step past the limit, the row says how
+    far it got (complete false, steps_done, the curve's last point there), and it counts as not done: the sweep's
+    resume list, the figures and a later train call leave it out (that call trains the run in full)."""
+    from evidence import plots
+    results = tmp_path / 'mqar.jsonl'
+    spec = ModelSpec('GLA', 64, 'mom', vocab_size=512)
+    cut = train(spec, dataclasses.replace(TINY, time_limit=0.0), 'cpu', results, progress=False)
+    assert not cut['complete'] and cut['steps_done'] == 1 and cut['steps'] == 2
+    assert [step for step, _ in cut['accuracy_curve']] == [1] and len(cut['loss']) == 1
+    assert runs.done(results) == set() and plots.best(runs.read_rows(results)) == []
+    full = train(spec, TINY, 'cpu', results, progress=False)
+    assert full['complete'] and full['steps_done'] == 2 and full['run_id'] == cut['run_id']
+    assert runs.done(results) == {full['run_id']} and len(plots.best(runs.read_rows(results))) == 1
