@@ -4,8 +4,9 @@ On the CPU, Triton's interpreter (TRITON_INTERPRET=1) runs fla's fused_recurrent
 modules, so the real host layer (eval mode, T <= 64) is a CI oracle. Triton's autotuner would benchmark
 every config under the interpreter; here it takes the first one (``mom_wrap.interpret_on_cpu``).
 Both must be set before fla (and so Triton) is imported, hence at the top of conftest. On a CUDA machine
-nothing is changed, unless MOM_WRAP_FIRST_CONFIG=1: then the autotuner takes each kernel's first config there too
-(``mom_wrap.interpret.first_config_only``), so that the GPU tests check values without minutes of autotuning.
+Triton's fp32 dot products run in IEEE fp32 (TRITON_F32_DEFAULT=ieee unless set), and with MOM_WRAP_FIRST_CONFIG=1
+the autotuner takes each kernel's first config there too (``mom_wrap.interpret.first_config_only``), so that the
+GPU tests check values without minutes of autotuning.
 """
 import importlib.util
 import os
@@ -18,9 +19,13 @@ if not torch.cuda.is_available():
     os.environ.setdefault('TRITON_INTERPRET', '1')  # before mom_wrap (and so Triton) is imported
     from mom_wrap.interpret import interpret_on_cpu
     interpret_on_cpu()
-elif os.environ.get('MOM_WRAP_FIRST_CONFIG') == '1':
-    from mom_wrap.interpret import first_config_only
-    first_config_only()
+else:
+    # fp32 tests hold fp32 kernels to fp32 references: Triton's fp32 dots in IEEE fp32, not TF32 (as
+    # ``python -m mom_wrap.check`` runs them); set before any kernel compiles. TRITON_F32_DEFAULT=tf32 keeps TF32.
+    os.environ.setdefault('TRITON_F32_DEFAULT', 'ieee')
+    if os.environ.get('MOM_WRAP_FIRST_CONFIG') == '1':
+        from mom_wrap.interpret import first_config_only
+        first_config_only()
 
 warnings.filterwarnings('ignore', message='.*Triton is not supported on current platform.*')
 

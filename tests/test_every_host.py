@@ -337,8 +337,11 @@ def test_every_parameter_gradient_matches_finite_differences(host, variant):
 def test_gpu_triton_backend_equals_torch_backend_beyond_64_tokens(host, variant):
     """On a GPU at T = 256, where the hosts' chunked kernels run (several of them do not under the interpreter):
     training with the triton backend in one recurrence call and in 2 parts over time equals the torch backend, output
-    and every gradient (fp32; the GPU's dots in TF32); cached chunks across the 64-token kernel switch equal the full
-    forward, on both backends. Left padding in one row where the host's forward takes a mask."""
+    and every gradient (fp32, dots in IEEE fp32: tests/conftest.py; plus what the host's own kernels round,
+    ``host_kernel_rounding``); cached chunks across the 64-token kernel switch equal the full forward, on both
+    backends. Left padding in one row where the host's forward takes a mask. (In TF32, on an H100 at 168a0bc, the
+    per-head gate parameters' gradients, sums over every slot, were 7.0e-3 off for GatedDeltaNet's A_log and 1.1e-2
+    for Mamba2's dt_bias.)"""
     torch.manual_seed(0)
     mom = wrapped(host, variant).cuda().train()
     x = torch.randn(2, 256, mom.hidden_size, device='cuda')
@@ -356,10 +359,11 @@ def test_gpu_triton_backend_equals_torch_backend_beyond_64_tokens(host, variant)
         run(mom, xi, **kw).backward(dy)
         grads[backend, parts] = {'x': xi.grad, **{n: p.grad.clone() for n, p in mom.named_parameters()}}
         mom.zero_grad()
+    tol = 5e-3 + mom._adapter.host_kernel_rounding(x.device, x.dtype)
     for key in (('triton', 1), ('triton', 2)):
         errs = {n: norm_rel_err(g, grads['torch', 1][n]) for n, g in grads[key].items()}
         worst = max(errs, key=errs.get)  # (named first: pytest cuts a long dict in its report)
-        assert errs[worst] < 5e-3, f"{key}: worst {worst} {errs[worst]:.2e}; all: {errs}"
+        assert errs[worst] < tol, f"{key}: worst {worst} {errs[worst]:.2e}; all: {errs}"
     mom.eval()
     with torch.no_grad():
         outs = {}

@@ -358,7 +358,7 @@ def test_refused_options_and_modules():
 @pytest.mark.parametrize('variant', ['gva', 'lower_bound', 'safe_gate_fused_recurrent'])
 def test_triton_backend_equals_torch_backend_in_training(variant):
     """chunk_kda (every training forward; segments past 64 tokens, two chunks and more) against the torch backend,
-    fp32 (fla's kernels take TF32 dot products: 5e-3 relative), outputs and every gradient, at head_dim 64: grouped
+    fp32 (5e-3 relative, set for TF32 dot products), outputs and every gradient, at head_dim 64: grouped
     value heads, the lower-bounded gate with and without safe_gate (the example host at T = 256:
     tests/test_every_host.py)."""
     torch.manual_seed(0)

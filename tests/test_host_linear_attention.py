@@ -304,9 +304,9 @@ def test_triton_backend_kernel_choice(monkeypatch, mode, max_len, grad, kernel):
 @pytest.mark.gpu
 @pytest.mark.parametrize('variant', ['default', 'hedgehog_norm', 'kv_heads_t2r_tied', 'elu_norm', 'relu_kv_heads'])
 def test_gpu_chunk_kernels_equal_the_host_and_the_torch_backend(variant):
-    """On CUDA (fp32; run with TRITON_F32_DEFAULT=ieee, as ``mom_wrap.check`` does), past 64 tokens, where the CPU
-    cannot go: the host's mode kernel in eval (chunk_simple_gla, fused_chunk_simple_gla) and chunk_simple_gla in
-    training, normalisation included. M=1 copies equal the host (output, input and parameter gradients); routed
+    """On CUDA (fp32, dots in IEEE fp32: tests/conftest.py; in TF32 they were 2-11e-4 off), past 64 tokens, where
+    the CPU cannot go: the host's mode kernel in eval (chunk_simple_gla, fused_chunk_simple_gla) and
+    chunk_simple_gla in training, normalisation included. M=1 copies equal the host (output, input and parameter gradients); routed
     memories on the triton backend equal the torch backend (output, every gradient); cached chunks across the
     64-token switch equal the full forward."""
     host = make_la(**VARIANTS[variant]).cuda()
