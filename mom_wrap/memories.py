@@ -79,8 +79,9 @@ class MemoryBank(nn.Module):
 
         def stack(module: nn.Module, attr: str) -> torch.Tensor:
             return _stack(module, attr, num_memories, init, initializer)
-        # the fused projection of x computed again in the backward instead of kept (``_recomputes``): off until
-        # what it costs in time is measured on a GPU (benchmarks/bench_layer.py --recompute-projections)
+        # the fused projection of x computed again in the backward instead of kept (``_recomputes``): 295 MiB less
+        # peak at 8 x 2048 for GatedDeltaNet's paper layer (H100, benchmarks/README.md); off until what it costs in
+        # time is measured on a GPU alone (benchmarks/bench_layer.py --recompute-projections)
         self.recompute = False
         self.names = [p.name for p in projections]
         # projections of x, fused; each other input's projection on its own
