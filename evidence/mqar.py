@@ -130,16 +130,15 @@ def train(spec: ModelSpec, config: TrainConfig, device: str = 'cpu', results: st
     run_id = config.run_id(spec)
     if results is not None:
         for row in runs.read_rows(results):
-            if row.get('run_id') == run_id and row.get('complete', True):
+            if row.get('run_id') == run_id and runs.complete(row):
                 return row
     cpu = torch.device(device).type == 'cpu'
     torch.manual_seed(config.seed)
     model = build(spec, device, host_as_one_memory=cpu).train()
     row = {'run_id': run_id, 'task': 'mqar', **describe(spec, model), 'host_as_one_memory': cpu and
            spec.variant != 'mom' and spec.host not in CONTROLS, **{k: v for k, v in dataclasses.asdict(config).items()
-                                     if k not in ('train_mix', 'test_settings', 'assignment_setting')},
+                                     if k not in ('train_mix', 'test_settings', 'assignment_setting', 'time_limit')},
            'train_mix': [[s.seq_len, s.num_kv_pairs] for s in config.train_mix]}
-    row.pop('time_limit')
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and 'embed' not in n]
     rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and 'embed' not in n)]
     opt = torch.optim.AdamW([{'params': decay, 'weight_decay': 0.1}, {'params': rest, 'weight_decay': 0.0}],
@@ -154,8 +153,7 @@ def train(spec: ModelSpec, config: TrainConfig, device: str = 'cpu', results: st
                           device=device)
     curve_sets = {k: v.head(config.curve_examples) for k, v in sets.items()}
     curve = []
-    losses, start = [], time.time()
-    steps_done = 0
+    losses, start = [], time.time()  # (len(losses): the steps done)
     for step, batch in enumerate(tqdm(data, total=config.steps, desc=run_id, disable=not progress,
                                       mininterval=5)):
         with torch.autocast(batch.inputs.device.type, torch.bfloat16, enabled=autocast):
@@ -166,7 +164,6 @@ def train(spec: ModelSpec, config: TrainConfig, device: str = 'cpu', results: st
         opt.step()
         sched.step()
         losses.append(loss.detach())
-        steps_done = step + 1
         if stats is not None and (step + 1) % every == 0:
             stats.snapshot(step + 1)
         if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < config.steps:
@@ -175,11 +172,11 @@ def train(spec: ModelSpec, config: TrainConfig, device: str = 'cpu', results: st
             if progress:
                 tqdm.write(f"{run_id} step {step + 1}: loss {losses[-1].item():.3f}, accuracy {curve[-1][1]:.3f} "
                            f"({time.time() - start:.0f} s)")
-        if config.time_limit is not None and time.time() - start > config.time_limit and steps_done < config.steps:
+        if config.time_limit is not None and time.time() - start > config.time_limit and step + 1 < config.steps:
             if progress:
-                tqdm.write(f"{run_id}: time limit ({config.time_limit:g} s) at step {steps_done}: stopped")
+                tqdm.write(f"{run_id}: time limit ({config.time_limit:g} s) at step {step + 1}: stopped")
             break
-    train_seconds = time.time() - start
+    train_seconds, steps_done = time.time() - start, len(losses)
     row['steps_done'], row['complete'] = steps_done, steps_done == config.steps
     row['loss'] = [float(x) for x in torch.stack(losses)[::every].cpu()]  # one host sync, at the end
     row['final_loss'] = float(torch.stack(losses[-max(1, len(losses) // 20):]).mean())

@@ -40,7 +40,7 @@ def best(rows: list[dict]) -> list[dict]:
     false) are left out."""
     by_model = collections.defaultdict(lambda: collections.defaultdict(list))
     for row in rows:
-        if row.get('task') == 'mqar' and row.get('complete', True):
+        if row.get('task') == 'mqar' and runs.complete(row):
             by_model[_key(row)][row['lr']].append(row)
     out = []
     for key, by_lr in by_model.items():

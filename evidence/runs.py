@@ -66,9 +66,15 @@ def read_rows(path: str | os.PathLike) -> list[dict]:
     return rows
 
 
+def complete(row: dict) -> bool:
+    """Whether the row's run went its whole length (one stopped at its time limit, ``complete`` false, is to be run
+    again and stays out of the figures)."""
+    return row.get('complete', True)
+
+
 def done(path: str | os.PathLike) -> set[str]:
-    """The ``run_id`` of every complete row in ``path`` (a run stopped at its time limit is to be run again)."""
-    return {row['run_id'] for row in read_rows(path) if 'run_id' in row and row.get('complete', True)}
+    """The ``run_id`` of every complete row in ``path``."""
+    return {row['run_id'] for row in read_rows(path) if 'run_id' in row and complete(row)}
 
 
 def append_row(path: str | os.PathLike, row: dict) -> None:
