@@ -228,12 +228,13 @@ def save_png(fig, path) -> Path:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog='python -m evidence.plots', description=__doc__.split('\n\n')[0])
-    p.add_argument('--results', default='evidence/results/mqar.jsonl')
+    p.add_argument('--results', nargs='+', default=['evidence/results/mqar.jsonl'],
+                   help='JSON-lines files of rows (one per machine session, say), read as one')
     p.add_argument('--out', default='evidence/figures')
     args = p.parse_args(argv)
-    entries = best(runs.read_rows(args.results))
+    entries = best([row for path in args.results for row in runs.read_rows(path)])
     if not entries:
-        p.error(f"--results: no MQAR rows in {args.results}")
+        p.error(f"--results: no complete MQAR rows in {' '.join(args.results)}")
     out = Path(args.out)
     for name, plot in (('mqar_pairs', plot_pairs), ('mqar_state', plot_state), ('mqar_curves', plot_curves),
                        ('mqar_loads', plot_loads), ('mqar_assignment', plot_assignment)):

@@ -4,6 +4,7 @@ resume, and the figures and table come out of the rows."""
 import dataclasses
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -173,3 +174,22 @@ def test_a_run_stopped_at_its_time_limit_says_so_and_runs_again(tmp_path):
     full = train(spec, TINY, 'cpu', results, progress=False)
     assert full['complete'] and full['steps_done'] == 2 and full['run_id'] == cut['run_id']
     assert runs.done(results) == {full['run_id']} and len(plots.best(runs.read_rows(results))) == 1
+
+
+def test_figures_and_table_read_several_results_files_as_one(tmp_path, capsys):
+    """`python -m evidence.plots --results A B`: the rows of every file (one per machine session) make the figures
+    and the table, the same as one file holding them all. The rows are the first GPU pair's, as committed."""
+    from evidence import plots
+    committed = Path(__file__).parent.parent / 'evidence' / 'results' / 'mqar-2026-12-07-h100.jsonl'
+    lines = committed.read_text().splitlines(keepends=True)
+    first, second = tmp_path / 'a.jsonl', tmp_path / 'b.jsonl'
+    first.write_text(''.join(lines[:3]))
+    second.write_text(''.join(lines[3:]))
+    assert plots.main(['--results', str(committed), '--out', str(tmp_path / 'one')]) == 0
+    one = capsys.readouterr().out
+    assert plots.main(['--results', str(first), str(second), '--out', str(tmp_path / 'two')]) == 0
+    two = capsys.readouterr().out
+    table = one[one.index('| model |'):]
+    assert table == two[two.index('| model |'):]
+    assert table.count('\n| ') == len(plots.best(runs.read_rows(committed)))  # (a row a model, after the header)
+    assert sorted(p.name for p in (tmp_path / 'two').iterdir()) == sorted(p.name for p in (tmp_path / 'one').iterdir())
