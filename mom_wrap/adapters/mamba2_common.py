@@ -21,7 +21,8 @@ the host's in_proj and conv1d by these two.
 State per segment: [H, P, N] (the layout both hosts cache).
 
 Kernels (triton backend): our ``chunk_scalar_decay`` (``mom_wrap/kernels/scalar_decay.py``, per-segment initial and
-final states) and, for a decode step without autograd, ``scalar_decay_step`` on the state pool's rows in place
+final states) through ``chunk_ssd`` (``mom_wrap/kernels/ssd.py``: dt x, dt A and D x inside its autograd function)
+and, for a decode step without autograd, ``scalar_decay_step`` on the state pool's rows in place
 (``decode_in_place``); the host's own gated norm module. Torch backend: ``scalar_decay_reference`` and
 ``gated_rms_norm`` below, in fp32 as the hosts compute (fp64 stays fp64).
 """
@@ -182,21 +183,20 @@ class Mamba2Common(HostAdapter):
 
     def recurrence(self, read, write, dispatch, backend, initial_state=None, output_final_state=False):
         """Per slot: k = B, q = C, v = dt x, g = dt A through the scan, plus D x (the memory's own x): our
-        ``chunk_scalar_decay`` (triton) or its reference (torch). Returns [S, H, P] and the final states [G, H, P, N]
-        when asked."""
+        ``chunk_ssd`` (triton: ``chunk_scalar_decay`` with these ends in its autograd function, which saves x rather
+        than its fp32 copy and v) or the reference in PyTorch ops (torch). Returns [S, H, P] and the final states
+        [G, H, P, N] when asked."""
         x, B, C, A, D = self._slots(read, write, dispatch)
         dt = self._dt(write['dt'])
-        xf = acc(x)
-        v, g = xf * dt[..., None], dt * A
         if backend == 'torch':
             from mom_wrap.kernels.scalar_decay import scalar_decay_reference
-            o, state = scalar_decay_reference(acc(C), acc(B), v, g, dispatch.cu_seqlens,
+            xf = acc(x)
+            o, state = scalar_decay_reference(acc(C), acc(B), xf * dt[..., None], dt * A, dispatch.cu_seqlens,
                                               initial_state=initial_state, output_final_state=output_final_state)
-        else:
-            from mom_wrap.kernels.scalar_decay import chunk_scalar_decay
-            o, state = chunk_scalar_decay(C, B, v.to(x.dtype), g, dispatch.cu_seqlens, dispatch.cu_seqlens_cpu,
-                                          initial_state=initial_state, output_final_state=output_final_state)
-        return (acc(o) + acc(D) * xf).to(x.dtype), state
+            return (acc(o) + acc(D) * xf).to(x.dtype), state
+        from mom_wrap.kernels.ssd import chunk_ssd
+        return chunk_ssd(C, B, x, dt, A, D, dispatch.cu_seqlens, dispatch.cu_seqlens_cpu, initial_state=initial_state,
+                         output_final_state=output_final_state)
 
     def finish(self, o, read, backend):
         """o [N, H, P] -> [N, hidden]: the gated norm (or the z gate), the gated MLP part, out_proj."""

@@ -312,82 +312,90 @@ def _warps(BK, BV):
     return 8 if BK * BV >= 64 * 64 else 4
 
 
+def chunk_forward(q, k, v, g, cu_seqlens, initial_state, scale, output_final_state, BT):
+    """The chunk kernels' forward launch (arguments as ``chunk_scalar_decay`` checked them): returns o [S, H, V],
+    the final states (or None) and (q, k, v, g) as the kernels read them (``_fit``), which the backward takes."""
+    S, G, K = q.shape
+    H, V = v.shape[1:]
+    N = cu_seqlens.numel() - 1
+    q, k, v, g = (_fit(name, x, BT) for name, x in (('q', q), ('k', k), ('v', v), ('g', g)))
+    BK, BV = _blocks(K, V)
+    o = torch.empty(S, H, V, device=q.device, dtype=v.dtype)
+    ht = torch.empty(N, H, V, K, device=q.device, dtype=torch.float32) if output_final_state else None
+    if N:
+        _fwd_kernel[(N, H, triton.cdiv(V, BV))](
+            q, k, v, g, cu_seqlens, initial_state, o, ht, scale, *_strides(q, k, v, g), H=H, HG=H // G, K=K,
+            V=V, BT=BT, BK=BK, BV=BV, HAS_H0=initial_state is not None, STORE_HT=output_final_state,
+            num_warps=_warps(BK, BV), num_stages=3)
+    return o, ht, (q, k, v, g)
+
+
+def chunk_backward(q, k, v, g, cu_seqlens, initial_state, ht, do, dht, scale, BT, want_dh0):
+    """The chunk kernels' backward launch: q, k, v, g as ``chunk_forward`` returned them, ht its final states (or
+    None), do [S, H, V] (or None: zeros) and dht (or None). Returns dq, dk (q's, k's dtypes), dv (v's), dg (fp32)
+    and dh0 (or None)."""
+    S, G, K = q.shape
+    H, V = v.shape[1:]
+    N = cu_seqlens.numel() - 1
+    BK, BV = _blocks(K, V)
+    NV = triton.cdiv(V, BV)
+    HG = H // G
+    do = torch.zeros(S, H, V, device=v.device, dtype=v.dtype) if do is None else do.contiguous()
+    has_dht = dht is not None and ht is not None
+    # per head and V block: the shares the launcher adds over each group and V (fp32 unless one share)
+    part = torch.float32 if NV > 1 or HG > 1 else None
+    dq = torch.empty(NV, S, H, K, device=q.device, dtype=part or q.dtype)
+    dk = torch.empty(NV, S, H, K, device=q.device, dtype=part or k.dtype)
+    dv = torch.empty(S, H, V, device=q.device, dtype=v.dtype)
+    qdq = torch.empty(NV, S, H, device=q.device, dtype=torch.float32)
+    dg = torch.empty(NV, S, H, device=q.device, dtype=torch.float32)
+    want_dh0 = initial_state is not None and want_dh0
+    dh0 = torch.empty_like(initial_state) if want_dh0 else None
+    if N:
+        grid = (N, H, NV)
+        meta = dict(H=H, HG=HG, K=K, V=V, BT=BT, BK=BK, BV=BV, num_warps=_warps(BK, BV))
+        strides = _strides(q, k, v, g)
+        _bwd_dq_kernel[grid](q, k, v, g, cu_seqlens, initial_state, do, dq, qdq, scale, S, *strides,
+                             HAS_H0=initial_state is not None, num_stages=2, **meta)
+        _bwd_dkv_kernel[grid](q, k, v, g, cu_seqlens, ht, dht.contiguous() if has_dht else None, do, qdq, dk,
+                              dv, dg, dh0, scale, S, *strides, HAS_DHT=has_dht,
+                              STORE_DH0=want_dh0, num_stages=3, **meta)
+    dq = dq.view(NV, S, G, HG, K).sum((0, 3)) if part else dq[0]
+    dk = dk.view(NV, S, G, HG, K).sum((0, 3)) if part else dk[0]
+    dg = dg.sum(0) if NV > 1 else dg[0]
+    return dq.to(q.dtype), dk.to(k.dtype), dv, dg, dh0
+
+
+def _blocks(K, V):
+    """The kernels' K and V tile sizes (BK, BV)."""
+    return max(16, triton.next_power_of_2(K)), max(16, min(BLOCK_V, triton.next_power_of_2(V)))
+
+
 class _ChunkScalarDecay(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, cu_seqlens, initial_state, scale, output_final_state, BT):
         ctx.set_materialize_grads(False)
-        S, G, K = q.shape
-        H, V = v.shape[1:]
-        N = cu_seqlens.numel() - 1
-        q, k, v, g = (_fit(name, x, BT) for name, x in (('q', q), ('k', k), ('v', v), ('g', g)))
-        BK, BV = max(16, triton.next_power_of_2(K)), max(16, min(BLOCK_V, triton.next_power_of_2(V)))
-        o = torch.empty(S, H, V, device=q.device, dtype=v.dtype)
-        ht = torch.empty(N, H, V, K, device=q.device, dtype=torch.float32) if output_final_state else None
-        if N:
-            _fwd_kernel[(N, H, triton.cdiv(V, BV))](
-                q, k, v, g, cu_seqlens, initial_state, o, ht, scale, *_strides(q, k, v, g), H=H, HG=H // G, K=K,
-                V=V, BT=BT, BK=BK, BV=BV, HAS_H0=initial_state is not None, STORE_HT=output_final_state,
-                num_warps=_warps(BK, BV), num_stages=3)
+        o, ht, (q, k, v, g) = chunk_forward(q, k, v, g, cu_seqlens, initial_state, scale, output_final_state, BT)
         ctx.save_for_backward(q, k, v, g, cu_seqlens, initial_state, ht)
-        ctx.meta = (scale, BT, BK, BV)
+        ctx.meta = (scale, BT)
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
         q, k, v, g, cu_seqlens, initial_state, ht = ctx.saved_tensors
-        scale, BT, BK, BV = ctx.meta
-        S, G, K = q.shape
-        H, V = v.shape[1:]
-        N = cu_seqlens.numel() - 1
-        NV = triton.cdiv(V, BV)
-        HG = H // G
-        do = torch.zeros(S, H, V, device=v.device, dtype=v.dtype) if do is None else do.contiguous()
-        has_dht = dht is not None and ht is not None
-        # per head and V block: the shares the launcher adds over each group and V (fp32 unless one share)
-        part = torch.float32 if NV > 1 or HG > 1 else None
-        dq = torch.empty(NV, S, H, K, device=q.device, dtype=part or q.dtype)
-        dk = torch.empty(NV, S, H, K, device=q.device, dtype=part or k.dtype)
-        dv = torch.empty(S, H, V, device=q.device, dtype=v.dtype)
-        qdq = torch.empty(NV, S, H, device=q.device, dtype=torch.float32)
-        dg = torch.empty(NV, S, H, device=q.device, dtype=torch.float32)
-        want_dh0 = initial_state is not None and ctx.needs_input_grad[5]
-        dh0 = torch.empty_like(initial_state) if want_dh0 else None
-        if N:
-            grid = (N, H, NV)
-            meta = dict(H=H, HG=HG, K=K, V=V, BT=BT, BK=BK, BV=BV, num_warps=_warps(BK, BV))
-            strides = _strides(q, k, v, g)
-            _bwd_dq_kernel[grid](q, k, v, g, cu_seqlens, initial_state, do, dq, qdq, scale, S, *strides,
-                                 HAS_H0=initial_state is not None, num_stages=2, **meta)
-            _bwd_dkv_kernel[grid](q, k, v, g, cu_seqlens, ht, dht.contiguous() if has_dht else None, do, qdq, dk,
-                                  dv, dg, dh0, scale, S, *strides, HAS_DHT=has_dht,
-                                  STORE_DH0=want_dh0, num_stages=3, **meta)
-        dq = dq.view(NV, S, G, HG, K).sum((0, 3)) if part else dq[0]
-        dk = dk.view(NV, S, G, HG, K).sum((0, 3)) if part else dk[0]
-        dg = dg.sum(0) if NV > 1 else dg[0]
-        return dq.to(q.dtype), dk.to(k.dtype), dv, dg.to(g.dtype), None, dh0, None, None, None
+        scale, BT = ctx.meta
+        dq, dk, dv, dg, dh0 = chunk_backward(q, k, v, g, cu_seqlens, initial_state, ht, do, dht, scale, BT,
+                                             ctx.needs_input_grad[5])
+        return dq, dk, dv, dg.to(g.dtype), None, dh0, None, None, None
 
 
 def _strides(q, k, v, g):
     return q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), g.stride(0), g.stride(1)
 
 
-def chunk_scalar_decay(q, k, v, g, cu_seqlens, cu_seqlens_cpu=None, scale=1.0, initial_state=None,
-                       output_final_state=False, chunk_size=64):
-    """The recurrence over packed segments, chunked, forward and backward in Triton.
-
-    q, k [S, G, K]; v [S, H, V] (H a multiple of G; fp16, bf16 or fp32, one dtype; rows and heads may be
-    strided, the last dim contiguous); g [S, H] log decay (<= 0, any float dtype); cu_seqlens [N+1] int64
-    (or int32) on q's device: segment n is rows cu_seqlens[n]:cu_seqlens[n+1] (empty segments allowed);
-    initial_state [N, H, V, K] or None (cast to fp32). K <= 256 (one tile), chunk_size in 16/32/64/128.
-
-    Returns o [S, H, V] in v's dtype and, with output_final_state, the final states [N, H, V, K] fp32 (else
-    None). Gradients flow to q, k, v, g and initial_state, and from o and the final state.
-
-    cu_seqlens_cpu: a CPU copy of cu_seqlens, used only to check the segments (first 0, non-decreasing, last
-    S) when the caller has it. The kernels run one program per segment (and head and V block), so the grid
-    comes from cu_seqlens' shape and no segment length is needed on the host: without it nothing syncs and
-    nothing is copied (device-side cu_seqlens are trusted).
-    """
+def check_chunk_arguments(q, k, v, g, cu_seqlens, cu_seqlens_cpu, initial_state, chunk_size):
+    """``chunk_scalar_decay``'s checks of its arguments (a clear error naming the argument, never a kernel's crash);
+    returns initial_state as the kernels take it (fp32, contiguous, differentiable) or None."""
     if not isinstance(q, torch.Tensor):
         raise TypeError(f"q: expected a tensor, got {type(q).__name__}")
     S, G, H, K, V = _check_shapes(q, k, v, g, q.device)
@@ -411,6 +419,27 @@ def chunk_scalar_decay(q, k, v, g, cu_seqlens, cu_seqlens_cpu=None, scale=1.0, i
             raise ValueError(f"initial_state: expected [{N}, {H}, {V}, {K}] on {q.device}, got "
                              f"{tuple(initial_state.shape)} on {initial_state.device}")
         initial_state = initial_state.float().contiguous()  # differentiable: its gradient flows back cast
+    return initial_state
+
+
+def chunk_scalar_decay(q, k, v, g, cu_seqlens, cu_seqlens_cpu=None, scale=1.0, initial_state=None,
+                       output_final_state=False, chunk_size=64):
+    """The recurrence over packed segments, chunked, forward and backward in Triton.
+
+    q, k [S, G, K]; v [S, H, V] (H a multiple of G; fp16, bf16 or fp32, one dtype; rows and heads may be
+    strided, the last dim contiguous); g [S, H] log decay (<= 0, any float dtype); cu_seqlens [N+1] int64
+    (or int32) on q's device: segment n is rows cu_seqlens[n]:cu_seqlens[n+1] (empty segments allowed);
+    initial_state [N, H, V, K] or None (cast to fp32). K <= 256 (one tile), chunk_size in 16/32/64/128.
+
+    Returns o [S, H, V] in v's dtype and, with output_final_state, the final states [N, H, V, K] fp32 (else
+    None). Gradients flow to q, k, v, g and initial_state, and from o and the final state.
+
+    cu_seqlens_cpu: a CPU copy of cu_seqlens, used only to check the segments (first 0, non-decreasing, last
+    S) when the caller has it. The kernels run one program per segment (and head and V block), so the grid
+    comes from cu_seqlens' shape and no segment length is needed on the host: without it nothing syncs and
+    nothing is copied (device-side cu_seqlens are trusted).
+    """
+    initial_state = check_chunk_arguments(q, k, v, g, cu_seqlens, cu_seqlens_cpu, initial_state, chunk_size)
     return _ChunkScalarDecay.apply(q, k, v, g, cu_seqlens.contiguous(), initial_state, float(scale),
                                    bool(output_final_state), chunk_size)
 
