@@ -297,7 +297,7 @@ def _sweep(args) -> int:
     results file; returns the number of failed runs."""
     from tqdm import tqdm
     grid = jobs(args.hosts, args.d_models, args.variants, args.lrs, args.seeds, args.balances)
-    have = runs.done(args.results)
+    have = set().union(*(runs.done(path) for path in [args.results, *args.done_in]))
     todo = [(s, lr, seed) for s, lr, seed in grid
             if _config(args, lr=lr, seed=seed).run_id(dataclasses.replace(s, vocab_size=args.vocab_size)) not in have]
     print(f"{len(grid)} runs, {len(grid) - len(todo)} done already, {len(todo)} to run", flush=True)
@@ -348,6 +348,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument('--balances', nargs='+', type=float, default=[ModelSpec.balance])
     s.add_argument('--jobs', type=int, default=8)
     s.add_argument('--logs', default='evidence/results/logs')
+    s.add_argument('--done-in', nargs='+', default=[], metavar='RESULTS',
+                   help='more results files (committed rows, an earlier machine\'s): their complete runs are not run '
+                        'again; new rows still go to --results')
     s.add_argument('--deadline', type=float, default=None,
                    help='seconds after which no new run starts (those running finish): for time-boxed machines')
     _train_args(s)

@@ -102,6 +102,10 @@ def test_sweep_runs_its_grid_in_processes_and_resumes(tmp_path):
     assert len(rows) == 1 and rows[0]['run_id'].startswith('GLA-d64-host-v256-lr0.001-s0-n1-b2-data')
     assert rows[0]['eval_every'] == 1 and len(rows[0]['accuracy_curve']) == 1  # (1 step: only the final accuracy)
     assert main(args) == 0 and len(runs.read_rows(results)) == 1  # resumed: nothing left to run
+    # another machine's output folder: the runs done in the committed rows (--done-in) are not run again
+    elsewhere = tmp_path / 'out' / 'mqar.jsonl'
+    assert main(args[:-6] + ['--results', str(elsewhere), '--done-in', str(results)] + args[-4:]) == 0
+    assert not elsewhere.exists()
 
 
 def test_sweep_grid_and_errors():
