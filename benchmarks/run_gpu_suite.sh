@@ -3,9 +3,9 @@
 # autotuning of a new kernel shape) cannot starve the others. Logs and JSON rows go to $LOGS (default
 # /tmp/gpu-logs) and, packed, to $OUT/gpu-logs.tar.gz (the device tool brings back at most 8 files).
 # Usage on the GPU host, after `source .gpu/setup.sh`:  bash benchmarks/run_gpu_suite.sh [STEP ...]
-# (steps: warm kernels gpu_tests gpu_extreme check bench_layer bench_scalar_decay bench_decode syncs memory soak
-# targets; default all but gpu_extreme, soak and targets, which take about 6, 7 and 2-3 minutes a host on an H100
-# and are best calls of their own).
+# (steps: warm kernels gpu_tests every_host gpu_extreme check bench_layer bench_scalar_decay bench_decode syncs memory
+# soak targets; default all but gpu_extreme, soak and targets, which take about 6, 7 and 2-3 minutes a host on an
+# H100 and are best calls of their own; every_host takes 4-7 minutes with its cases in parallel).
 # Then `gpu_save_cache $OUT` (a function of setup.sh, not visible in this script's shell) to bring the
 # autotune results back.
 #
@@ -15,7 +15,7 @@
 # timed steps after it find the kernels compiled. TRITON_CACHE_AUTOTUNING=1 makes every autotuner keep its
 # results on disk (fla's do already; mamba-ssm's would otherwise tune again in every process).
 set -u
-steps=${*:-warm kernels gpu_tests check bench_layer bench_scalar_decay bench_decode syncs memory}
+steps=${*:-warm kernels gpu_tests every_host check bench_layer bench_scalar_decay bench_decode syncs memory}
 out=${LOGS:-/tmp/gpu-logs}
 hosts=${HOSTS:-GatedDeltaNet DeltaNet GatedLinearAttention RWKV6Attention RWKV7Attention Mamba2}
 mkdir -p "$out"
@@ -42,9 +42,29 @@ want kernels && step kernels 180 python -m pytest -q tests/test_kernels.py tests
 # of its process, and so only its own file's results
 if want gpu_tests; then
   for f in test_gpu test_gpu_generation test_training_engines test_fla_mom test_hardening test_kernels_large \
-           test_recurrence test_host_linear_attention test_host_gsa test_every_host; do
+           test_recurrence test_host_linear_attention test_host_gsa; do
     step "gpu_tests_$f" 300 python -m pytest -q -s -m gpu "tests/$f.py"
   done
+fi
+# tests/test_every_host.py's GPU check, one process per host case, $JOBS (16) at a time: each case compiles its host's
+# kernels for 100-250 s (H100, 2026-12-08, MOM_WRAP_FIRST_CONFIG=1), so one process cannot run the 19 in a call
+if want every_host; then
+  echo "== every_host (one process per case, ${JOBS:-16} at a time)"
+  python -m pytest -q --collect-only -m gpu tests/test_every_host.py 2>/dev/null | grep '::' > "$out/every_host.ids"
+  i=0
+  while read -r id; do
+    i=$((i + 1))
+    while [ "$(jobs -rp | wc -l)" -ge "${JOBS:-16}" ]; do sleep 1; done
+    MOM_WRAP_FIRST_CONFIG=${MOM_WRAP_FIRST_CONFIG:-1} timeout -s INT -k 30 "${CASE_LIMIT:-400}" \
+      python -m pytest -q -s -m gpu "$id" < /dev/null > "$out/every_host_$i.log" 2>&1 &
+  done < "$out/every_host.ids"
+  wait
+  i=0
+  while read -r id; do
+    i=$((i + 1))
+    summary=$(grep -E '[0-9]+ (passed|failed|skipped|error)' "$out/every_host_$i.log" | tail -1)
+    echo "   ${id#*::}: ${summary:-no summary (every_host_$i.log: cut at CASE_LIMIT?)}"
+  done < "$out/every_host.ids"
 fi
 # (the T = 65,536 extreme-routing tests take about 6 minutes, most of it the step-by-step torch reference)
 want gpu_extreme && step gpu_extreme 560 python -m pytest -q -s -m gpu tests/test_gpu_extreme.py
