@@ -18,29 +18,31 @@ from mom_wrap.kernels.scalar_decay import check_chunk_arguments, chunk_backward,
 from mom_wrap.ops import acc
 
 
-def _scan_inputs(x, dt, A):
-    """v = dt x [S, H, P] in x's dtype, g = dt A [S, H] fp32: what the kernels take."""
-    return (acc(x) * dt[..., None]).to(x.dtype), dt * A
+def _scan_inputs(xf, dt, A, dtype):
+    """v = dt x [S, H, P] in ``dtype`` (x's) from xf = acc(x), g = dt A [S, H] fp32: what the kernels take."""
+    return (xf * dt[..., None]).to(dtype), dt * A
 
 
 class _ChunkSSD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, x, dt, A, D, cu_seqlens, initial_state, output_final_state, BT):
         ctx.set_materialize_grads(False)
-        v, g = _scan_inputs(x, dt, A)
+        xf = acc(x)  # (one fp32 copy for both ends, not kept)
+        v, g = _scan_inputs(xf, dt, A, x.dtype)
         o, ht, (q, k, _, _) = chunk_forward(q, k, v, g, cu_seqlens, initial_state, 1.0, output_final_state, BT)
         ctx.save_for_backward(q, k, x, dt, A, D, cu_seqlens, initial_state, ht)
         ctx.BT = BT
-        return (acc(o) + acc(D) * acc(x)).to(x.dtype), ht
+        return (acc(o) + acc(D) * xf).to(x.dtype), ht
 
     @staticmethod
     def backward(ctx, dout, dht):
         q, k, x, dt, A, D, cu_seqlens, initial_state, ht = ctx.saved_tensors
-        v, g = _scan_inputs(x, dt, A)
+        xf = acc(x)
+        v, g = _scan_inputs(xf, dt, A, x.dtype)
         # (the kernels take dout itself: o's gradient through acc(o) and the cast back is dout, exactly)
         dq, dk, dv, dg, dh0 = chunk_backward(q, k, v, g, cu_seqlens, initial_state, ht, dout, dht, 1.0, ctx.BT,
                                              ctx.needs_input_grad[7])
-        xf, dvf = acc(x), acc(dv)
+        dvf = acc(dv)
         dx = dvf * dt[..., None]  # through v = dt x
         ddt = (dvf * xf).sum(-1) + dg * A  # through v and through g = dt A
         dA = (dg * dt).sum(0) if ctx.needs_input_grad[4] else None
